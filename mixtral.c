@@ -1,0 +1,931 @@
+// mixtral.c: inference for Mixtral sparse mixture-of-experts models, in plain C.
+//
+//   make && ./mixtral model.bin -i "Once upon a time"
+//
+// One file, in the order a token flows through the model:
+//   1. utilities            die(), timing
+//   2. the model file       header, validation, weight pointers (mirrors export.py)
+//   3. thread pool          persistent pthreads, caller is worker 0
+//   4. kernels              rmsnorm, matmul (weight formats dispatched here), softmax
+//   5. state and KV cache   the ring buffer for sliding-window attention
+//   6. forward pass         attention, then the mixture of experts
+//   7. sampler              greedy, temperature, top-p
+//   8. generation           text in, text out
+//   9. command line
+//
+// Names follow Hugging Face's modeling_mixtral.py and config.json so the two can
+// be read side by side: dim = hidden_size, hidden_dim = intermediate_size,
+// wq/wk/wv/wo = q/k/v/o_proj, gate = the router, w1/w2/w3 = an expert's matrices.
+// Dimension letters: D = dim, H = hidden_dim, Q = n_heads*head_dim,
+// KV = n_kv_heads*head_dim, E = n_experts, V = vocab_size, S = KV-cache slots.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tokenizer.h"
+
+// ----------------------------------------------------------------------------
+// 1. utilities
+
+// The one way out on bad input: say what was wrong and what to do, exit non-zero.
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("mixtral: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xcalloc(size_t n, size_t size) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) die("out of memory allocating %zu x %zu bytes (try a smaller -c)", n, size);
+    return p;
+}
+
+static double time_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// ----------------------------------------------------------------------------
+// 2. the model file (written by export.py; the layout is documented there)
+//
+//   header (256 bytes) | tokenizer | weights (4096-aligned, each tensor 64-aligned)
+//
+// Tensor order, the same as export.py's tensor_plan():
+//   embed (V,D)
+//   per layer: attn_norm (D,) wq (Q,D) wk (KV,D) wv (KV,D) wo (D,Q)
+//              ffn_norm (D,) gate (E,D) f32
+//              per expert: w1 (H,D) w3 (H,D) w2 (D,H)
+//   norm (D,) lm_head (V,D)
+// Norms and the router are always f32; the other matrices have the file's weight type.
+
+#define MODEL_MAGIC "MIXTRALC"
+#define MODEL_VERSION 1
+#define HEADER_SIZE 256
+#define WEIGHTS_ALIGN 4096
+#define TENSOR_ALIGN 64
+
+enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_NTYPES };
+static const char *weight_type_name[] = {"f32", "bf16"};
+
+typedef struct {
+    char magic[8];          // "MIXTRALC"
+    uint32_t version;       // MODEL_VERSION
+    uint32_t header_size;   // HEADER_SIZE
+    uint32_t weight_type;   // WEIGHT_*: the type of every matrix except the router
+    uint32_t group_size;    // quantization group (0 for float types)
+    int32_t dim;            // hidden_size
+    int32_t hidden_dim;     // intermediate_size (one expert's)
+    int32_t n_layers;       // num_hidden_layers
+    int32_t n_heads;        // num_attention_heads
+    int32_t n_kv_heads;     // num_key_value_heads
+    int32_t head_dim;
+    int32_t n_experts;      // num_local_experts
+    int32_t top_k;          // num_experts_per_tok
+    int32_t vocab_size;
+    int32_t max_seq_len;    // max_position_embeddings
+    int32_t sliding_window; // 0: full causal attention
+    int32_t bos_id, eos_id;
+    int32_t reserved;
+    float rope_theta;
+    float rms_norm_eps;
+    uint64_t tokenizer_offset, tokenizer_size;
+    uint64_t weights_offset;
+    uint64_t file_size;
+} Config;
+_Static_assert(sizeof(Config) == 120, "Config must match export.py's HEADER_FORMAT");
+
+// A weight matrix W (rows, cols), row-major, stored in one of the weight types.
+typedef struct {
+    const void *data;
+    int type;  // WEIGHT_*
+    int rows, cols;
+} Matrix;
+
+typedef struct {
+    Matrix w1, w3;  // (H,D): gate and up projections
+    Matrix w2;      // (D,H): down projection
+} Expert;
+
+typedef struct {
+    const float *attn_norm; // (D,) input_layernorm
+    Matrix wq, wk, wv, wo;  // (Q,D) (KV,D) (KV,D) (D,Q)
+    const float *ffn_norm;  // (D,) post_attention_layernorm
+    const float *gate;      // (E,D) the router, always f32
+    Expert *experts;        // (E,)
+} Layer;
+
+typedef struct {
+    Matrix embed;           // (V,D) embed_tokens
+    Layer *layers;          // (n_layers,)
+    const float *norm;      // (D,) final norm
+    Matrix lm_head;         // (V,D)
+} Weights;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    Tokenizer tokenizer;
+    const uint8_t *map;     // the whole file, memory-mapped read-only
+    uint64_t map_size;
+} Model;
+
+static uint64_t matrix_bytes(int type, uint64_t rows, uint64_t cols) {
+    return rows * cols * (type == WEIGHT_F32 ? 4 : 2);
+}
+
+// Walks the tensor order once; with map == NULL it only measures. Every step
+// is checked for overflow so a corrupt header cannot wrap the arithmetic.
+typedef struct {
+    const uint8_t *map;
+    uint64_t off;
+    int overflow;
+} Cursor;
+
+static const void *cursor_take(Cursor *c, uint64_t bytes) {
+    uint64_t start = (c->off + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+    if (start < c->off || start + bytes < start) { c->overflow = 1; return NULL; }
+    c->off = start + bytes;
+    return c->map ? c->map + start : NULL;
+}
+
+static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols) {
+    Matrix m = {cursor_take(c, matrix_bytes(type, rows, cols)), type, rows, cols};
+    return m;
+}
+
+static const float *cursor_f32(Cursor *c, uint64_t n) {
+    return (const float *)cursor_take(c, n * 4);
+}
+
+// Returns the file offset just past the last tensor (the file size it implies).
+static uint64_t model_map_weights(const Config *p, Weights *w, const uint8_t *map) {
+    Cursor c = {map, p->weights_offset, 0};
+    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts;
+    int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
+    w->embed = cursor_matrix(&c, t, p->vocab_size, D);
+    for (int l = 0; l < p->n_layers; l++) {
+        Layer *L = &w->layers[l];
+        L->attn_norm = cursor_f32(&c, D);
+        L->wq = cursor_matrix(&c, t, Q, D);
+        L->wk = cursor_matrix(&c, t, KV, D);
+        L->wv = cursor_matrix(&c, t, KV, D);
+        L->wo = cursor_matrix(&c, t, D, Q);
+        L->ffn_norm = cursor_f32(&c, D);
+        L->gate = cursor_f32(&c, (uint64_t)E * D);
+        for (int e = 0; e < E; e++) {
+            L->experts[e].w1 = cursor_matrix(&c, t, H, D);
+            L->experts[e].w3 = cursor_matrix(&c, t, H, D);
+            L->experts[e].w2 = cursor_matrix(&c, t, D, H);
+        }
+    }
+    w->norm = cursor_f32(&c, D);
+    w->lm_head = cursor_matrix(&c, t, p->vocab_size, D);
+    return c.overflow ? UINT64_MAX : c.off;
+}
+
+// Checks everything the engine will rely on before any pointer is formed.
+static void config_validate(const Config *p, uint64_t file_size, const char *path) {
+    const char *hint = "re-run export.py to make a new file";
+    if (memcmp(p->magic, MODEL_MAGIC, 8) != 0)
+        die("%s is not a mixtral.c model file (bad magic); make one with export.py", path);
+    if (p->version != MODEL_VERSION)
+        die("%s has format version %u, this build reads version %d; %s", path, p->version,
+            MODEL_VERSION, p->version > MODEL_VERSION ? "update mixtral.c or re-run its export.py" : hint);
+    if (p->header_size != HEADER_SIZE) die("%s: header size %u, expected %d; %s", path, p->header_size, HEADER_SIZE, hint);
+    if (p->weight_type >= WEIGHT_NTYPES) die("%s: unknown weight type %u; %s", path, p->weight_type, hint);
+    // Bounds keep every product below 2^62: no overflow in the size arithmetic.
+    struct { const char *name; int32_t v, max; } dims[] = {
+        {"dim", p->dim, 1 << 20}, {"hidden_dim", p->hidden_dim, 1 << 22}, {"n_layers", p->n_layers, 1 << 12},
+        {"n_heads", p->n_heads, 1 << 12}, {"n_kv_heads", p->n_kv_heads, 1 << 12},
+        {"head_dim", p->head_dim, 1 << 14}, {"n_experts", p->n_experts, 1 << 12},
+        {"top_k", p->top_k, 1 << 12}, {"vocab_size", p->vocab_size, 1 << 24},
+        {"max_seq_len", p->max_seq_len, INT32_MAX},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
+        if (dims[i].v <= 0 || dims[i].v > dims[i].max)
+            die("%s: corrupt header: %s = %d (must be 1..%d); %s", path, dims[i].name, dims[i].v, dims[i].max, hint);
+    if (p->n_heads % p->n_kv_heads)
+        die("%s: corrupt header: n_heads %d is not a multiple of n_kv_heads %d; %s", path, p->n_heads, p->n_kv_heads, hint);
+    if (p->head_dim % 2) die("%s: corrupt header: head_dim %d is odd (RoPE needs pairs); %s", path, p->head_dim, hint);
+    if (p->top_k > p->n_experts)
+        die("%s: corrupt header: top_k %d > n_experts %d; %s", path, p->top_k, p->n_experts, hint);
+    if (p->sliding_window < 0) die("%s: corrupt header: sliding_window %d; %s", path, p->sliding_window, hint);
+    if (p->bos_id < 0 || p->bos_id >= p->vocab_size || p->eos_id < 0 || p->eos_id >= p->vocab_size)
+        die("%s: corrupt header: bos/eos ids %d/%d outside the vocabulary; %s", path, p->bos_id, p->eos_id, hint);
+    if (!(p->rope_theta > 0) || !isfinite(p->rope_theta) || !(p->rms_norm_eps > 0) || !isfinite(p->rms_norm_eps))
+        die("%s: corrupt header: rope_theta %g, rms_norm_eps %g; %s", path, p->rope_theta, p->rms_norm_eps, hint);
+    if (p->tokenizer_offset != HEADER_SIZE || p->tokenizer_size > file_size ||
+        p->weights_offset < p->tokenizer_offset + p->tokenizer_size || p->weights_offset % WEIGHTS_ALIGN)
+        die("%s: corrupt header: section offsets; %s", path, hint);
+    if (p->file_size != file_size)
+        die("%s is %llu bytes but its header says %llu: truncated copy or interrupted export? %s", path,
+            (unsigned long long)file_size, (unsigned long long)p->file_size, hint);
+}
+
+static void model_load(Model *m, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
+    uint64_t size = (uint64_t)st.st_size;
+    if (size < HEADER_SIZE) die("%s is %llu bytes, too small to be a model file; re-run export.py", path, (unsigned long long)size);
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    m->map = map;
+    m->map_size = size;
+    memcpy(&m->config, map, sizeof(Config));
+    const Config *p = &m->config;
+    config_validate(p, size, path);
+
+    // Measure the weights section first, then point into it.
+    Weights *w = &m->weights;
+    w->layers = xcalloc(p->n_layers, sizeof(Layer));
+    for (int l = 0; l < p->n_layers; l++) w->layers[l].experts = xcalloc(p->n_experts, sizeof(Expert));
+    uint64_t end = model_map_weights(p, w, NULL);
+    if (end != size)
+        die("%s: the header's dimensions imply %llu bytes of file, the file has %llu; corrupt header? re-run export.py",
+            path, (unsigned long long)end, (unsigned long long)size);
+    model_map_weights(p, w, m->map);
+
+    const char *err = tokenizer_init(&m->tokenizer, m->map + p->tokenizer_offset, p->tokenizer_size, p->vocab_size);
+    if (err) die("%s: tokenizer section: %s; re-run export.py", path, err);
+}
+
+static void model_free(Model *m) {
+    for (int l = 0; l < m->config.n_layers; l++) free(m->weights.layers[l].experts);
+    free(m->weights.layers);
+    tokenizer_free(&m->tokenizer);
+    munmap((void *)m->map, m->map_size);
+}
+
+// ----------------------------------------------------------------------------
+// 3. thread pool
+//
+// Persistent workers; the calling thread is worker 0, so n threads means n-1
+// pthreads. A job is a function called as fn(arg, tid, n) on every worker; each
+// worker takes a fixed share of the work by tid, so results never depend on
+// timing, and since every output element is computed by exactly one worker
+// with the same arithmetic, they do not depend on the thread count either.
+// Idle workers sleep on a condition variable: they never spin on a core
+// that another process may need.
+
+typedef void (*PoolFn)(void *arg, int tid, int n);
+
+typedef struct {
+    int n;                 // threads, the caller included
+    pthread_t *threads;    // (n-1,)
+    pthread_mutex_t mu;
+    pthread_cond_t wake;   // workers wait here for the next round
+    pthread_cond_t done;   // the caller waits here for the workers
+    PoolFn fn;
+    void *arg;
+    uint64_t round;        // bumped once per job
+    int pending;           // workers still running this round
+    int quit;
+} ThreadPool;
+
+typedef struct { ThreadPool *pool; int tid; } WorkerArg;
+
+static void *pool_worker(void *p) {
+    WorkerArg *wa = p;
+    ThreadPool *pool = wa->pool;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&pool->mu);
+    for (;;) {
+        while (pool->round == seen && !pool->quit) pthread_cond_wait(&pool->wake, &pool->mu);
+        if (pool->quit) break;
+        seen = pool->round;
+        PoolFn fn = pool->fn;
+        void *arg = pool->arg;
+        pthread_mutex_unlock(&pool->mu);
+        fn(arg, wa->tid, pool->n);
+        pthread_mutex_lock(&pool->mu);
+        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+    }
+    pthread_mutex_unlock(&pool->mu);
+    free(wa);
+    return NULL;
+}
+
+static void pool_init(ThreadPool *pool, int n) {
+    memset(pool, 0, sizeof(*pool));
+    pool->n = n;
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_cond_init(&pool->done, NULL);
+    pool->threads = xcalloc(n, sizeof(pthread_t));
+    for (int i = 1; i < n; i++) {
+        WorkerArg *wa = xcalloc(1, sizeof(WorkerArg));
+        wa->pool = pool;
+        wa->tid = i;
+        if (pthread_create(&pool->threads[i - 1], NULL, pool_worker, wa) != 0) die("cannot start thread %d", i);
+    }
+}
+
+// Runs fn(arg, tid, n) on all n threads and returns when every one has finished.
+static void pool_run(ThreadPool *pool, PoolFn fn, void *arg) {
+    if (pool->n == 1) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&pool->mu);
+    pool->fn = fn;
+    pool->arg = arg;
+    pool->pending = pool->n - 1;
+    pool->round++;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    fn(arg, 0, pool->n);
+    pthread_mutex_lock(&pool->mu);
+    while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
+    pthread_mutex_unlock(&pool->mu);
+}
+
+static void pool_free(ThreadPool *pool) {
+    pthread_mutex_lock(&pool->mu);
+    pool->quit = 1;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    for (int i = 1; i < pool->n; i++) pthread_join(pool->threads[i - 1], NULL);
+    free(pool->threads);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->wake);
+    pthread_cond_destroy(&pool->done);
+}
+
+// The share [*start, *end) of `total` items that worker tid of n takes.
+static void split_range(int total, int tid, int n, int *start, int *end) {
+    *start = (int)((int64_t)total * tid / n);
+    *end = (int)((int64_t)total * (tid + 1) / n);
+}
+
+// ----------------------------------------------------------------------------
+// 4. kernels
+
+// out (n,) = x (n,) / rms(x) * weight (n,); out may alias x.
+// modeling_mixtral.py: MixtralRMSNorm.forward
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float scale = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
+}
+
+// In-place softmax of x (n,), in fp32 like the reference.
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+// Dot products of one weight row with x, one per weight type. Four partial
+// sums break the dependency chain; the order is fixed, so results are exact
+// functions of the inputs.
+static float dot_f32(const float *w, const float *x, int n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += w[i] * x[i]; s1 += w[i + 1] * x[i + 1];
+        s2 += w[i + 2] * x[i + 2]; s3 += w[i + 3] * x[i + 3];
+    }
+    for (; i < n; i++) s0 += w[i] * x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += bf16_to_f32(w[i]) * x[i]; s1 += bf16_to_f32(w[i + 1]) * x[i + 1];
+        s2 += bf16_to_f32(w[i + 2]) * x[i + 2]; s3 += bf16_to_f32(w[i + 3]) * x[i + 3];
+    }
+    for (; i < n; i++) s0 += bf16_to_f32(w[i]) * x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+// out (rows,) = W[row0:row0+rows] @ x: the one place weight formats are dispatched.
+static void matmul_rows(float *out, const float *x, const Matrix *W, int row0, int rows) {
+    int n = W->cols;
+    for (int r = row0; r < row0 + rows; r++) {
+        switch (W->type) {
+        case WEIGHT_F32: out[r] = dot_f32((const float *)W->data + (size_t)r * n, x, n); break;
+        case WEIGHT_BF16: out[r] = dot_bf16((const uint16_t *)W->data + (size_t)r * n, x, n); break;
+        }
+    }
+}
+
+// One row of W as f32: the embedding lookup.
+static void matrix_row(float *out, const Matrix *W, int row) {
+    size_t off = (size_t)row * W->cols;
+    for (int j = 0; j < W->cols; j++)
+        out[j] = W->type == WEIGHT_F32 ? ((const float *)W->data)[off + j]
+                                       : bf16_to_f32(((const uint16_t *)W->data)[off + j]);
+}
+
+typedef struct { float *out; const float *x; const Matrix *W; } MatmulJob;
+
+static void matmul_job(void *arg, int tid, int n) {
+    MatmulJob *j = arg;
+    int start, end;
+    split_range(j->W->rows, tid, n, &start, &end);
+    matmul_rows(j->out, j->x, j->W, start, end - start);
+}
+
+// W (d,n) @ x (n,) -> out (d,), rows split across the pool.
+static void matmul(ThreadPool *pool, float *out, const float *x, const Matrix *W) {
+    MatmulJob j = {out, x, W};
+    pool_run(pool, matmul_job, &j);
+}
+
+// ----------------------------------------------------------------------------
+// 5. state and KV cache
+//
+// Each layer keeps the keys and values of past positions in S slots. Without
+// a sliding window S is the context length and position p lives in slot p.
+// With a window W (and W <= context), S = W and position p lives in slot p % W:
+// a ring buffer. The query at p needs keys p-W+1..p, exactly the W slots, so
+// the slot being overwritten (p-W) is the one that just fell out of the window,
+// and memory stays bounded however long generation runs.
+
+typedef struct {
+    float *x;         // (D,) the residual stream
+    float *xb;        // (D,) normed input of a block
+    float *xb2;       // (D,) one expert's output
+    float *moe_out;   // (D,) sum of the weighted expert outputs
+    float *q;         // (Q,)
+    float *att_out;   // (Q,) attention output, before wo
+    float *att;       // (n_heads, S) attention scores
+    float *hb, *hb2;  // (H,) an expert's hidden activations
+    float *router;    // (E,) router logits, then probabilities
+    float *rope_inv_freq; // (head_dim/2,)
+    float *logits;    // (V,)
+    float *key_cache;   // (n_layers, S, KV)
+    float *value_cache; // (n_layers, S, KV)
+    int n_slots;        // S
+    int ring;           // 1: sliding window ring buffer, positions unbounded
+    int max_pos;        // positions 0..max_pos-1 may be computed
+    int *chosen;        // (n_layers, top_k) experts picked for the last token
+    float *chosen_w;    // (n_layers, top_k) their weights
+} State;
+
+static void state_init(State *s, const Config *p, int context) {
+    int D = p->dim, Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
+    if (p->sliding_window > 0 && p->sliding_window <= context) {
+        s->n_slots = p->sliding_window;
+        s->ring = 1;
+        s->max_pos = INT_MAX;
+    } else {
+        s->n_slots = context;
+        s->ring = 0;
+        s->max_pos = context;
+    }
+    s->x = xcalloc(D, sizeof(float));
+    s->xb = xcalloc(D, sizeof(float));
+    s->xb2 = xcalloc(D, sizeof(float));
+    s->moe_out = xcalloc(D, sizeof(float));
+    s->q = xcalloc(Q, sizeof(float));
+    s->att_out = xcalloc(Q, sizeof(float));
+    s->att = xcalloc((size_t)p->n_heads * s->n_slots, sizeof(float));
+    s->hb = xcalloc(p->hidden_dim, sizeof(float));
+    s->hb2 = xcalloc(p->hidden_dim, sizeof(float));
+    s->router = xcalloc(p->n_experts, sizeof(float));
+    s->logits = xcalloc(p->vocab_size, sizeof(float));
+    s->key_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
+    s->value_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
+    s->chosen = xcalloc((size_t)p->n_layers * p->top_k, sizeof(int));
+    s->chosen_w = xcalloc((size_t)p->n_layers * p->top_k, sizeof(float));
+    // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
+    s->rope_inv_freq = xcalloc(p->head_dim / 2, sizeof(float));
+    for (int i = 0; i < p->head_dim / 2; i++)
+        s->rope_inv_freq[i] = 1.0f / powf(p->rope_theta, (float)(2 * i) / (float)p->head_dim);
+}
+
+static void state_free(State *s) {
+    float *bufs[] = {s->x, s->xb, s->xb2, s->moe_out, s->q, s->att_out, s->att, s->hb, s->hb2,
+                     s->router, s->logits, s->key_cache, s->value_cache, s->chosen_w, s->rope_inv_freq};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    free(s->chosen);
+}
+
+// ----------------------------------------------------------------------------
+// 6. forward pass
+
+// Rotary position embedding, Hugging Face layout: dimension j of a head is
+// rotated together with dimension j + head_dim/2 (rotate_half), by the angle
+// pos * inv_freq[j]. vec is (n_heads, head_dim).
+// modeling_mixtral.py: apply_rotary_pos_emb
+static void rope(float *vec, int n_heads, int head_dim, int pos, const float *inv_freq) {
+    int half = head_dim / 2;
+    for (int j = 0; j < half; j++) {
+        float angle = (float)pos * inv_freq[j]; // fp32 product, as the reference computes it
+        float c = cosf(angle), s = sinf(angle);
+        for (int h = 0; h < n_heads; h++) {
+            float *v = vec + h * head_dim;
+            float a = v[j], b = v[j + half];
+            v[j] = a * c - b * s;
+            v[j + half] = b * c + a * s;
+        }
+    }
+}
+
+typedef struct {
+    const Config *p;
+    State *s;
+    const float *kc, *vc; // this layer's caches, (S, KV)
+    int pos;
+} AttentionJob;
+
+// Scaled dot-product attention for a share of the heads. Query head h reads
+// kv head h / (n_heads / n_kv_heads): grouped-query attention (repeat_kv).
+static void attention_job(void *arg, int tid, int n) {
+    AttentionJob *j = arg;
+    const Config *p = j->p;
+    State *s = j->s;
+    int hd = p->head_dim, KV = p->n_kv_heads * hd, group = p->n_heads / p->n_kv_heads;
+    // keys in view: the last W positions with a window, else all of 0..pos
+    int first = 0;
+    if (p->sliding_window > 0 && j->pos - p->sliding_window + 1 > 0) first = j->pos - p->sliding_window + 1;
+    int h0, h1;
+    split_range(p->n_heads, tid, n, &h0, &h1);
+    for (int h = h0; h < h1; h++) {
+        const float *q = s->q + h * hd;
+        float *att = s->att + (size_t)h * s->n_slots;
+        int kvh = h / group;
+        float scale = 1.0f / sqrtf((float)hd);
+        for (int t = first; t <= j->pos; t++) {
+            const float *k = j->kc + (size_t)(t % s->n_slots) * KV + kvh * hd;
+            att[t - first] = dot_f32(q, k, hd) * scale;
+        }
+        int len = j->pos - first + 1;
+        softmax(att, len);
+        float *out = s->att_out + h * hd;
+        memset(out, 0, hd * sizeof(float));
+        for (int t = first; t <= j->pos; t++) {
+            const float *v = j->vc + (size_t)(t % s->n_slots) * KV + kvh * hd;
+            float a = att[t - first];
+            for (int i = 0; i < hd; i++) out[i] += a * v[i];
+        }
+    }
+}
+
+// Self-attention of one layer for the token at `pos`; adds its output to x.
+// modeling_mixtral.py: MixtralAttention.forward
+static void attention(const Config *p, const Layer *L, State *s, ThreadPool *pool, int l, int pos) {
+    int KV = p->n_kv_heads * p->head_dim;
+    size_t slot = (size_t)(pos % s->n_slots);
+    float *kc = s->key_cache + (size_t)l * s->n_slots * KV;
+    float *vc = s->value_cache + (size_t)l * s->n_slots * KV;
+    float *k = kc + slot * KV, *v = vc + slot * KV; // this position's cache slot
+
+    rmsnorm(s->xb, s->x, L->attn_norm, p->dim, p->rms_norm_eps);
+    matmul(pool, s->q, s->xb, &L->wq);  // q = q_proj(x)
+    matmul(pool, k, s->xb, &L->wk);     // k, v go straight into the cache
+    matmul(pool, v, s->xb, &L->wv);
+    rope(s->q, p->n_heads, p->head_dim, pos, s->rope_inv_freq);
+    rope(k, p->n_kv_heads, p->head_dim, pos, s->rope_inv_freq);
+
+    AttentionJob job = {p, s, kc, vc, pos};
+    pool_run(pool, attention_job, &job);
+    matmul(pool, s->xb2, s->att_out, &L->wo); // o_proj
+    for (int i = 0; i < p->dim; i++) s->x[i] += s->xb2[i]; // residual
+}
+
+// The router in four steps: logits -> top-k -> weights -> expert loop.
+// modeling_mixtral.py: MixtralSparseMoeBlock.forward
+static void moe(const Config *p, const Layer *L, State *s, ThreadPool *pool, int l) {
+    int D = p->dim, E = p->n_experts, K = p->top_k;
+    int *chosen = s->chosen + l * K;
+    float *weight = s->chosen_w + l * K;
+    rmsnorm(s->xb, s->x, L->ffn_norm, D, p->rms_norm_eps);
+
+    // 1. router logits = gate @ xb, (E,D) @ (D,) -> (E,), always in f32
+    for (int e = 0; e < E; e++) s->router[e] = dot_f32(L->gate + (size_t)e * D, s->xb, D);
+
+    // 2. top-k of the softmax over all experts. Softmax is monotonic, so these
+    //    are the k largest logits. Ties go to the lower expert index.
+    softmax(s->router, E);
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < k; i++) taken |= chosen[i] == e;
+            if (!taken && (best < 0 || s->router[e] > s->router[best])) best = e;
+        }
+        chosen[k] = best;
+        weight[k] = s->router[best];
+    }
+
+    // 3. weights: divide the chosen probabilities by their sum. The softmax's
+    //    normaliser cancels, so this equals a softmax over just the chosen logits.
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) sum += weight[k];
+    for (int k = 0; k < K; k++) weight[k] /= sum;
+
+    // 4. expert loop: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb)
+    memset(s->moe_out, 0, D * sizeof(float));
+    for (int k = 0; k < K; k++) {
+        const Expert *ex = &L->experts[chosen[k]];
+        matmul(pool, s->hb, s->xb, &ex->w1);
+        matmul(pool, s->hb2, s->xb, &ex->w3);
+        for (int i = 0; i < p->hidden_dim; i++) {
+            float g = s->hb[i];
+            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i]; // silu(w1 x) * (w3 x)
+        }
+        matmul(pool, s->xb2, s->hb, &ex->w2);
+        for (int i = 0; i < D; i++) s->moe_out[i] += weight[k] * s->xb2[i];
+    }
+    for (int i = 0; i < D; i++) s->x[i] += s->moe_out[i]; // residual
+}
+
+// Runs one token at position pos through the model; returns the logits (V,).
+// modeling_mixtral.py: MixtralForCausalLM.forward for a single new token.
+static float *forward(Model *m, State *s, ThreadPool *pool, int token, int pos) {
+    const Config *p = &m->config;
+    if (token < 0 || token >= p->vocab_size) die("token id %d is outside the vocabulary 0..%d", token, p->vocab_size - 1);
+    if (pos < 0 || pos >= s->max_pos) die("position %d is past the context of %d tokens; use a larger -c", pos, s->max_pos);
+    matrix_row(s->x, &m->weights.embed, token); // embed_tokens
+    for (int l = 0; l < p->n_layers; l++) {
+        attention(p, &m->weights.layers[l], s, pool, l, pos);
+        moe(p, &m->weights.layers[l], s, pool, l);
+    }
+    rmsnorm(s->x, s->x, m->weights.norm, p->dim, p->rms_norm_eps);
+    matmul(pool, s->logits, s->x, &m->weights.lm_head);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// 7. sampler
+
+typedef struct {
+    float temperature;  // 0: greedy
+    float topp;         // nucleus sampling threshold; 1 or more: off
+    uint64_t rng;       // xorshift64* state
+    int *order;         // (V,) scratch for top-p
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1DULL) >> 32);
+}
+
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0,1)
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static const float *sort_probs; // qsort has no context argument: set just before sorting
+static int compare_prob_desc(const void *a, const void *b) {
+    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
+    return pa > pb ? -1 : pa < pb ? 1 : (*(const int *)a - *(const int *)b);
+}
+
+// Picks the next token from logits (V,), which it overwrites with probabilities.
+static int sample(Sampler *sm, float *logits, int n) {
+    if (sm->temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
+    softmax(logits, n);
+    float r = random_f32(&sm->rng);
+    if (sm->topp <= 0.0f || sm->topp >= 1.0f) {
+        float cdf = 0.0f;
+        for (int i = 0; i < n; i++) { cdf += logits[i]; if (r < cdf) return i; }
+        return n - 1;
+    }
+    // top-p: the smallest set of most likely tokens whose mass exceeds topp.
+    // Tokens below (1-topp)/(n-1) can never be in it, which keeps the sort short.
+    int m = 0;
+    float cutoff = (1.0f - sm->topp) / (n - 1);
+    for (int i = 0; i < n; i++) if (logits[i] >= cutoff) sm->order[m++] = i;
+    sort_probs = logits;
+    qsort(sm->order, m, sizeof(int), compare_prob_desc);
+    float mass = 0.0f;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) { mass += logits[sm->order[i]]; if (mass > sm->topp) { last = i; break; } }
+    float cdf = 0.0f;
+    r *= mass;
+    for (int i = 0; i <= last; i++) { cdf += logits[sm->order[i]]; if (r < cdf) return sm->order[i]; }
+    return sm->order[last];
+}
+
+// ----------------------------------------------------------------------------
+// 8. generation
+
+// Writes decoded text to stdout as soon as it is complete UTF-8.
+static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
+    int n = decoder_put(d, t, id, buf);
+    if (n > 0) { fwrite(buf, 1, n, stdout); fflush(stdout); }
+}
+
+static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *prompt, int steps) {
+    const Config *p = &m->config;
+    int *prompt_ids = NULL;
+    int n_text = tokenizer_encode(&m->tokenizer, prompt, strlen(prompt), &prompt_ids);
+    int n = n_text + 1; // BOS first
+    int *ids = xcalloc(n, sizeof(int));
+    ids[0] = p->bos_id;
+    memcpy(ids + 1, prompt_ids, n_text * sizeof(int));
+    free(prompt_ids);
+    if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
+    if ((int64_t)n + steps > s->max_pos) {
+        fprintf(stderr, "mixtral: note: context of %d tokens limits generation to %d new tokens (raise -c)\n",
+                s->max_pos, s->max_pos - n);
+        steps = s->max_pos - n;
+    }
+
+    char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
+    TokenDecoder dec;
+    decoder_init(&dec);
+    for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, ids[i], buf); // echo the prompt
+
+    double t0 = time_s(), t_first = 0;
+    int token = ids[0], generated = 0;
+    for (int pos = 0; pos < n - 1 + steps; pos++) {
+        float *logits = forward(m, s, pool, token, pos);
+        if (pos < n - 1) { token = ids[pos + 1]; continue; } // still reading the prompt
+        if (generated == 0) t_first = time_s();
+        token = sample(sm, logits, p->vocab_size);
+        generated++;
+        if (token == p->eos_id) break;
+        emit(&dec, &m->tokenizer, token, buf);
+    }
+    int flushed = decoder_flush(&dec, buf);
+    if (flushed) fwrite(buf, 1, flushed, stdout);
+    printf("\n");
+    double t1 = time_s();
+    if (generated > 0)
+        fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s\n", n,
+                (n - 1) / (t_first - t0 > 0 ? t_first - t0 : 1e-9), generated,
+                generated / (t1 - t_first > 0 ? t1 - t_first : 1e-9));
+    free(buf);
+    free(ids);
+}
+
+// Parses "1,415,2936" into ids, checking every one against the vocabulary.
+static int parse_ids(const char *str, int vocab_size, int **out) {
+    int cap = 16, n = 0;
+    int *ids = xcalloc(cap, sizeof(int));
+    const char *c = str;
+    while (*c) {
+        char *end;
+        errno = 0;
+        long v = strtol(c, &end, 10);
+        if (end == c || errno) die("--ids: expected comma-separated token ids, got \"%s\"", c);
+        if (v < 0 || v >= vocab_size) die("--ids: token id %ld is outside the vocabulary 0..%d", v, vocab_size - 1);
+        if (n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
+        ids[n++] = (int)v;
+        c = end;
+        while (*c == ',' || *c == ' ') c++;
+    }
+    if (n == 0) die("--ids: no token ids given");
+    *out = ids;
+    return n;
+}
+
+// The test hook: logits after every input position, raw little-endian f32 (n, V);
+// optionally the chosen experts, int32 (n, n_layers, top_k).
+static void dump_logits(Model *m, State *s, ThreadPool *pool, const int *ids, int n,
+                        const char *logits_path, const char *experts_path) {
+    const Config *p = &m->config;
+    if (n > s->max_pos) die("%d ids but the context holds %d; use a larger -c", n, s->max_pos);
+    FILE *f = fopen(logits_path, "wb");
+    if (!f) die("cannot write %s: %s", logits_path, strerror(errno));
+    FILE *fe = NULL;
+    if (experts_path && !(fe = fopen(experts_path, "wb"))) die("cannot write %s: %s", experts_path, strerror(errno));
+    for (int pos = 0; pos < n; pos++) {
+        float *logits = forward(m, s, pool, ids[pos], pos);
+        if (fwrite(logits, sizeof(float), p->vocab_size, f) != (size_t)p->vocab_size)
+            die("cannot write %s: %s", logits_path, strerror(errno));
+        if (fe && fwrite(s->chosen, sizeof(int), (size_t)p->n_layers * p->top_k, fe) != (size_t)p->n_layers * p->top_k)
+            die("cannot write %s: %s", experts_path, strerror(errno));
+    }
+    if (fclose(f) != 0) die("cannot write %s: %s", logits_path, strerror(errno));
+    if (fe && fclose(fe) != 0) die("cannot write %s: %s", experts_path, strerror(errno));
+}
+
+// ----------------------------------------------------------------------------
+// 9. command line
+
+static void usage(void) {
+    fprintf(stderr,
+        "usage: mixtral MODEL.bin [options]\n"
+        "  -i, --prompt TEXT     prompt (default: empty, generation starts from BOS)\n"
+        "  -n, --steps N         tokens to generate (default 256)\n"
+        "  -t, --temp T          temperature, 0 = greedy (default 1.0)\n"
+        "  -p, --top-p P         nucleus sampling threshold, 1 = off (default 0.9)\n"
+        "  -s, --seed N          random seed (default: time)\n"
+        "  -c, --context N       KV-cache length in tokens (default min(4096, model max))\n"
+        "      --threads N       threads (default: all online CPUs)\n"
+        "      --info            print the model's configuration and exit\n"
+        "test hooks:\n"
+        "      --ids 1,415,2936  run these token ids instead of a prompt\n"
+        "      --dump-logits F   with --ids: write logits after every position, f32 (n, vocab)\n"
+        "      --dump-experts F  with --ids: write chosen experts, int32 (n, layers, top_k)\n");
+    exit(1);
+}
+
+static long parse_int(const char *flag, const char *v, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (end == v || *end || errno || x < lo || x > hi) die("%s: expected an integer in %ld..%ld, got \"%s\"", flag, lo, hi, v);
+    return x;
+}
+
+static float parse_float(const char *flag, const char *v, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float x = strtof(v, &end);
+    if (end == v || *end || errno || !(x >= lo && x <= hi)) die("%s: expected a number in %g..%g, got \"%s\"", flag, lo, hi, v);
+    return x;
+}
+
+#ifndef MIXTRAL_NO_MAIN
+int main(int argc, char **argv) {
+    if (argc < 2 || argv[1][0] == '-') usage();
+    const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
+    const char *logits_path = NULL, *experts_path = NULL;
+    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0;
+    float temperature = 1.0f, topp = 0.9f;
+    uint64_t seed = (uint64_t)time(NULL);
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--info")) { info = 1; continue; }
+        if (i + 1 >= argc) { fprintf(stderr, "mixtral: %s needs a value\n", a); usage(); }
+        const char *v = argv[++i];
+        if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
+        else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) steps = (int)parse_int(a, v, 0, INT_MAX);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--temp")) temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) topp = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) seed = (uint64_t)parse_int(a, v, 0, LONG_MAX);
+        else if (!strcmp(a, "-c") || !strcmp(a, "--context")) context = (int)parse_int(a, v, 1, INT_MAX);
+        else if (!strcmp(a, "--threads")) threads = (int)parse_int(a, v, 1, 1024);
+        else if (!strcmp(a, "--ids")) ids_arg = v;
+        else if (!strcmp(a, "--dump-logits")) logits_path = v;
+        else if (!strcmp(a, "--dump-experts")) experts_path = v;
+        else { fprintf(stderr, "mixtral: unknown option %s\n", a); usage(); }
+    }
+    if (threads < 1) threads = 1;
+    if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");
+
+    Model model;
+    model_load(&model, model_path);
+    const Config *p = &model.config;
+    if (info) {
+        printf("weights %s, dim %d, hidden_dim %d, layers %d, heads %d, kv heads %d, head_dim %d,\n"
+               "experts %d, top_k %d, vocab %d, max positions %d, sliding window %d, rope_theta %g, eps %g\n",
+               weight_type_name[p->weight_type], p->dim, p->hidden_dim, p->n_layers, p->n_heads, p->n_kv_heads,
+               p->head_dim, p->n_experts, p->top_k, p->vocab_size, p->max_seq_len, p->sliding_window,
+               p->rope_theta, p->rms_norm_eps);
+        model_free(&model);
+        return 0;
+    }
+    if (context == 0) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+
+    State state;
+    state_init(&state, p, context);
+    ThreadPool pool;
+    pool_init(&pool, threads);
+
+    if (ids_arg) {
+        int *ids;
+        int n = parse_ids(ids_arg, p->vocab_size, &ids);
+        if (!logits_path) die("--ids needs --dump-logits");
+        dump_logits(&model, &state, &pool, ids, n, logits_path, experts_path);
+        free(ids);
+    } else {
+        Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(int))};
+        generate(&model, &state, &pool, &sm, prompt, steps);
+        free(sm.order);
+    }
+    pool_free(&pool);
+    state_free(&state);
+    model_free(&model);
+    return 0;
+}
+#endif

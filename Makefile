@@ -19,9 +19,18 @@ mixtral-debug: $(SRC) $(HDR)
 debug: mixtral-debug
 
 test: mixtral mixtral-debug
+	tests/deps.sh
 	$(PYTHON) tests/run_tests.py
+
+# A small random-weight model, to see the engine run end to end (the text is noise).
+DEMO = .cache/demo
+run: mixtral
+	tests/deps.sh
+	@test -f $(DEMO)/model.bin || ( $(PYTHON) tests/hf_checkpoint.py $(DEMO)/hf --dim 256 --hidden-dim 512 --layers 4 \
+		--heads 8 --kv-heads 2 --experts 8 --top-k 2 && $(PYTHON) export.py $(DEMO)/hf $(DEMO)/model.bin --type bf16 )
+	./mixtral $(DEMO)/model.bin -i "Once upon a time" -n 64
 
 clean:
 	rm -f mixtral mixtral-debug
 
-.PHONY: all debug test clean
+.PHONY: all debug test run clean

@@ -777,6 +777,7 @@ static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const ch
     int flushed = decoder_flush(&dec, buf);
     if (flushed) fwrite(buf, 1, flushed, stdout);
     printf("\n");
+    fflush(stdout);
     double t1 = time_s();
     if (generated > 0)
         fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s\n", n,
@@ -831,7 +832,7 @@ static void dump_logits(Model *m, State *s, ThreadPool *pool, const int *ids, in
 // ----------------------------------------------------------------------------
 // 9. command line
 
-static void usage(void) {
+static void print_usage(void) {
     fprintf(stderr,
         "usage: mixtral MODEL.bin [options]\n"
         "  -i, --prompt TEXT     prompt (default: empty, generation starts from BOS)\n"
@@ -846,7 +847,6 @@ static void usage(void) {
         "      --ids 1,415,2936  run these token ids instead of a prompt\n"
         "      --dump-logits F   with --ids: write logits after every position, f32 (n, vocab)\n"
         "      --dump-experts F  with --ids: write chosen experts, int32 (n, layers, top_k)\n");
-    exit(1);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -867,7 +867,7 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 
 #ifndef MIXTRAL_NO_MAIN
 int main(int argc, char **argv) {
-    if (argc < 2 || argv[1][0] == '-') usage();
+    if (argc < 2 || argv[1][0] == '-') { print_usage(); die("the first argument must be a model file"); }
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL;
     int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0;
@@ -876,7 +876,7 @@ int main(int argc, char **argv) {
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--info")) { info = 1; continue; }
-        if (i + 1 >= argc) { fprintf(stderr, "mixtral: %s needs a value\n", a); usage(); }
+        if (i + 1 >= argc) { print_usage(); die("%s needs a value", a); }
         const char *v = argv[++i];
         if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) steps = (int)parse_int(a, v, 0, INT_MAX);
@@ -888,7 +888,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ids")) ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) logits_path = v;
         else if (!strcmp(a, "--dump-experts")) experts_path = v;
-        else { fprintf(stderr, "mixtral: unknown option %s\n", a); usage(); }
+        else { print_usage(); die("unknown option %s", a); }
     }
     if (threads < 1) threads = 1;
     if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the tests need from Debian, if it is missing: numpy and
+# sentencepiece for /usr/bin/python3 (the reference and the tokenizer authority).
+set -euo pipefail
+PY=${PYTHON:-/usr/bin/python3}
+need=()
+"$PY" -c "import numpy" 2>/dev/null || need+=(python3-numpy)
+"$PY" -c "import sentencepiece" 2>/dev/null || need+=(python3-sentencepiece)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "tests/deps.sh: installing ${need[*]}" >&2
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo=sudo
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null

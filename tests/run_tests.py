@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""
+The test suite (make test). Every check compares mixtral.c against something
+independent: tests/reference.py (a numpy forward pass from the math) for
+logits and expert choices, and expectations about errors for bad input.
+Prints the first differences on a mismatch; ends with 'N passed, N failed'
+and exits non-zero if anything failed.
+
+    python3 tests/run_tests.py [-k SUBSTRING]
+"""
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import hf_checkpoint as hf  # noqa: E402
+import reference  # noqa: E402
+
+ENGINE = os.path.join(ROOT, "mixtral")
+DEBUG_ENGINE = os.path.join(ROOT, "mixtral-debug")
+PYTHON = sys.executable
+TOL = 1e-4
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failure(msg)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600, **kw)
+
+
+def export(hf_dir, out, wtype="f32"):
+    r = run([PYTHON, os.path.join(ROOT, "export.py"), hf_dir, out, "--type", wtype])
+    check(r.returncode == 0, f"export.py failed:\n{r.stderr}")
+    return out
+
+
+def engine_logits(model, ids, engine=ENGINE, threads=2, context=None, vocab=None, layers=None, top_k=None):
+    out = model + ".logits"
+    cmd = [engine, model, "--ids", ",".join(map(str, ids)), "--dump-logits", out, "--dump-experts",
+           model + ".experts", "--threads", str(threads)]
+    if context:
+        cmd += ["-c", str(context)]
+    r = run(cmd)
+    check(r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}")
+    logits = np.fromfile(out, "<f4").reshape(len(ids), vocab)
+    experts = np.fromfile(model + ".experts", "<i4").reshape(len(ids), layers, top_k)
+    return logits, np.sort(experts, -1)
+
+
+def compare_logits(got, want, what):
+    err = np.abs(got.astype(np.float64) - want)
+    worst = float(err.max())
+    if not worst <= TOL:
+        bad = np.argwhere(err > TOL)[:5]
+        lines = [f"  position {p} token {v}: engine {got[p, v]:.6f} reference {want[p, v]:.6f}" for p, v in bad]
+        raise Failure(f"{what}: max abs error {worst:.3g} > {TOL}; first differences:\n" + "\n".join(lines))
+    return worst
+
+
+def compare_experts(got, want, what):
+    if not np.array_equal(got, want):
+        bad = np.argwhere((got != want).any(-1))[:5]
+        lines = [f"  position {p} layer {l}: engine {got[p, l].tolist()} reference {want[p, l].tolist()}"
+                 for p, l in bad]
+        raise Failure(f"{what}: different experts chosen; first differences:\n" + "\n".join(lines))
+
+
+def random_ids(n, vocab, seed):
+    rng = np.random.default_rng(seed)
+    return [1] + rng.integers(3, vocab, n - 1).tolist()
+
+
+# ----------------------------------------------------------------------------
+# equivalence with the numpy reference
+
+CASES = [
+    # name, config kwargs, checkpoint dtype, shards, export type, positions, context
+    ("mha_bf16", dict(heads=4, kv_heads=4, experts=4, top_k=2), "bf16", 1, "f32", 20, None),
+    ("gqa4_f16_sharded", dict(dim=64, heads=8, kv_heads=2, experts=8, top_k=2), "f16", 3, "f32", 20, None),
+    ("mqa_top1_f32", dict(heads=4, kv_heads=1, experts=8, top_k=1), "f32", 1, "f32", 20, None),
+    ("odd_dims", dict(dim=67, hidden_dim=97, heads=4, kv_heads=2, head_dim=16, experts=5, top_k=3,
+                      vocab=32001), "bf16", 2, "f32", 17, None),
+    ("window_ring", dict(heads=4, kv_heads=2, experts=4, top_k=2, window=5), "bf16", 1, "f32", 23, 64),
+    ("window_bf16_export", dict(heads=8, kv_heads=2, experts=8, top_k=2, window=7), "bf16", 2, "bf16", 30, None),
+    ("window_at_context", dict(heads=4, kv_heads=2, experts=4, top_k=2, window=6), "bf16", 1, "f32", 6, 6),
+    ("head_dim_128", dict(dim=256, hidden_dim=128, heads=2, kv_heads=1, experts=4, top_k=2), "bf16", 1, "f32", 12, None),
+    ("f32_to_bf16_export", dict(heads=4, kv_heads=2, experts=4, top_k=2), "f32", 1, "bf16", 12, None),
+    ("tied_embeddings", dict(heads=4, kv_heads=2, experts=4, top_k=2, tie=True), "bf16", 1, "f32", 10, None),
+    ("v3_tokenizer_vocab", dict(heads=4, kv_heads=2, experts=8, top_k=2, vocab=32768, layers=3), "bf16", 1, "f32", 12, None),
+]
+
+
+def make_case_test(name, kw, dtype, shards, wtype, n, context):
+    def t(tmp):
+        cfg = hf.make_config(**kw)
+        d = os.path.join(tmp, "hf")
+        tok = "mistral-v3.model" if cfg["vocab_size"] == 32768 else "mistral-v1.model"
+        hf.write_checkpoint(d, cfg, dtype=dtype, shards=shards, seed=hash(name) % 1000, tokenizer=tok)
+        model = export(d, os.path.join(tmp, "model.bin"), wtype)
+        ids = random_ids(n, cfg["vocab_size"], 7)
+        # an f32 source exported as bf16 is rounded: the reference rounds the same way
+        want, want_e = reference.forward(reference.load_safetensors(d), cfg, ids,
+                                         bf16=(wtype == "bf16" and dtype != "bf16"))
+        got, got_e = engine_logits(model, ids, context=context, vocab=cfg["vocab_size"],
+                                   layers=cfg["num_hidden_layers"], top_k=cfg["num_experts_per_tok"])
+        err = compare_logits(got, want, name)
+        compare_experts(got_e, want_e, name)
+        return f"max abs error {err:.2g} over {n} positions"
+    t.__name__ = "reference_" + name
+    return t
+
+
+for case in CASES:
+    test(make_case_test(*case))
+
+
+@test
+def threads_identical(tmp):
+    """Results are bit-identical for any thread count, and under the sanitizer build."""
+    cfg = hf.make_config(dim=64, heads=8, kv_heads=2, experts=8, top_k=2, window=4)
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, cfg, dtype="bf16", seed=3)
+    ids = random_ids(14, cfg["vocab_size"], 1)
+    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    for wtype in ("f32", "bf16"):
+        model = export(d, os.path.join(tmp, f"model_{wtype}.bin"), wtype)
+        base, _ = engine_logits(model, ids, threads=1, **shape)
+        for engine, threads in ((ENGINE, 2), (ENGINE, 3), (ENGINE, 7), (DEBUG_ENGINE, 2)):
+            got, _ = engine_logits(model, ids, engine=engine, threads=threads, **shape)
+            if not np.array_equal(got, base):
+                raise Failure(f"{wtype}: {os.path.basename(engine)} --threads {threads} differs from --threads 1 "
+                              f"by up to {np.abs(got - base).max():.3g}")
+    return "f32 and bf16, 1/2/3/7 threads and the ASan build"
+
+
+@test
+def generate_runs(tmp):
+    """The generator streams text, is reproducible for a seed, and is greedy at -t 0."""
+    cfg = hf.make_config()
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, cfg, seed=5)
+    model = export(d, os.path.join(tmp, "model.bin"), "bf16")
+    outs = []
+    for _ in range(2):
+        r = run([ENGINE, model, "-i", "Hello world", "-n", "12", "-s", "42", "--threads", "2"])
+        check(r.returncode == 0, r.stderr)
+        check("tok/s" in r.stderr, f"no speed report on stderr: {r.stderr!r}")
+        outs.append(r.stdout)
+    check(outs[0] == outs[1], f"same seed, different text: {outs!r}")
+    check(outs[0].startswith("Hello world"), f"prompt not echoed: {outs[0]!r}")
+    # greedy: the generated tokens are the reference's argmax, decoded as sentencepiece does
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+    ids = [1] + sp.encode("Hello world")
+    W = reference.load_safetensors(d)
+    for _ in range(3):
+        logits, _ = reference.forward(W, cfg, ids)
+        ids.append(int(np.argmax(logits[-1])))
+    r = run([ENGINE, model, "-i", "Hello world", "-n", "3", "-t", "0"])
+    check(r.returncode == 0, r.stderr)
+    want = sp.decode(ids) + "\n"
+    check(r.stdout == want, f"greedy output {r.stdout!r}, reference {want!r} (ids {ids})")
+    return "seeded sampling repeats; greedy text equals the reference's argmax"
+
+
+# ----------------------------------------------------------------------------
+# bad input: a clear error and exit status 1, never a crash
+
+def expect_error(cmd, *needles):
+    for exe in (cmd[0], DEBUG_ENGINE) if cmd[0] == ENGINE else (cmd[0],):
+        r = run([exe] + cmd[1:])
+        check(r.returncode == 1, f"{' '.join(cmd)}: exit status {r.returncode}, expected 1\n{r.stderr}")
+        err = r.stderr.strip()
+        check(err and "error" in err, f"{' '.join(cmd)}: no error message on stderr")
+        check("Sanitizer" not in err and "runtime error" not in err, f"{exe}: sanitizer report:\n{err}")
+        for n in needles:
+            check(n.lower() in err.lower(), f"{' '.join(cmd)}: stderr does not mention {n!r}:\n{err}")
+    return err
+
+
+_small = {}
+
+
+def small_model(tmp):
+    """A small valid model file, shared by the bad-input tests."""
+    if "path" not in _small:
+        base = tempfile.mkdtemp(prefix="mixtral_small_")
+        d = os.path.join(base, "hf")
+        hf.write_checkpoint(d, hf.make_config(), seed=11)
+        _small["hf"] = d
+        _small["path"] = export(d, os.path.join(base, "model.bin"), "bf16")
+        _small["base"] = base
+    return _small["path"]
+
+
+def patched(tmp, name, offset, fmt, value):
+    src = small_model(tmp)
+    dst = os.path.join(tmp, name)
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+    return dst
+
+
+# header offsets (export.py HEADER_FORMAT): version 8, weight_type 16, dim 24, n_heads 36,
+# n_kv_heads 40, head_dim 44, n_experts 48, top_k 52, vocab 56, tokenizer n_pieces 256
+@test
+def bad_model_files(tmp):
+    m = small_model(tmp)
+    size = os.path.getsize(m)
+    cut = os.path.join(tmp, "cut.bin")
+    with open(m, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read(size - 100))
+    expect_error([ENGINE, cut, "-n", "1"], "re-run export.py")
+    tiny = os.path.join(tmp, "tiny.bin")
+    with open(tiny, "wb") as g:
+        g.write(b"MIXTRALC\x01")
+    expect_error([ENGINE, tiny], "too small")
+    empty = os.path.join(tmp, "empty.bin")
+    open(empty, "wb").close()
+    expect_error([ENGINE, empty])
+    expect_error([ENGINE, os.path.join(tmp, "does-not-exist.bin")], "cannot open")
+    expect_error([ENGINE, tmp], "not a regular file")
+    foreign = os.path.join(tmp, "foreign.bin")
+    with open(foreign, "wb") as g:
+        g.write(b"GGUF" + bytes(range(256)) * 40)
+    expect_error([ENGINE, foreign], "not a mixtral.c model file")
+    expect_error([ENGINE, patched(tmp, "v2.bin", 8, "<I", 2)], "version 2")
+    expect_error([ENGINE, patched(tmp, "v0.bin", 8, "<I", 0)], "version 0", "re-run export.py")
+    expect_error([ENGINE, patched(tmp, "wtype.bin", 16, "<I", 99)], "weight type")
+    expect_error([ENGINE, patched(tmp, "dim0.bin", 24, "<i", 0)], "dim")
+    expect_error([ENGINE, patched(tmp, "dimneg.bin", 24, "<i", -64)], "dim")
+    expect_error([ENGINE, patched(tmp, "dimhuge.bin", 24, "<i", 1 << 30)], "dim")
+    expect_error([ENGINE, patched(tmp, "heads.bin", 36, "<i", 3)], "n_heads")
+    expect_error([ENGINE, patched(tmp, "kvheads.bin", 40, "<i", 0)], "n_kv_heads")
+    expect_error([ENGINE, patched(tmp, "headdim.bin", 44, "<i", 15)], "head_dim")
+    expect_error([ENGINE, patched(tmp, "topk.bin", 52, "<i", 9)], "top_k")
+    expect_error([ENGINE, patched(tmp, "experts.bin", 48, "<i", 5)], "header")
+    expect_error([ENGINE, patched(tmp, "vocab.bin", 56, "<i", 32001)], "re-run export.py")
+    expect_error([ENGINE, patched(tmp, "pieces.bin", 256, "<I", 31999)], "tokenizer")
+    expect_error([ENGINE, patched(tmp, "pieces2.bin", 256 + 16 + 6, "<H", 60000)], "tokenizer")
+    return "truncated, tiny, empty, missing, directory, foreign, versions, corrupt dims and tokenizer"
+
+
+@test
+def bad_tokens_and_context(tmp):
+    m = small_model(tmp)
+    expect_error([ENGINE, m, "--ids", "1,32000", "--dump-logits", os.path.join(tmp, "x")], "32000")
+    expect_error([ENGINE, m, "--ids", "1,-5", "--dump-logits", os.path.join(tmp, "x")], "-5")
+    expect_error([ENGINE, m, "--ids", "1,abc", "--dump-logits", os.path.join(tmp, "x")], "--ids")
+    expect_error([ENGINE, m, "--ids", "1,2,3,4,5,6", "-c", "4", "--dump-logits", os.path.join(tmp, "x")], "context")
+    expect_error([ENGINE, m, "-i", "a prompt that is longer than the context", "-c", "4"], "context")
+    expect_error([ENGINE, m, "-n", "many"], "-n")
+    expect_error([ENGINE, m, "--threads", "0"], "--threads")
+    expect_error([ENGINE, m, "-t", "-1"], "-t")
+    expect_error([ENGINE, m, "-p", "2"], "-p")
+    expect_error([ENGINE, m, "--no-such-flag", "1"], "unknown option")
+    # a full context during generation stops with a note, not an error
+    r = run([ENGINE, m, "-i", "hi", "-n", "50", "-c", "8"])
+    check(r.returncode == 0 and "context" in r.stderr, f"context-limited generation: {r.returncode}\n{r.stderr}")
+    return "out-of-range and malformed ids, long prompts, bad flags"
+
+
+def write_safetensors(path, tensors):
+    """tensors: {name: (dtype string, shape, raw bytes)}"""
+    header, off = {}, 0
+    for name, (dt, shape, raw) in tensors.items():
+        header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+    hb = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb + b"".join(raw for _, _, raw in tensors.values()))
+
+
+def read_safetensors_raw(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+        data = f.read()
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in h.items() if k != "__metadata__"}
+
+
+@test
+def export_errors(tmp):
+    small_model(tmp)
+    src = _small["hf"]
+    cases = []
+
+    def variant(name, edit):
+        d = os.path.join(tmp, name)
+        shutil.copytree(src, d)
+        edit(d)
+        cases.append((name, d))
+
+    def edit_config(key, value):
+        def f(d):
+            c = json.load(open(os.path.join(d, "config.json")))
+            c[key] = value
+            json.dump(c, open(os.path.join(d, "config.json"), "w"))
+        return f
+
+    def edit_tensors(fn):
+        def f(d):
+            p = os.path.join(d, "model.safetensors")
+            t = read_safetensors_raw(p)
+            fn(t)
+            write_safetensors(p, t)
+        return f
+
+    def truncate(d):
+        p = os.path.join(d, "model.safetensors")
+        os.truncate(p, os.path.getsize(p) - 1000)
+
+    def bad_header(d):
+        p = os.path.join(d, "model.safetensors")
+        with open(p, "r+b") as f:
+            f.seek(8)
+            f.write(b"{nonsense")
+
+    def huge_header(d):
+        p = os.path.join(d, "model.safetensors")
+        with open(p, "r+b") as f:
+            f.write(struct.pack("<Q", 1 << 40))
+
+    def retype(t):
+        dt, shape, raw = t["model.norm.weight"]
+        t["model.norm.weight"] = ("I16", shape, raw)
+
+    variant("no_config", lambda d: os.remove(os.path.join(d, "config.json")))
+    variant("bad_config_json", lambda d: open(os.path.join(d, "config.json"), "w").write("{\"model_type\": "))
+    variant("llama", edit_config("model_type", "llama"))
+    variant("heads_zero", edit_config("num_attention_heads", 0))
+    variant("topk_too_big", edit_config("num_experts_per_tok", 9))
+    variant("shape_mismatch", edit_config("intermediate_size", 100))
+    variant("no_tokenizer", lambda d: os.remove(os.path.join(d, "tokenizer.model")))
+    variant("bad_tokenizer", lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(b"\xff" * 100))
+    variant("no_weights", lambda d: os.remove(os.path.join(d, "model.safetensors")))
+    variant("missing_tensor", edit_tensors(lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight")))
+    variant("unexpected_tensor", edit_tensors(lambda t: t.update({"model.layers.0.extra.weight": ("F32", [2], b"\0" * 8)})))
+    variant("unsupported_dtype", edit_tensors(retype))
+    variant("truncated_safetensors", truncate)
+    variant("malformed_header", bad_header)
+    variant("huge_header_length", huge_header)
+    expected = {"no_config": "config.json", "bad_config_json": "config.json", "llama": "model_type",
+                "heads_zero": "num_attention_heads", "topk_too_big": "num_experts_per_tok",
+                "shape_mismatch": "w1.weight", "no_tokenizer": "tokenizer.model", "bad_tokenizer": "tokenizer.model",
+                "no_weights": "model.safetensors", "missing_tensor": "experts.2.w3.weight",
+                "unexpected_tensor": "model.layers.0.extra.weight", "unsupported_dtype": "I16",
+                "truncated_safetensors": "truncated", "malformed_header": "model.safetensors",
+                "huge_header_length": "model.safetensors"}
+    for name, d in cases:
+        out = os.path.join(tmp, name + ".bin")
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, out])
+        lines = [l for l in r.stderr.strip().splitlines() if l]
+        check(r.returncode == 1, f"export {name}: exit {r.returncode}, expected 1\n{r.stderr}")
+        check(len(lines) == 1 and lines[0].startswith("export.py: error:"),
+              f"export {name}: expected a one-line error, got:\n{r.stderr}")
+        check(expected[name] in lines[0], f"export {name}: message does not name {expected[name]!r}: {lines[0]}")
+        check(not os.path.exists(out) and not os.path.exists(out + ".partial"), f"export {name}: left a file behind")
+    return f"{len(cases)} malformed checkpoints rejected with one-line errors"
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    a = ap.parse_args()
+    for exe in (ENGINE, DEBUG_ENGINE):
+        if not os.path.exists(exe):
+            sys.exit(f"run_tests.py: {exe} is missing; run 'make test', which builds it")
+    passed = failed = 0
+    for t in TESTS:
+        if a.k not in t.__name__:
+            continue
+        with tempfile.TemporaryDirectory(prefix="mixtral_test_") as tmp:
+            try:
+                detail = t(tmp)
+                passed += 1
+                print(f"PASS {t.__name__}: {detail or ''}", flush=True)
+            except Failure as e:
+                failed += 1
+                print(f"FAIL {t.__name__}: {e}", flush=True)
+            except Exception:
+                failed += 1
+                print(f"FAIL {t.__name__}: unexpected exception\n{traceback.format_exc()}", flush=True)
+    if "base" in _small:
+        shutil.rmtree(_small["base"], ignore_errors=True)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed or not passed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -808,6 +808,58 @@ static int parse_ids(const char *str, int vocab_size, int **out) {
     return n;
 }
 
+// Reads a whole file (any bytes) into a malloc'd buffer.
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = xcalloc(cap, 1);
+    for (;;) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        cap *= 2;
+        if (!(buf = realloc(buf, cap))) die("out of memory reading %s", path);
+    }
+    if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+// Test hooks for the tokenizer: the ids of a file's exact bytes (no BOS), and
+// the text of a list of ids, each on one line of stdout.
+static void tokenize_file(const Tokenizer *t, const char *path) {
+    size_t len;
+    char *text = read_file(path, &len);
+    int *ids;
+    int n = tokenizer_encode(t, text, len, &ids);
+    if (n < 0) die("out of memory tokenizing %s", path);
+    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    free(ids);
+    free(text);
+}
+
+static void detokenize(const Tokenizer *t, const char *list) {
+    char *buf = xcalloc(4 * t->max_piece_len + 16, 1);
+    TokenDecoder dec;
+    decoder_init(&dec);
+    for (const char *c = list; *c;) {
+        while (*c == ' ' || *c == ',') c++;
+        if (!*c) break;
+        char *end;
+        errno = 0;
+        long id = strtol(c, &end, 10);
+        if (end == c || errno) die("--detokenize: expected token ids, got \"%s\"", c);
+        if (id < 0 || id >= t->vocab_size) die("--detokenize: token id %ld is outside the vocabulary 0..%d", id, t->vocab_size - 1);
+        fwrite(buf, 1, decoder_put(&dec, t, (int)id, buf), stdout);
+        c = end;
+    }
+    fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
+    printf("\n");
+    free(buf);
+}
+
 // The test hook: logits after every input position, raw little-endian f32 (n, V);
 // optionally the chosen experts, int32 (n, n_layers, top_k).
 static void dump_logits(Model *m, State *s, ThreadPool *pool, const int *ids, int n,
@@ -844,6 +896,8 @@ static void print_usage(void) {
         "      --threads N       threads (default: all online CPUs)\n"
         "      --info            print the model's configuration and exit\n"
         "test hooks:\n"
+        "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
+        "      --detokenize IDS  print the text of space-separated ids and exit\n"
         "      --ids 1,415,2936  run these token ids instead of a prompt\n"
         "      --dump-logits F   with --ids: write logits after every position, f32 (n, vocab)\n"
         "      --dump-experts F  with --ids: write chosen experts, int32 (n, layers, top_k)\n");
@@ -869,7 +923,7 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') { print_usage(); die("the first argument must be a model file"); }
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
-    const char *logits_path = NULL, *experts_path = NULL;
+    const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
@@ -888,6 +942,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ids")) ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) logits_path = v;
         else if (!strcmp(a, "--dump-experts")) experts_path = v;
+        else if (!strcmp(a, "--tokenize-file")) tokenize_path = v;
+        else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
         else { print_usage(); die("unknown option %s", a); }
     }
     if (threads < 1) threads = 1;
@@ -902,6 +958,12 @@ int main(int argc, char **argv) {
                weight_type_name[p->weight_type], p->dim, p->hidden_dim, p->n_layers, p->n_heads, p->n_kv_heads,
                p->head_dim, p->n_experts, p->top_k, p->vocab_size, p->max_seq_len, p->sliding_window,
                p->rope_theta, p->rms_norm_eps);
+        model_free(&model);
+        return 0;
+    }
+    if (tokenize_path || detokenize_ids) {
+        if (tokenize_path) tokenize_file(&model.tokenizer, tokenize_path);
+        if (detokenize_ids) detokenize(&model.tokenizer, detokenize_ids);
         model_free(&model);
         return 0;
     }

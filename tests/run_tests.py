@@ -188,6 +188,70 @@ def generate_runs(tmp):
 
 
 # ----------------------------------------------------------------------------
+# the tokenizer against the sentencepiece library
+
+import compare_tokenizer  # noqa: E402
+
+_tok_models = {}
+
+
+def tokenizer_model(tokenizer):
+    """A tiny model file carrying the given tokenizer (the weights do not matter here)."""
+    if tokenizer not in _tok_models:
+        base = tempfile.mkdtemp(prefix="mixtral_tok_")
+        vocab = 32768 if "v3" in tokenizer else 32000
+        d = os.path.join(base, "hf")
+        hf.write_checkpoint(d, hf.make_config(dim=8, hidden_dim=8, layers=1, heads=2, kv_heads=1, experts=2,
+                                              top_k=1, vocab=vocab), seed=1, tokenizer=tokenizer)
+        _tok_models[tokenizer] = (base, export(d, os.path.join(base, "model.bin"), "f32"))
+    return _tok_models[tokenizer][1]
+
+
+def make_tokenizer_test(tokenizer, seed):
+    def t(tmp):
+        total, fails = compare_tokenizer.compare(tokenizer_model(tokenizer),
+                                                 os.path.join(ROOT, "tokenizers", tokenizer), seed=seed, n=3000)
+        if fails:
+            raise Failure(f"{len(fails)}/{total} differ from sentencepiece; first ones:\n  " + "\n  ".join(fails[:8]))
+        return f"{total}/{total} encodes, decodes and round trips agree with sentencepiece"
+    t.__name__ = "tokenizer_" + tokenizer.replace(".model", "").replace("-", "_")
+    return t
+
+
+test(make_tokenizer_test("mistral-v1.model", 1))
+test(make_tokenizer_test("mistral-v3.model", 2))
+
+
+@test
+def tokenizer_hooks_and_big_prompt(tmp):
+    """--tokenize-file and --detokenize, and a 1 MB prompt of mixed text, against sentencepiece."""
+    import random
+    import sentencepiece
+    model = tokenizer_model("mistral-v1.model")
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ROOT, "tokenizers", "mistral-v1.model"))
+    rng = random.Random(5)
+    parts = compare_tokenizer.corpus(3, 4000, ["hello", "world", "expert", "router"])
+    blob = b""
+    while len(blob) < 1 << 20:
+        blob += rng.choice(parts) + rng.choice([b" ", b"\n", b""])
+    path = os.path.join(tmp, "big.txt")
+    open(path, "wb").write(blob)
+    r = run([ENGINE, model, "--tokenize-file", path])
+    check(r.returncode == 0, r.stderr)
+    got = [int(x) for x in r.stdout.split()]
+    want = sp.encode(blob)
+    if got != want:
+        i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise Failure(f"1 MB prompt: first difference at id {i}: {got[i:i + 5]} vs {want[i:i + 5]}")
+    ids = [1, 22557, 28725, 28705, 3 + 0xE2, 3 + 0x82, 3 + 0xAC, 2, 1318]
+    r = run([ENGINE, model, "--detokenize", " ".join(map(str, ids))])
+    check(r.returncode == 0, r.stderr)
+    check(r.stdout == sp.decode(ids) + "\n", f"--detokenize: {r.stdout!r} vs {sp.decode(ids)!r}")
+    expect_error([ENGINE, model, "--detokenize", "1 40000"], "40000")
+    return f"{len(blob)} bytes -> {len(got)} ids, identical; --detokenize matches"
+
+
+# ----------------------------------------------------------------------------
 # bad input: a clear error and exit status 1, never a crash
 
 def expect_error(cmd, *needles):
@@ -392,7 +456,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", default="", help="run only tests whose name contains this")
     a = ap.parse_args()
-    for exe in (ENGINE, DEBUG_ENGINE):
+    for exe in (ENGINE, DEBUG_ENGINE, compare_tokenizer.TOK_BATCH):
         if not os.path.exists(exe):
             sys.exit(f"run_tests.py: {exe} is missing; run 'make test', which builds it")
     passed = failed = 0
@@ -410,8 +474,9 @@ def main():
             except Exception:
                 failed += 1
                 print(f"FAIL {t.__name__}: unexpected exception\n{traceback.format_exc()}", flush=True)
-    if "base" in _small:
-        shutil.rmtree(_small["base"], ignore_errors=True)
+    for base in [_small.get("base")] + [b for b, _ in _tok_models.values()]:
+        if base:
+            shutil.rmtree(base, ignore_errors=True)
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed or not passed else 0)
 

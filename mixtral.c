@@ -10,7 +10,7 @@
 //   5. state and KV cache   the ring buffer for sliding-window attention
 //   6. forward pass         attention, then the mixture of experts
 //   7. sampler              greedy, temperature, top-p
-//   8. generation           text in, text out
+//   8. generation and chat  text in, text out; Mistral's instruct format
 //   9. command line
 //
 // Names follow Hugging Face's modeling_mixtral.py and config.json so the two can
@@ -54,6 +54,24 @@ static void *xcalloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size ? size : 1);
     if (!p) die("out of memory allocating %zu x %zu bytes (try a smaller -c)", n, size);
     return p;
+}
+
+// Reads a whole file (any bytes) into a malloc'd buffer.
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = xcalloc(cap, 1);
+    for (;;) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        cap *= 2;
+        if (!(buf = realloc(buf, cap))) die("out of memory reading %s", path);
+    }
+    if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
+    fclose(f);
+    *len = n;
+    return buf;
 }
 
 static double time_s(void) {
@@ -734,7 +752,26 @@ static int sample(Sampler *sm, float *logits, int n) {
 }
 
 // ----------------------------------------------------------------------------
-// 8. generation
+// 8. generation and chat
+
+// A growable list of token ids.
+typedef struct { int *ids; int n, cap; } IdList;
+
+static void ids_push(IdList *l, int id) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 256;
+        if (!(l->ids = realloc(l->ids, l->cap * sizeof(int)))) die("out of memory");
+    }
+    l->ids[l->n++] = id;
+}
+
+static void ids_push_text(IdList *l, const Tokenizer *t, const char *text, size_t len) {
+    int *ids;
+    int n = tokenizer_encode(t, text, len, &ids);
+    if (n < 0) die("out of memory encoding the prompt");
+    for (int i = 0; i < n; i++) ids_push(l, ids[i]);
+    free(ids);
+}
 
 // Writes decoded text to stdout as soon as it is complete UTF-8.
 static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
@@ -742,49 +779,376 @@ static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
     if (n > 0) { fwrite(buf, 1, n, stdout); fflush(stdout); }
 }
 
-static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *prompt, int steps) {
-    const Config *p = &m->config;
-    int *prompt_ids = NULL;
-    int n_text = tokenizer_encode(&m->tokenizer, prompt, strlen(prompt), &prompt_ids);
-    int n = n_text + 1; // BOS first
-    int *ids = xcalloc(n, sizeof(int));
-    ids[0] = p->bos_id;
-    memcpy(ids + 1, prompt_ids, n_text * sizeof(int));
-    free(prompt_ids);
-    if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
-    if ((int64_t)n + steps > s->max_pos) {
-        fprintf(stderr, "mixtral: note: context of %d tokens limits generation to %d new tokens (raise -c)\n",
-                s->max_pos, s->max_pos - n);
-        steps = s->max_pos - n;
-    }
+// Runs ids through the model from position *pos on; the logits of the last
+// one are left in s->logits.
+static void feed(Model *m, State *s, ThreadPool *pool, const int *ids, int n, int *pos) {
+    for (int i = 0; i < n; i++) forward(m, s, pool, ids[i], (*pos)++);
+}
 
+typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Reply;
+
+// Samples up to `steps` tokens after what has been fed, streaming their text,
+// until EOS or a full context. The sampled EOS is not fed: the caller does that
+// when the conversation goes on.
+static Reply reply(Model *m, State *s, ThreadPool *pool, Sampler *sm, int steps, int *pos) {
+    const Config *p = &m->config;
+    Reply r = {0, 0, 0, 0};
     char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
     TokenDecoder dec;
     decoder_init(&dec);
-    for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, ids[i], buf); // echo the prompt
-
-    double t0 = time_s(), t_first = 0;
-    int token = ids[0], generated = 0;
-    for (int pos = 0; pos < n - 1 + steps; pos++) {
-        float *logits = forward(m, s, pool, token, pos);
-        if (pos < n - 1) { token = ids[pos + 1]; continue; } // still reading the prompt
-        if (generated == 0) t_first = time_s();
-        token = sample(sm, logits, p->vocab_size);
-        generated++;
-        if (token == p->eos_id) break;
+    double t0 = time_s();
+    while (r.tokens < steps) {
+        int token = sample(sm, s->logits, p->vocab_size);
+        r.tokens++;
+        if (token == p->eos_id) { r.hit_eos = 1; break; }
         emit(&dec, &m->tokenizer, token, buf);
+        if (*pos >= s->max_pos) { r.context_full = 1; break; }
+        forward(m, s, pool, token, (*pos)++);
     }
-    int flushed = decoder_flush(&dec, buf);
-    if (flushed) fwrite(buf, 1, flushed, stdout);
+    fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
+    fflush(stdout);
+    r.seconds = time_s() - t0;
+    free(buf);
+    return r;
+}
+
+static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *prompt, int steps) {
+    const Config *p = &m->config;
+    IdList prompt_ids = {0};
+    ids_push(&prompt_ids, p->bos_id);
+    ids_push_text(&prompt_ids, &m->tokenizer, prompt, strlen(prompt));
+    int n = prompt_ids.n;
+    if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
+
+    // echo the prompt, then continue it
+    char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
+    TokenDecoder dec;
+    decoder_init(&dec);
+    for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
+    fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
+    free(buf);
+
+    double t0 = time_s();
+    int pos = 0;
+    feed(m, s, pool, prompt_ids.ids, n, &pos);
+    double t_prompt = time_s() - t0;
+    Reply r = reply(m, s, pool, sm, steps, &pos);
     printf("\n");
     fflush(stdout);
-    double t1 = time_s();
-    if (generated > 0)
-        fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s\n", n,
-                (n - 1) / (t_first - t0 > 0 ? t_first - t0 : 1e-9), generated,
-                generated / (t1 - t_first > 0 ? t1 - t_first : 1e-9));
-    free(buf);
-    free(ids);
+    if (r.context_full)
+        fprintf(stderr, "mixtral: stopped: the context of %d tokens is full (use a larger -c)\n", s->max_pos);
+    fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s\n", n,
+            n / (t_prompt > 0 ? t_prompt : 1e-9), r.tokens, r.tokens / (r.seconds > 0 ? r.seconds : 1e-9));
+    free(prompt_ids.ids);
+}
+
+// --- chat: Mistral's instruct format, as mistral-common writes it -----------
+//
+//   v1 (Mixtral-8x7B-Instruct): <s> encode("[INST] {user} [/INST]") encode("{assistant}") </s> ...
+//   v3 (Mixtral-8x22B-Instruct): <s> [INST] encode("{user}") [/INST] encode("{assistant}") </s> ...
+// where [INST] and [/INST] are control tokens in v3 and plain text in v1. A
+// system prompt goes before the first user message, followed by a blank line.
+
+enum { ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT };
+
+typedef struct { int role; char *content; size_t len; } Message;
+
+// Appends one user turn: [INST] {system\n\n}{text} [/INST]
+static void format_user(IdList *out, const Tokenizer *t, const char *system, const char *text, size_t len) {
+    size_t slen = system && *system ? strlen(system) : 0;
+    char *content = xcalloc(slen + len + 32, 1);
+    size_t n = 0;
+    if (slen) { memcpy(content, system, slen); memcpy(content + slen, "\n\n", 2); n = slen + 2; }
+    memcpy(content + n, text, len);
+    n += len;
+    int inst = tokenizer_lookup(t, "[INST]", 6), end_inst = tokenizer_lookup(t, "[/INST]", 7);
+    if (inst >= 0 && end_inst >= 0 && t->type[inst] == PIECE_CONTROL && t->type[end_inst] == PIECE_CONTROL) {
+        ids_push(out, inst); // v3: control tokens around the text
+        ids_push_text(out, t, content, n);
+        ids_push(out, end_inst);
+    } else { // v1: the markers are text
+        char *s = xcalloc(n + 32, 1);
+        memcpy(s, "[INST] ", 7);
+        memcpy(s + 7, content, n);
+        memcpy(s + 7 + n, " [/INST]", 8);
+        ids_push_text(out, t, s, n + 15);
+        free(s);
+    }
+    free(content);
+}
+
+// The ids of a whole conversation, BOS first; system messages are joined.
+static void format_conversation(IdList *out, const Model *m, const Message *msgs, int n, const char *path) {
+    const Tokenizer *t = &m->tokenizer;
+    size_t slen = 0;
+    for (int i = 0; i < n; i++) if (msgs[i].role == ROLE_SYSTEM) slen += msgs[i].len + 2;
+    char *system = xcalloc(slen + 1, 1);
+    size_t o = 0;
+    for (int i = 0; i < n; i++) {
+        if (msgs[i].role != ROLE_SYSTEM) continue;
+        if (o) { memcpy(system + o, "\n\n", 2); o += 2; }
+        memcpy(system + o, msgs[i].content, msgs[i].len);
+        o += msgs[i].len;
+    }
+    ids_push(out, m->config.bos_id);
+    int expect = ROLE_USER, first_user = 1;
+    for (int i = 0; i < n; i++) {
+        const Message *msg = &msgs[i];
+        if (msg->role == ROLE_SYSTEM) continue;
+        if (msg->role != expect)
+            die("%s: message %d is from the %s, but a conversation alternates user, assistant, user, ...", path, i,
+                msg->role == ROLE_USER ? "user" : "assistant");
+        if (msg->role == ROLE_USER) {
+            format_user(out, t, first_user ? system : NULL, msg->content, msg->len);
+            first_user = 0;
+            expect = ROLE_ASSISTANT;
+        } else {
+            ids_push_text(out, t, msg->content, msg->len);
+            ids_push(out, m->config.eos_id);
+            expect = ROLE_USER;
+        }
+    }
+    free(system);
+}
+
+// --- a strict little JSON reader, for conversation files -------------------
+
+typedef struct { const char *s; size_t n, i; const char *path; } Json;
+
+static void json_fail(const Json *j, const char *what) {
+    size_t line = 1, col = 1;
+    for (size_t k = 0; k < j->i && k < j->n; k++) { if (j->s[k] == '\n') { line++; col = 1; } else col++; }
+    die("%s: malformed JSON at line %zu, column %zu (byte %zu): %s", j->path, line, col, j->i, what);
+}
+
+static void json_ws(Json *j) {
+    while (j->i < j->n && strchr(" \t\r\n", j->s[j->i]) && j->s[j->i]) j->i++;
+}
+
+static int json_peek(Json *j) { json_ws(j); return j->i < j->n ? (unsigned char)j->s[j->i] : -1; }
+
+static void json_expect(Json *j, char c) {
+    if (json_peek(j) != (unsigned char)c) {
+        char msg[32];
+        snprintf(msg, sizeof(msg), "expected '%c'", c);
+        json_fail(j, msg);
+    }
+    j->i++;
+}
+
+static unsigned json_hex4(Json *j) {
+    unsigned v = 0;
+    for (int k = 0; k < 4; k++, j->i++) {
+        char c = j->i < j->n ? j->s[j->i] : 0;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) json_fail(j, "bad \\u escape");
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+// Reads a string into a malloc'd UTF-8 buffer (NUL-terminated; may contain NULs).
+static char *json_string(Json *j, size_t *len) {
+    json_expect(j, '"');
+    char *out = xcalloc(j->n - j->i + 1, 1); // decoded text is never longer than its source
+    size_t o = 0;
+    for (;;) {
+        if (j->i >= j->n) json_fail(j, "unterminated string");
+        unsigned char c = j->s[j->i++];
+        if (c == '"') break;
+        if (c < 0x20) { j->i--; json_fail(j, "control character in string"); }
+        if (c != '\\') { out[o++] = c; continue; }
+        if (j->i >= j->n) json_fail(j, "unterminated string");
+        char e = j->s[j->i++];
+        const char *plain = strchr("\"\\/bfnrt", e);
+        if (plain && e) { out[o++] = "\"\\/\b\f\n\r\t"[plain - "\"\\/bfnrt"]; continue; }
+        if (e != 'u') { j->i--; json_fail(j, "bad escape"); }
+        unsigned cp = json_hex4(j);
+        if (cp >= 0xD800 && cp < 0xDC00 && j->i + 1 < j->n && j->s[j->i] == '\\' && j->s[j->i + 1] == 'u') {
+            size_t save = j->i;
+            j->i += 2;
+            unsigned lo = json_hex4(j);
+            if (lo >= 0xDC00 && lo < 0xE000) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            else j->i = save;
+        }
+        if (cp >= 0xD800 && cp < 0xE000) cp = 0xFFFD; // a lone surrogate
+        if (cp < 0x80) out[o++] = cp;
+        else if (cp < 0x800) { out[o++] = 0xC0 | cp >> 6; out[o++] = 0x80 | (cp & 63); }
+        else if (cp < 0x10000) { out[o++] = 0xE0 | cp >> 12; out[o++] = 0x80 | (cp >> 6 & 63); out[o++] = 0x80 | (cp & 63); }
+        else { out[o++] = 0xF0 | cp >> 18; out[o++] = 0x80 | (cp >> 12 & 63); out[o++] = 0x80 | (cp >> 6 & 63); out[o++] = 0x80 | (cp & 63); }
+    }
+    *len = o;
+    return out;
+}
+
+// After an element of an array or object: 1 if another follows, 0 at the end.
+static int json_more(Json *j, char close) {
+    int c = json_peek(j);
+    if (c == ',') {
+        j->i++;
+        if (json_peek(j) == (unsigned char)close) json_fail(j, "trailing comma");
+        return 1;
+    }
+    if (c == (unsigned char)close) { j->i++; return 0; }
+    char msg[32];
+    snprintf(msg, sizeof(msg), "expected ',' or '%c'", close);
+    json_fail(j, msg);
+    return 0;
+}
+
+// Opens an array or object; 1 if it has elements.
+static int json_open(Json *j, char open, char close) {
+    json_expect(j, open);
+    if (json_peek(j) == (unsigned char)close) { j->i++; return 0; }
+    return 1;
+}
+
+static void json_skip(Json *j, int depth) {
+    if (depth > 64) json_fail(j, "nested too deeply");
+    int c = json_peek(j);
+    size_t len;
+    if (c == '"') { free(json_string(j, &len)); return; }
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        if (json_open(j, (char)c, close)) do {
+            if (c == '{') { free(json_string(j, &len)); json_expect(j, ':'); }
+            json_skip(j, depth + 1);
+        } while (json_more(j, close));
+        return;
+    }
+    size_t start = j->i; // a number or a literal
+    while (j->i < j->n && (strchr("+-.eE", j->s[j->i]) || (j->s[j->i] >= '0' && j->s[j->i] <= '9') ||
+                           (j->s[j->i] >= 'a' && j->s[j->i] <= 'z'))) j->i++;
+    size_t n = j->i - start;
+    const char *v = j->s + start;
+    int literal = (n == 4 && !memcmp(v, "true", 4)) || (n == 5 && !memcmp(v, "false", 5)) || (n == 4 && !memcmp(v, "null", 4));
+    if (n == 0 || (!literal && !((v[0] >= '0' && v[0] <= '9') || v[0] == '-'))) { j->i = start; json_fail(j, "expected a value"); }
+}
+
+// Reads {"messages": [{"role": ..., "content": ...}, ...]}; returns the count.
+static int read_conversation(const char *path, Message **out) {
+    Json j = {0};
+    j.s = read_file(path, &j.n);
+    j.path = path;
+    int n = 0, cap = 8, found = 0;
+    Message *msgs = xcalloc(cap, sizeof(Message));
+    if (json_open(&j, '{', '}')) do {
+        size_t klen;
+        char *key = json_string(&j, &klen);
+        json_expect(&j, ':');
+        if (strcmp(key, "messages") == 0) {
+            found = 1;
+            if (json_open(&j, '[', ']')) do {
+                Message msg = {-1, NULL, 0};
+                if (json_open(&j, '{', '}')) do {
+                    size_t flen, vlen;
+                    char *field = json_string(&j, &flen);
+                    json_expect(&j, ':');
+                    if (!strcmp(field, "role") || !strcmp(field, "content")) {
+                        if (json_peek(&j) != '"') json_fail(&j, "expected a string");
+                        char *v = json_string(&j, &vlen);
+                        if (!strcmp(field, "content")) { free(msg.content); msg.content = v; msg.len = vlen; }
+                        else {
+                            msg.role = !strcmp(v, "system") ? ROLE_SYSTEM : !strcmp(v, "user") ? ROLE_USER
+                                     : !strcmp(v, "assistant") ? ROLE_ASSISTANT : -2;
+                            if (msg.role == -2) die("%s: message %d: unknown role \"%s\" (system, user or assistant)", path, n, v);
+                            free(v);
+                        }
+                    } else json_skip(&j, 0);
+                    free(field);
+                } while (json_more(&j, '}'));
+                if (msg.role < 0 || !msg.content) die("%s: message %d needs a \"role\" and a \"content\" string", path, n);
+                if (n == cap) { cap *= 2; if (!(msgs = realloc(msgs, cap * sizeof(Message)))) die("out of memory"); }
+                msgs[n++] = msg;
+            } while (json_more(&j, ']'));
+        } else json_skip(&j, 0);
+        free(key);
+    } while (json_more(&j, '}'));
+    if (json_peek(&j) != -1) json_fail(&j, "trailing characters after the object");
+    if (!found) die("%s: no \"messages\" array", path);
+    free((void *)j.s);
+    *out = msgs;
+    return n;
+}
+
+// Reads one line of any length from stdin; NULL at end of input.
+static char *read_line(size_t *len) {
+    size_t cap = 256, n = 0;
+    char *s = xcalloc(cap, 1);
+    int c;
+    while ((c = getchar()) != EOF && c != '\n') {
+        if (n + 1 == cap) { cap *= 2; if (!(s = realloc(s, cap))) die("out of memory"); }
+        s[n++] = (char)c;
+    }
+    if (c == EOF && n == 0) { free(s); return NULL; }
+    s[n] = 0;
+    *len = n;
+    return s;
+}
+
+static void print_context_full(const State *s) {
+    fprintf(stderr, "\n[the context of %d tokens is full. Type /reset to start a new conversation, "
+                    "or restart with a larger -c]\n", s->max_pos);
+}
+
+// Interactive chat. The KV cache persists between turns, so each turn runs only
+// its new tokens through the model.
+static void chat(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *system, const char *conv_path, int steps) {
+    const Config *p = &m->config;
+    IdList turn = {0};
+    int pos = 0, replied = 0; // replied: an assistant reply whose EOS is not yet in the cache
+    if (conv_path) { // pick up a saved conversation
+        Message *msgs;
+        int n = read_conversation(conv_path, &msgs);
+        format_conversation(&turn, m, msgs, n, conv_path);
+        int last_is_user = 0;
+        for (int i = 0; i < n; i++) if (msgs[i].role != ROLE_SYSTEM) last_is_user = msgs[i].role == ROLE_USER;
+        for (int i = 0; i < n; i++) free(msgs[i].content);
+        free(msgs);
+        if (turn.n > s->max_pos) die("%s is %d tokens but the context holds %d; use a larger -c", conv_path, turn.n, s->max_pos);
+        feed(m, s, pool, turn.ids, turn.n, &pos);
+        if (last_is_user) {
+            printf("Assistant: ");
+            Reply r = reply(m, s, pool, sm, steps, &pos);
+            printf("\n");
+            if (r.context_full) print_context_full(s);
+            replied = 1;
+        }
+        system = NULL; // it belonged to the file's first user message
+    }
+    for (;;) {
+        printf("User: ");
+        fflush(stdout);
+        size_t len;
+        char *line = read_line(&len);
+        if (!line || !strcmp(line, "/quit")) { free(line); break; }
+        if (!strcmp(line, "/reset")) {
+            pos = 0;
+            replied = 0;
+            printf("[new conversation]\n");
+            free(line);
+            continue;
+        }
+        turn.n = 0;
+        if (pos == 0) ids_push(&turn, p->bos_id);
+        if (replied) ids_push(&turn, p->eos_id); // closes the previous reply
+        format_user(&turn, &m->tokenizer, pos == 0 ? system : NULL, line, len);
+        free(line);
+        if (pos + turn.n >= s->max_pos) { print_context_full(s); continue; }
+        double t0 = time_s();
+        feed(m, s, pool, turn.ids, turn.n, &pos);
+        double t_in = time_s() - t0;
+        printf("Assistant: ");
+        Reply r = reply(m, s, pool, sm, steps, &pos);
+        printf("\n");
+        replied = 1;
+        if (r.context_full) print_context_full(s);
+        // only this turn's tokens went through the model: the cache holds the rest
+        fprintf(stderr, "[%d new tokens in, %.2f tok/s; %d out, %.2f tok/s; context %d/%d]\n", turn.n,
+                turn.n / (t_in > 0 ? t_in : 1e-9), r.tokens, r.tokens / (r.seconds > 0 ? r.seconds : 1e-9), pos,
+                s->max_pos);
+    }
+    free(turn.ids);
 }
 
 // Parses "1,415,2936" into ids, checking every one against the vocabulary.
@@ -806,24 +1170,6 @@ static int parse_ids(const char *str, int vocab_size, int **out) {
     if (n == 0) die("--ids: no token ids given");
     *out = ids;
     return n;
-}
-
-// Reads a whole file (any bytes) into a malloc'd buffer.
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die("cannot open %s: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *buf = xcalloc(cap, 1);
-    for (;;) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap) break;
-        cap *= 2;
-        if (!(buf = realloc(buf, cap))) die("out of memory reading %s", path);
-    }
-    if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
-    fclose(f);
-    *len = n;
-    return buf;
 }
 
 // Test hooks for the tokenizer: the ids of a file's exact bytes (no BOS), and
@@ -893,6 +1239,11 @@ static void print_usage(void) {
         "  -p, --top-p P         nucleus sampling threshold, 1 = off (default 0.9)\n"
         "  -s, --seed N          random seed (default: time)\n"
         "  -c, --context N       KV-cache length in tokens (default min(4096, model max))\n"
+        "  -m, --mode MODE       generate or chat (default generate)\n"
+        "  -y, --system TEXT     chat: system prompt, placed before the first user message\n"
+        "      --chat-file F     chat: continue the conversation in F, a JSON object\n"
+        "                        {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}]}\n"
+        "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --threads N       threads (default: all online CPUs)\n"
         "      --info            print the model's configuration and exit\n"
         "test hooks:\n"
@@ -924,6 +1275,7 @@ int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') { print_usage(); die("the first argument must be a model file"); }
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
+    const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
     int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
@@ -938,6 +1290,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) topp = parse_float(a, v, 0.0f, 1.0f);
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) seed = (uint64_t)parse_int(a, v, 0, LONG_MAX);
         else if (!strcmp(a, "-c") || !strcmp(a, "--context")) context = (int)parse_int(a, v, 1, INT_MAX);
+        else if (!strcmp(a, "-m") || !strcmp(a, "--mode")) mode = v;
+        else if (!strcmp(a, "-y") || !strcmp(a, "--system")) system = v;
+        else if (!strcmp(a, "--chat-file")) chat_path = v;
+        else if (!strcmp(a, "--chat-ids-file")) chat_ids_path = v;
         else if (!strcmp(a, "--threads")) threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--ids")) ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) logits_path = v;
@@ -946,7 +1302,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
         else { print_usage(); die("unknown option %s", a); }
     }
-    if (threads < 1) threads = 1;
+    if (strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
+    if (chat_path && strcmp(mode, "chat")) die("--chat-file needs -m chat");
     if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");
 
     Model model;
@@ -958,6 +1315,19 @@ int main(int argc, char **argv) {
                weight_type_name[p->weight_type], p->dim, p->hidden_dim, p->n_layers, p->n_heads, p->n_kv_heads,
                p->head_dim, p->n_experts, p->top_k, p->vocab_size, p->max_seq_len, p->sliding_window,
                p->rope_theta, p->rms_norm_eps);
+        model_free(&model);
+        return 0;
+    }
+    if (chat_ids_path) {
+        Message *msgs;
+        int n = read_conversation(chat_ids_path, &msgs);
+        IdList ids = {0};
+        format_conversation(&ids, &model, msgs, n, chat_ids_path);
+        for (int i = 0; i < ids.n; i++) printf(i ? " %d" : "%d", ids.ids[i]);
+        printf("\n");
+        for (int i = 0; i < n; i++) free(msgs[i].content);
+        free(msgs);
+        free(ids.ids);
         model_free(&model);
         return 0;
     }
@@ -982,7 +1352,8 @@ int main(int argc, char **argv) {
         free(ids);
     } else {
         Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(int))};
-        generate(&model, &state, &pool, &sm, prompt, steps);
+        if (!strcmp(mode, "chat")) chat(&model, &state, &pool, &sm, system, chat_path, steps);
+        else generate(&model, &state, &pool, &sm, prompt, steps);
         free(sm.order);
     }
     pool_free(&pool);

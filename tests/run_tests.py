@@ -251,6 +251,89 @@ def tokenizer_hooks_and_big_prompt(tmp):
     return f"{len(blob)} bytes -> {len(got)} ids, identical; --detokenize matches"
 
 
+CONVERSATIONS = [
+    [("user", "Hello!")],
+    [("system", "You are terse."), ("user", "What is a mixture of experts?")],
+    [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke.")],
+    [("system", "Rule one."), ("system", "Rule two."), ("user", "Go.")],
+    [("user", "Ça va? 日本語 😀👍🏽"), ("assistant", "Très bien, merci."), ("user", "Et toi?")],
+    [("user", "Type [INST] and <s> and [/INST] literally </s>")],
+    [("user", "")],
+    [("user", "line one\nline two\n\tindented"), ("assistant", "ok\n")],
+    [("user", f"turn {i}") if i % 2 == 0 else ("assistant", f"reply {i}") for i in range(9)],
+    [("user", "a"), ("system", "late system message"), ("assistant", "b"), ("user", "c")],
+    [("system", "S"), ("user", "q"), ("assistant", "a")],
+    [("user", "  leading and trailing spaces  "), ("assistant", " x "), ("user", "\u2581 literal")],
+]
+
+
+def mistral_common_ids(sp, conv, v3):
+    """mistral-common's instruct format, written from its rule independently of mixtral.c."""
+    system = "\n\n".join(c for r, c in conv if r == "system")
+    ids, first = [1], True
+    for role, content in conv:
+        if role == "user":
+            if first and system:
+                content = system + "\n\n" + content
+            first = False
+            ids += [3] + sp.encode(content) + [4] if v3 else sp.encode(f"[INST] {content} [/INST]")
+        elif role == "assistant":
+            ids += sp.encode(content) + [2]
+    return ids
+
+
+@test
+def chat_format(tmp):
+    """--chat-ids-file equals mistral-common's format for a dozen conversations, v1 and v3."""
+    import sentencepiece
+    n = 0
+    for tok, v3 in (("mistral-v1.model", False), ("mistral-v3.model", True)):
+        sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ROOT, "tokenizers", tok))
+        model = tokenizer_model(tok)
+        for i, conv in enumerate(CONVERSATIONS):
+            path = os.path.join(tmp, f"conv{i}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"messages": [{"role": r, "content": c} for r, c in conv]}, f, ensure_ascii=i % 2 == 0)
+            r = run([ENGINE, model, "--chat-ids-file", path])
+            check(r.returncode == 0, f"{tok} conversation {i}: {r.stderr}")
+            got = [int(x) for x in r.stdout.split()]
+            want = mistral_common_ids(sp, conv, v3)
+            check(got == want, f"{tok} conversation {i} {conv!r}:\n  mixtral.c {got}\n  expected  {want}")
+            n += 1
+    return f"{n} conversations identical"
+
+
+@test
+def chat_session(tmp):
+    """Interactive chat: each turn feeds only its new tokens; /reset starts over; a full context is reported."""
+    import sentencepiece
+    model = small_model(tmp)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(_small["hf"], "tokenizer.model"))
+    r = run([ENGINE, model, "-m", "chat", "-n", "5", "-t", "0", "-y", "Be brief."],
+            input="first question\nsecond one\n/reset\nthird\n")
+    check(r.returncode == 0, r.stderr)
+    counts = [int(l.split()[0][1:]) for l in r.stderr.splitlines() if l.startswith("[") and "new tokens in" in l]
+    want = [1 + len(sp.encode("[INST] Be brief.\n\nfirst question [/INST]")),
+            1 + len(sp.encode("[INST] second one [/INST]")),   # EOS closing the reply, then the turn
+            1 + len(sp.encode("[INST] Be brief.\n\nthird [/INST]"))]
+    check(counts == want, f"tokens fed per turn {counts}, expected {want}\n{r.stderr}")
+    check(r.stdout.count("Assistant: ") == 3 and "[new conversation]" in r.stdout, r.stdout)
+    r = run([ENGINE, model, "-m", "chat", "-n", "50", "-c", "24"], input="hello there\nand again and again\n")
+    check(r.returncode == 0 and "context of 24 tokens is full" in r.stderr, f"full context: {r.stderr}")
+    bad = os.path.join(tmp, "bad.json")
+    for text, where in (('{"messages": [{"role": "user", "content": "x"},]}', "trailing comma"),
+                        ('{"messages": [{"role": "user", "content": "x"}', "expected ','"),
+                        ('{"messages": [{"role": "user"}]}', "content"),
+                        ('{"messages": [{"role": "robot", "content": "x"}]}', "robot"),
+                        ('{"messages": [{"role": "assistant", "content": "x"}]}', "alternates"),
+                        ('{"messages": "no"}', "expected '['"), ('[]', "expected '{'"),
+                        ('{"messages": []} x', "trailing")):
+        open(bad, "w").write(text)
+        expect_error([ENGINE, model, "--chat-ids-file", bad], where)
+        expect_error([ENGINE, model, "-m", "chat", "--chat-file", bad], where)
+    return "per-turn token counts match; /reset; full context; 8 malformed files"
+
+
 # ----------------------------------------------------------------------------
 # bad input: a clear error and exit status 1, never a crash
 

@@ -2,14 +2,14 @@
 """
 export.py: turn a Hugging Face Mixtral folder into one mixtral.c model file.
 
-    python3 export.py MODEL_DIR OUT.bin [--type f32|bf16]
+    python3 export.py MODEL_DIR OUT.bin [--type f32|bf16|q8|q4] [--group-size 64]
 
 MODEL_DIR is an unmodified Hugging Face folder: config.json, model.safetensors
 (or the shards listed in model.safetensors.index.json) and tokenizer.model.
 Needs only Python's standard library and numpy. Tensors are streamed a slice
 at a time, so peak memory stays near one slice whatever the model size.
 
-File layout (version 1, all little-endian). mixtral.c mirrors this once, in
+File layout (version 2, all little-endian). mixtral.c mirrors this once, in
 its "model file" section; change both together and bump VERSION.
 
     header      256 bytes: HEADER_FORMAT below, zero padded
@@ -18,8 +18,18 @@ its "model file" section; change both together and bump VERSION.
     weights     starts at a 4096-byte boundary; every tensor starts at a
                 64-byte boundary, in exactly the order of tensor_plan()
 
-Weight types: f32 (0) and bf16 (1) for the matrices. Norm weights and the
-router (gate) are always f32, whatever the type.
+Weight types of the matrices: f32 (0), bf16 (1), q8 (2), q4 (3). Norm weights
+and the router (gate) are always f32. In a q4 file the embedding and lm_head
+are q8: they are a small share of the bytes read per token, and the logits are
+sensitive to them.
+
+Quantized matrices (rows, cols) keep one f32 scale per group of G consecutive
+weights of a row (G = group_size in the header, a multiple of 64); the tensor is
+all rows' quantized weights, then all rows' scales (rows, cols/G) f32.
+    q8: int8 q in -127..127, w = q * scale; cols bytes per row
+    q4: w = (u - 8) * scale with u in 0..15; each 64 weights of a row are 32
+        bytes, byte i holding weight i in its low nibble and weight i+32 in its
+        high nibble; cols/2 bytes per row
 """
 import argparse
 import json
@@ -31,7 +41,7 @@ import time
 import numpy as np
 
 MAGIC = b"MIXTRALC"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 256
 # magic, version, header_size, weight_type, group_size,
 # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, n_experts, top_k,
@@ -40,8 +50,8 @@ HEADER_SIZE = 256
 HEADER_FORMAT = "<8sIIII14iff4Q"
 WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
-WEIGHT_TYPES = {"f32": 0, "bf16": 1}
-ELEM_BYTES = {0: 4, 1: 2}
+WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
+F32, BF16, Q8, Q4 = 0, 1, 2, 3
 CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
 
 # sentencepiece piece types (sentencepiece_model.proto)
@@ -347,7 +357,9 @@ def tokenizer_blob(pieces, flags, unk_id, vocab_size, path):
 # The tensor order: written once here, mirrored once in mixtral.c
 
 def tensor_plan(c):
-    """(checkpoint name, shape, always_f32) in file order."""
+    """(checkpoint name, shape, always_f32) in file order. Every matrix not marked
+    always_f32 gets the file's weight type, except the embedding and lm_head of a
+    q4 file, which are q8 (see matrix_type)."""
     d, h, kv = c["dim"], c["hidden_dim"], c["n_kv_heads"] * c["head_dim"]
     q = c["n_heads"] * c["head_dim"]
     plan = [("model.embed_tokens.weight", (c["vocab_size"], d), False)]
@@ -373,9 +385,19 @@ def tensor_plan(c):
     return plan
 
 
-def tensor_bytes(shape, wtype):
+def matrix_type(name, wtype):
+    edge = name in ("model.embed_tokens.weight", "lm_head.weight")
+    return Q8 if wtype == Q4 and edge else wtype
+
+
+def tensor_bytes(shape, wtype, group):
     n = int(np.prod(shape, dtype=np.int64))
-    return n * ELEM_BYTES[wtype]
+    if wtype == F32:
+        return 4 * n
+    if wtype == BF16:
+        return 2 * n
+    scales = 4 * (n // group)
+    return (n if wtype == Q8 else n // 2) + scales
 
 
 def align(x, a):
@@ -400,16 +422,44 @@ def check_tensors(c, tensors):
 
 # ----------------------------------------------------------------------------
 
-def write_tensor(out, files, t, shape, wtype):
+def quantize(x, wtype, group):
+    """x (rows, cols) f32 -> (quantized bytes, scales (rows, cols/group) f32)."""
+    rows, cols = x.shape
+    g = x.reshape(rows, cols // group, group).astype(np.float64)
+    if wtype == Q8:
+        scale = np.abs(g).max(-1) / 127.0
+        q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
+        return np.clip(q, -127, 127).astype(np.int8).tobytes(), scale.astype("<f4")
+    # q4: the value of largest magnitude maps to -8, so the whole range -8..7 is used
+    big = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
+    scale = big / -8.0
+    q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
+    u = (np.clip(q, -8, 7) + 8).astype(np.uint8).reshape(rows, cols // 64, 2, 32)
+    packed = u[:, :, 0, :] | (u[:, :, 1, :] << 4)  # byte i: weight i low, weight i+32 high
+    return packed.tobytes(), scale.astype("<f4")
+
+
+def write_tensor(out, files, t, shape, wtype, group):
     """Streams one tensor into `out`, converting a slice of rows at a time."""
     f = files.get(t.path)
     if f is None:
         f = files[t.path] = open(t.path, "rb")
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
+    if wtype in (Q8, Q4):
+        # quantized weights now, scales after all rows: keep the scales of each slice until the end
+        scales = []
+        for r0 in range(0, rows, step):
+            nr = min(step, rows - r0)
+            q, sc = quantize(read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols), wtype, group)
+            out.write(q)
+            scales.append(sc)
+        for sc in scales:
+            out.write(sc.tobytes())
+        return
     for r0 in range(0, rows, step):
         nr = min(step, rows - r0)
-        if wtype == 1 and t.dtype == "BF16":  # bf16 to bf16: copy the bits
+        if wtype == BF16 and t.dtype == "BF16":  # bf16 to bf16: copy the bits
             f.seek(t.offset + r0 * cols * 2)
             raw = f.read(nr * cols * 2)
             if len(raw) != nr * cols * 2:
@@ -417,12 +467,23 @@ def write_tensor(out, files, t, shape, wtype):
             out.write(raw)
             continue
         x = read_rows_f32(f, t, r0, nr, cols)
-        out.write(f32_to_bf16(x).tobytes() if wtype == 1 else x.astype("<f4").tobytes())
+        out.write(f32_to_bf16(x).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
 
 
-def export(model_dir, out_path, type_name):
+def export(model_dir, out_path, type_name, group):
     wtype = WEIGHT_TYPES[type_name]
     c = read_config(model_dir)
+    if wtype in (Q8, Q4):
+        if group <= 0 or group % 64:
+            die(f"--group-size {group}: must be a positive multiple of 64")
+        for key in ("dim", "hidden_dim"):
+            if c[key] % group:
+                die(f"config.json: {key} {c[key]} is not a multiple of the group size {group}; "
+                    f"use --type bf16, or a --group-size that divides it (a multiple of 64)")
+        if (c["n_heads"] * c["head_dim"]) % group:
+            die(f"config.json: num_attention_heads * head_dim is not a multiple of the group size {group}")
+    else:
+        group = 0
     pieces, flags, unk_id = read_tokenizer(model_dir)
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], os.path.join(model_dir, "tokenizer.model"))
     tensors = read_checkpoint_index(model_dir)
@@ -431,9 +492,10 @@ def export(model_dir, out_path, type_name):
     tok_off = HEADER_SIZE
     w_off = align(tok_off + len(tok), WEIGHTS_ALIGN)
     size = w_off
-    for _, shape, f32 in plan:
-        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, 0 if f32 else wtype)
-    header = struct.pack(HEADER_FORMAT, MAGIC, VERSION, HEADER_SIZE, wtype, 0,
+    types = [F32 if f32 else matrix_type(name, wtype) for name, _, f32 in plan]
+    for (_, shape, _), ty in zip(plan, types):
+        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, ty, group)
+    header = struct.pack(HEADER_FORMAT, MAGIC, VERSION, HEADER_SIZE, wtype, group,
                          c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"],
                          c["head_dim"], c["n_experts"], c["top_k"], c["vocab_size"], c["max_seq_len"],
                          c["sliding_window"], c["bos_id"], c["eos_id"], 0,
@@ -449,9 +511,9 @@ def export(model_dir, out_path, type_name):
             out.write(header)
             out.write(tok)
             out.write(b"\0" * (w_off - out.tell()))
-            for i, (name, shape, f32) in enumerate(plan):
+            for i, ((name, shape, _), ty) in enumerate(zip(plan, types)):
                 out.write(b"\0" * (align(out.tell(), TENSOR_ALIGN) - out.tell()))
-                write_tensor(out, files, tensors[name], shape, 0 if f32 else wtype)
+                write_tensor(out, files, tensors[name], shape, ty, group)
                 done = out.tell()
                 now = time.time()
                 if now - last > (0.2 if tty else 10) or i == len(plan) - 1:
@@ -492,9 +554,11 @@ def main():
     ap.add_argument("out", help="output file, e.g. model.bin")
     ap.add_argument("--type", default="bf16", choices=sorted(WEIGHT_TYPES),
                     help="weight type for the matrices (default bf16)")
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="q8/q4: weights per scale, a multiple of 64 (default 64)")
     args = ap.parse_args()
     try:
-        export(args.model_dir, args.out, args.type)
+        export(args.model_dir, args.out, args.type, args.group_size)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -25,6 +25,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,23 +92,28 @@ static double time_s(void) {
 //              ffn_norm (D,) gate (E,D) f32
 //              per expert: w1 (H,D) w3 (H,D) w2 (D,H)
 //   norm (D,) lm_head (V,D)
-// Norms and the router are always f32; the other matrices have the file's weight type.
+// Norms and the router are always f32; the other matrices have the file's weight
+// type, except that a q4 file keeps embed and lm_head in q8 (export.py says why).
+// Quantized matrices hold all rows' quantized weights, then all rows' scales,
+// one f32 per group of G weights: q8 is int8 q with w = q * scale; q4 packs 64
+// weights in 32 bytes (byte i: weight i in the low nibble, weight i+32 in the
+// high one) as u in 0..15 with w = (u - 8) * scale.
 
 #define MODEL_MAGIC "MIXTRALC"
-#define MODEL_VERSION 1
+#define MODEL_VERSION 2
 #define HEADER_SIZE 256
 #define WEIGHTS_ALIGN 4096
 #define TENSOR_ALIGN 64
 
-enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_NTYPES };
-static const char *weight_type_name[] = {"f32", "bf16"};
+enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_NTYPES };
+static const char *weight_type_name[] = {"f32", "bf16", "q8", "q4"};
 
 typedef struct {
     char magic[8];          // "MIXTRALC"
     uint32_t version;       // MODEL_VERSION
     uint32_t header_size;   // HEADER_SIZE
     uint32_t weight_type;   // WEIGHT_*: the type of every matrix except the router
-    uint32_t group_size;    // quantization group (0 for float types)
+    uint32_t group_size;    // q8/q4: weights per scale, a multiple of 64 (0 for float types)
     int32_t dim;            // hidden_size
     int32_t hidden_dim;     // intermediate_size (one expert's)
     int32_t n_layers;       // num_hidden_layers
@@ -131,9 +137,10 @@ _Static_assert(sizeof(Config) == 120, "Config must match export.py's HEADER_FORM
 
 // A weight matrix W (rows, cols), row-major, stored in one of the weight types.
 typedef struct {
-    const void *data;
-    int type;  // WEIGHT_*
-    int rows, cols;
+    const void *data;    // f32 or bf16 values, or q8/q4 quantized weights
+    const float *scale;  // q8/q4: (rows, cols/group) scales; NULL otherwise
+    int type;            // WEIGHT_*
+    int rows, cols, group;
 } Matrix;
 
 typedef struct {
@@ -164,8 +171,19 @@ typedef struct {
     uint64_t map_size;
 } Model;
 
-static uint64_t matrix_bytes(int type, uint64_t rows, uint64_t cols) {
-    return rows * cols * (type == WEIGHT_F32 ? 4 : 2);
+// Bytes of the weights proper, and of the whole matrix with its scales.
+static uint64_t matrix_weight_bytes(int type, uint64_t rows, uint64_t cols) {
+    switch (type) {
+    case WEIGHT_F32: return rows * cols * 4;
+    case WEIGHT_BF16: return rows * cols * 2;
+    case WEIGHT_Q8: return rows * cols;
+    default: return rows * cols / 2;
+    }
+}
+
+static uint64_t matrix_bytes(int type, uint64_t rows, uint64_t cols, uint64_t group) {
+    uint64_t scales = type == WEIGHT_Q8 || type == WEIGHT_Q4 ? rows * (cols / group) * 4 : 0;
+    return matrix_weight_bytes(type, rows, cols) + scales;
 }
 
 // Walks the tensor order once; with map == NULL it only measures. Every step
@@ -183,8 +201,10 @@ static const void *cursor_take(Cursor *c, uint64_t bytes) {
     return c->map ? c->map + start : NULL;
 }
 
-static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols) {
-    Matrix m = {cursor_take(c, matrix_bytes(type, rows, cols)), type, rows, cols};
+static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols, int group) {
+    int quantized = type == WEIGHT_Q8 || type == WEIGHT_Q4;
+    Matrix m = {cursor_take(c, matrix_bytes(type, rows, cols, group)), NULL, type, rows, cols, quantized ? group : 0};
+    if (quantized && m.data) m.scale = (const float *)((const uint8_t *)m.data + matrix_weight_bytes(type, rows, cols));
     return m;
 }
 
@@ -195,26 +215,27 @@ static const float *cursor_f32(Cursor *c, uint64_t n) {
 // Returns the file offset just past the last tensor (the file size it implies).
 static uint64_t model_map_weights(const Config *p, Weights *w, const uint8_t *map) {
     Cursor c = {map, p->weights_offset, 0};
-    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts;
+    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts, G = p->group_size;
     int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
-    w->embed = cursor_matrix(&c, t, p->vocab_size, D);
+    int edge = t == WEIGHT_Q4 ? WEIGHT_Q8 : t; // embed and lm_head
+    w->embed = cursor_matrix(&c, edge, p->vocab_size, D, G);
     for (int l = 0; l < p->n_layers; l++) {
         Layer *L = &w->layers[l];
         L->attn_norm = cursor_f32(&c, D);
-        L->wq = cursor_matrix(&c, t, Q, D);
-        L->wk = cursor_matrix(&c, t, KV, D);
-        L->wv = cursor_matrix(&c, t, KV, D);
-        L->wo = cursor_matrix(&c, t, D, Q);
+        L->wq = cursor_matrix(&c, t, Q, D, G);
+        L->wk = cursor_matrix(&c, t, KV, D, G);
+        L->wv = cursor_matrix(&c, t, KV, D, G);
+        L->wo = cursor_matrix(&c, t, D, Q, G);
         L->ffn_norm = cursor_f32(&c, D);
         L->gate = cursor_f32(&c, (uint64_t)E * D);
         for (int e = 0; e < E; e++) {
-            L->experts[e].w1 = cursor_matrix(&c, t, H, D);
-            L->experts[e].w3 = cursor_matrix(&c, t, H, D);
-            L->experts[e].w2 = cursor_matrix(&c, t, D, H);
+            L->experts[e].w1 = cursor_matrix(&c, t, H, D, G);
+            L->experts[e].w3 = cursor_matrix(&c, t, H, D, G);
+            L->experts[e].w2 = cursor_matrix(&c, t, D, H, G);
         }
     }
     w->norm = cursor_f32(&c, D);
-    w->lm_head = cursor_matrix(&c, t, p->vocab_size, D);
+    w->lm_head = cursor_matrix(&c, edge, p->vocab_size, D, G);
     return c.overflow ? UINT64_MAX : c.off;
 }
 
@@ -228,6 +249,10 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
             MODEL_VERSION, p->version > MODEL_VERSION ? "update mixtral.c or re-run its export.py" : hint);
     if (p->header_size != HEADER_SIZE) die("%s: header size %u, expected %d; %s", path, p->header_size, HEADER_SIZE, hint);
     if (p->weight_type >= WEIGHT_NTYPES) die("%s: unknown weight type %u; %s", path, p->weight_type, hint);
+    int quantized = p->weight_type == WEIGHT_Q8 || p->weight_type == WEIGHT_Q4;
+    if (quantized ? p->group_size == 0 || p->group_size % 64 || p->group_size > (1u << 20) : p->group_size != 0)
+        die("%s: corrupt header: group size %u for weight type %s; %s", path, p->group_size,
+            weight_type_name[p->weight_type], hint);
     // Bounds keep every product below 2^62: no overflow in the size arithmetic.
     struct { const char *name; int32_t v, max; } dims[] = {
         {"dim", p->dim, 1 << 20}, {"hidden_dim", p->hidden_dim, 1 << 22}, {"n_layers", p->n_layers, 1 << 12},
@@ -241,6 +266,8 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
             die("%s: corrupt header: %s = %d (must be 1..%d); %s", path, dims[i].name, dims[i].v, dims[i].max, hint);
     if (p->n_heads % p->n_kv_heads)
         die("%s: corrupt header: n_heads %d is not a multiple of n_kv_heads %d; %s", path, p->n_heads, p->n_kv_heads, hint);
+    if (quantized && (p->dim % p->group_size || p->hidden_dim % p->group_size || (p->n_heads * p->head_dim) % p->group_size))
+        die("%s: corrupt header: dimensions are not multiples of the group size %u; %s", path, p->group_size, hint);
     if (p->head_dim % 2) die("%s: corrupt header: head_dim %d is odd (RoPE needs pairs); %s", path, p->head_dim, hint);
     if (p->top_k > p->n_experts)
         die("%s: corrupt header: top_k %d > n_experts %d; %s", path, p->top_k, p->n_experts, hint);
@@ -302,43 +329,66 @@ static void model_free(Model *m) {
 // worker takes a fixed share of the work by tid, so results never depend on
 // timing, and since every output element is computed by exactly one worker
 // with the same arithmetic, they do not depend on the thread count either.
-// Idle workers sleep on a condition variable: they never spin on a core
-// that another process may need.
+//
+// Jobs come in quick succession while a token is computed (a few per layer),
+// so a waiting thread first spins briefly on an atomic counter, then sleeps on
+// a condition variable: between tokens and while the user types, idle
+// workers hold no core.
+
+#define POOL_SPIN 20000 // polls before sleeping, roughly 50-100 microseconds
 
 typedef void (*PoolFn)(void *arg, int tid, int n);
 
 typedef struct {
-    int n;                 // threads, the caller included
-    pthread_t *threads;    // (n-1,)
-    pthread_mutex_t mu;
-    pthread_cond_t wake;   // workers wait here for the next round
-    pthread_cond_t done;   // the caller waits here for the workers
-    PoolFn fn;
+    int n;                      // threads, the caller included
+    pthread_t *threads;         // (n-1,)
+    PoolFn fn;                  // the current job, published by the release store to round
     void *arg;
-    uint64_t round;        // bumped once per job
-    int pending;           // workers still running this round
-    int quit;
+    _Alignas(64) _Atomic uint64_t round; // bumped once per job; workers wait for a new value
+    _Alignas(64) _Atomic int pending;    // workers still running this round
+    _Alignas(64) pthread_mutex_t mu;     // guards the sleeping counts and the condition variables
+    pthread_cond_t wake, done;
+    int sleepers;               // workers asleep on `wake`
+    int caller_asleep;          // the caller asleep on `done`
+    _Atomic int quit;           // set before the last bump of round: workers exit
 } ThreadPool;
 
 typedef struct { ThreadPool *pool; int tid; } WorkerArg;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 static void *pool_worker(void *p) {
     WorkerArg *wa = p;
     ThreadPool *pool = wa->pool;
     uint64_t seen = 0;
-    pthread_mutex_lock(&pool->mu);
     for (;;) {
-        while (pool->round == seen && !pool->quit) pthread_cond_wait(&pool->wake, &pool->mu);
-        if (pool->quit) break;
-        seen = pool->round;
-        PoolFn fn = pool->fn;
-        void *arg = pool->arg;
-        pthread_mutex_unlock(&pool->mu);
-        fn(arg, wa->tid, pool->n);
-        pthread_mutex_lock(&pool->mu);
-        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+        uint64_t r = atomic_load_explicit(&pool->round, memory_order_acquire);
+        for (int spin = 0; r == seen && spin < POOL_SPIN; spin++) {
+            cpu_relax();
+            r = atomic_load_explicit(&pool->round, memory_order_acquire);
+        }
+        if (r == seen) { // nothing came: sleep until the caller bumps round
+            pthread_mutex_lock(&pool->mu);
+            pool->sleepers++;
+            while ((r = atomic_load(&pool->round)) == seen) pthread_cond_wait(&pool->wake, &pool->mu);
+            pool->sleepers--;
+            pthread_mutex_unlock(&pool->mu);
+        }
+        if (atomic_load(&pool->quit)) break;
+        seen = r;
+        pool->fn(pool->arg, wa->tid, pool->n);
+        if (atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool->mu); // the last one out wakes the caller if it sleeps
+            if (pool->caller_asleep) pthread_cond_signal(&pool->done);
+            pthread_mutex_unlock(&pool->mu);
+        }
     }
-    pthread_mutex_unlock(&pool->mu);
     free(wa);
     return NULL;
 }
@@ -346,6 +396,9 @@ static void *pool_worker(void *p) {
 static void pool_init(ThreadPool *pool, int n) {
     memset(pool, 0, sizeof(*pool));
     pool->n = n;
+    atomic_init(&pool->round, 0);
+    atomic_init(&pool->pending, 0);
+    atomic_init(&pool->quit, 0);
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pthread_cond_init(&pool->done, NULL);
@@ -361,22 +414,29 @@ static void pool_init(ThreadPool *pool, int n) {
 // Runs fn(arg, tid, n) on all n threads and returns when every one has finished.
 static void pool_run(ThreadPool *pool, PoolFn fn, void *arg) {
     if (pool->n == 1) { fn(arg, 0, 1); return; }
-    pthread_mutex_lock(&pool->mu);
     pool->fn = fn;
     pool->arg = arg;
-    pool->pending = pool->n - 1;
-    pool->round++;
-    pthread_cond_broadcast(&pool->wake);
+    atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool->round, 1, memory_order_release);
+    pthread_mutex_lock(&pool->mu);
+    if (pool->sleepers) pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->n);
-    pthread_mutex_lock(&pool->mu);
-    while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
-    pthread_mutex_unlock(&pool->mu);
+    for (int spin = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0 && spin < POOL_SPIN; spin++)
+        cpu_relax();
+    if (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
+        pthread_mutex_lock(&pool->mu);
+        pool->caller_asleep = 1;
+        while (atomic_load(&pool->pending) > 0) pthread_cond_wait(&pool->done, &pool->mu);
+        pool->caller_asleep = 0;
+        pthread_mutex_unlock(&pool->mu);
+    }
 }
 
 static void pool_free(ThreadPool *pool) {
     pthread_mutex_lock(&pool->mu);
-    pool->quit = 1;
+    atomic_store(&pool->quit, 1);
+    atomic_fetch_add(&pool->round, 1);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     for (int i = 1; i < pool->n; i++) pthread_join(pool->threads[i - 1], NULL);
@@ -394,6 +454,13 @@ static void split_range(int total, int tid, int n, int *start, int *end) {
 
 // ----------------------------------------------------------------------------
 // 4. kernels
+//
+// The matrix-vector products read every active weight once per token, so they
+// decide the speed. Each weight type has a dot product: a portable C version,
+// always built and tested (make debug, or ARCH= on any machine), and AVX2 or
+// NEON versions chosen at build time by the compiler's target macros.
+// Quantized weights meet int8-quantized activations: integer multiply-adds
+// within a group, one float multiply-add per group.
 
 // out (n,) = x (n,) / rms(x) * weight (n,); out may alias x.
 // modeling_mixtral.py: MixtralRMSNorm.forward
@@ -418,9 +485,200 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-// Dot products of one weight row with x, one per weight type. Four partial
-// sums break the dependency chain; the order is fixed, so results are exact
-// functions of the inputs.
+// An activation vector x (n,) quantized to int8 per group of G: x ~ q * scale[g].
+// sum[g] is the sum of q over group g, which the q4 kernel needs (see dot_q4).
+typedef struct {
+    int8_t *q;       // (n,)
+    float *scale;    // (n/G,)
+    int32_t *sum;    // (n/G,)
+    const float *x;  // the vector quantized, to reuse the result for the same input
+} QuantX;
+
+static void quantize_x(QuantX *qx, const float *x, int n, int G) {
+    for (int g = 0; g < n / G; g++) {
+        const float *xg = x + g * G;
+        float amax = 0.0f;
+        for (int i = 0; i < G; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < G; i++) {
+            int8_t q = (int8_t)lrintf(xg[i] * inv);
+            qx->q[g * G + i] = q;
+            sum += q;
+        }
+        qx->scale[g] = scale;
+        qx->sum[g] = sum;
+    }
+    qx->x = x;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD_NAME "avx2"
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float dot_f32(const float *w, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
+static inline __m256 bf16x8_to_ps(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i h0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i h1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        a0 = _mm256_fmadd_ps(bf16x8_to_ps(_mm256_castsi256_si128(h0)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(bf16x8_to_ps(_mm256_extracti128_si256(h0, 1)), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(bf16x8_to_ps(_mm256_castsi256_si128(h1)), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(bf16x8_to_ps(_mm256_extracti128_si256(h1, 1)), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(bf16x8_to_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), a0);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) s += bf16_to_f32(w[i]) * x[i];
+    return s;
+}
+
+// q8: maddubs multiplies unsigned by signed bytes, so multiply |w| by x with
+// w's sign moved onto x; pairs of products fit in int16 (2*127*127 < 32768).
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / G; g++) {
+        __m256i isum = _mm256_setzero_si256();
+        for (int i = g * G; i < (g + 1) * G; i += 32) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + i));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ws[g] * x->scale[g]), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is;
+// sum((u - 8) x) = sum(u x) - 8 sum(x) per group.
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    for (int g = 0; g < n / G; g++) {
+        __m256i isum = _mm256_setzero_si256();
+        for (int i = g * G; i < (g + 1) * G; i += 64) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i / 2));
+            __m256i lo = _mm256_and_si256(raw, low);                        // weights i..i+31
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights i+32..i+63
+            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x->q + i))),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x->q + i + 32))));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+        }
+        float d = ws[g] * x->scale[g];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
+        offset += d * (float)(8 * x->sum[g]);
+    }
+    return hsum_ps(acc) - offset;
+}
+
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#define SIMD_NAME "neon"
+
+static float dot_f32(const float *w, const float *x, int n) {
+    float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0), a2 = vdupq_n_f32(0), a3 = vdupq_n_f32(0);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, vld1q_f32(w + i + 8), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, vld1q_f32(w + i + 12), vld1q_f32(x + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint16x8_t h = vld1q_u16(w + i);
+        a0 = vfmaq_f32(a0, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16)), vld1q_f32(x + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; i++) s += bf16_to_f32(w[i]) * x[i];
+    return s;
+}
+
+// 16 int8 products summed into 4 int32 lanes.
+static inline int32x4_t dot16_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, a, b);
+#else
+    int16x8_t p = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    p = vmlal_s8(p, vget_high_s8(a), vget_high_s8(b)); // |sum of 2| <= 2*127*127: fits
+    return vpadalq_s16(acc, p);
+#endif
+}
+
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    float32x4_t acc = vdupq_n_f32(0);
+    for (int g = 0; g < n / G; g++) {
+        int32x4_t isum = vdupq_n_s32(0);
+        for (int i = g * G; i < (g + 1) * G; i += 16) isum = dot16_s8(isum, vld1q_s8(w + i), vld1q_s8(x->q + i));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[g] * x->scale[g]);
+    }
+    return vaddvq_f32(acc);
+}
+
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    float32x4_t acc = vdupq_n_f32(0);
+    const uint8x16_t low = vdupq_n_u8(0x0F);
+    const int8x16_t eight = vdupq_n_s8(8);
+    for (int g = 0; g < n / G; g++) {
+        int32x4_t isum = vdupq_n_s32(0);
+        for (int i = g * G; i < (g + 1) * G; i += 64) {
+            for (int h = 0; h < 2; h++) { // bytes i/2 + 16h .. +15: weights i+16h.. (low) and i+32+16h.. (high)
+                uint8x16_t raw = vld1q_u8(w + i / 2 + 16 * h);
+                int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
+                int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+                isum = dot16_s8(isum, lo, vld1q_s8(x->q + i + 16 * h));
+                isum = dot16_s8(isum, hi, vld1q_s8(x->q + i + 32 + 16 * h));
+            }
+        }
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[g] * x->scale[g]);
+    }
+    return vaddvq_f32(acc);
+}
+
+#else
+#define SIMD_NAME "portable C"
+
+// Portable versions: four partial sums break the dependency chain.
 static float dot_f32(const float *w, const float *x, int n) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     int i = 0;
@@ -443,38 +701,90 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return (s0 + s1) + (s2 + s3);
 }
 
-// out (rows,) = W[row0:row0+rows] @ x: the one place weight formats are dispatched.
-static void matmul_rows(float *out, const float *x, const Matrix *W, int row0, int rows) {
-    int n = W->cols;
-    for (int r = row0; r < row0 + rows; r++) {
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    float s = 0.0f;
+    for (int g = 0; g < n / G; g++) {
+        int32_t isum = 0;
+        for (int i = g * G; i < (g + 1) * G; i++) isum += (int32_t)w[i] * x->q[i];
+        s += (float)isum * (ws[g] * x->scale[g]);
+    }
+    return s;
+}
+
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
+    float s = 0.0f;
+    for (int g = 0; g < n / G; g++) {
+        int32_t isum = 0;
+        for (int i = g * G; i < (g + 1) * G; i += 64)
+            for (int j = 0; j < 32; j++) {
+                uint8_t b = w[i / 2 + j];
+                isum += ((b & 15) - 8) * x->q[i + j] + ((b >> 4) - 8) * x->q[i + 32 + j];
+            }
+        s += (float)isum * (ws[g] * x->scale[g]);
+    }
+    return s;
+}
+#endif
+
+// One row of W as f32: the embedding lookup.
+static void matrix_row(float *out, const Matrix *W, int row) {
+    size_t n = W->cols, off = (size_t)row * n;
+    const float *scale = W->scale ? W->scale + (size_t)row * (n / W->group) : NULL;
+    for (size_t j = 0; j < n; j++) {
         switch (W->type) {
-        case WEIGHT_F32: out[r] = dot_f32((const float *)W->data + (size_t)r * n, x, n); break;
-        case WEIGHT_BF16: out[r] = dot_bf16((const uint16_t *)W->data + (size_t)r * n, x, n); break;
+        case WEIGHT_F32: out[j] = ((const float *)W->data)[off + j]; break;
+        case WEIGHT_BF16: out[j] = bf16_to_f32(((const uint16_t *)W->data)[off + j]); break;
+        case WEIGHT_Q8: out[j] = ((const int8_t *)W->data)[off + j] * scale[j / W->group]; break;
+        case WEIGHT_Q4: {
+            size_t b = j % 64 < 32 ? j % 64 : j % 64 - 32; // byte within the 64-weight block
+            uint8_t v = ((const uint8_t *)W->data)[(off + j - j % 64) / 2 + b];
+            out[j] = ((j % 64 < 32 ? v & 15 : v >> 4) - 8) * scale[j / W->group];
+        }
         }
     }
 }
 
-// One row of W as f32: the embedding lookup.
-static void matrix_row(float *out, const Matrix *W, int row) {
-    size_t off = (size_t)row * W->cols;
-    for (int j = 0; j < W->cols; j++)
-        out[j] = W->type == WEIGHT_F32 ? ((const float *)W->data)[off + j]
-                                       : bf16_to_f32(((const uint16_t *)W->data)[off + j]);
+// One matrix-vector product of a batch: out (rows,) = W (rows, cols) @ x (cols,).
+// xq is x quantized, for q8/q4 weights.
+typedef struct {
+    float *out;
+    const float *x;
+    const Matrix *W;
+    const QuantX *xq;
+} MatVec;
+
+// Rows [r0, r1) of one product: the one place weight formats are dispatched.
+static void matvec_rows(const MatVec *m, int r0, int r1) {
+    const Matrix *W = m->W;
+    size_t n = W->cols, groups = W->group ? n / W->group : 0;
+    for (int r = r0; r < r1; r++) {
+        switch (W->type) {
+        case WEIGHT_F32: m->out[r] = dot_f32((const float *)W->data + r * n, m->x, (int)n); break;
+        case WEIGHT_BF16: m->out[r] = dot_bf16((const uint16_t *)W->data + r * n, m->x, (int)n); break;
+        case WEIGHT_Q8:
+            m->out[r] = dot_q8((const int8_t *)W->data + r * n, W->scale + r * groups, m->xq, (int)n, W->group);
+            break;
+        case WEIGHT_Q4:
+            m->out[r] = dot_q4((const uint8_t *)W->data + r * n / 2, W->scale + r * groups, m->xq, (int)n, W->group);
+            break;
+        }
+    }
 }
 
-typedef struct { float *out; const float *x; const Matrix *W; } MatmulJob;
+typedef struct { const MatVec *mv; int n, total_rows; } MatmulJob;
 
-static void matmul_job(void *arg, int tid, int n) {
-    MatmulJob *j = arg;
-    int start, end;
-    split_range(j->W->rows, tid, n, &start, &end);
-    matmul_rows(j->out, j->x, j->W, start, end - start);
-}
-
-// W (d,n) @ x (n,) -> out (d,), rows split across the pool.
-static void matmul(ThreadPool *pool, float *out, const float *x, const Matrix *W) {
-    MatmulJob j = {out, x, W};
-    pool_run(pool, matmul_job, &j);
+// Worker tid takes an even share of all the batch's rows, as if the matrices
+// were stacked, so a batch of small and large products still splits evenly.
+static void matmul_job(void *arg, int tid, int nthreads) {
+    const MatmulJob *j = arg;
+    int start, end, base = 0;
+    split_range(j->total_rows, tid, nthreads, &start, &end);
+    for (int i = 0; i < j->n; i++) {
+        int rows = j->mv[i].W->rows;
+        int r0 = start > base ? start - base : 0, r1 = end - base < rows ? end - base : rows;
+        if (r0 < r1) matvec_rows(&j->mv[i], r0, r1);
+        base += rows;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -490,61 +800,95 @@ static void matmul(ThreadPool *pool, float *out, const float *x, const Matrix *W
 typedef struct {
     float *x;         // (D,) the residual stream
     float *xb;        // (D,) normed input of a block
-    float *xb2;       // (D,) one expert's output
-    float *moe_out;   // (D,) sum of the weighted expert outputs
+    float *xb2;       // (D,) attention output after wo
     float *q;         // (Q,)
     float *att_out;   // (Q,) attention output, before wo
     float *att;       // (n_heads, S) attention scores
-    float *hb, *hb2;  // (H,) an expert's hidden activations
+    float *hb, *hb2;  // (top_k, H) the chosen experts' hidden activations
+    float *expert_out; // (top_k, D) the chosen experts' outputs
     float *router;    // (E,) router logits, then probabilities
     float *rope_inv_freq; // (head_dim/2,)
     float *logits;    // (V,)
     float *key_cache;   // (n_layers, S, KV)
     float *value_cache; // (n_layers, S, KV)
     int n_slots;        // S
-    int ring;           // 1: sliding window ring buffer, positions unbounded
     int max_pos;        // positions 0..max_pos-1 may be computed
     int *chosen;        // (n_layers, top_k) experts picked for the last token
     float *chosen_w;    // (n_layers, top_k) their weights
+    QuantX *xq;         // (top_k,) quantized inputs of a matmul batch
+    int group;          // quantization group size (0: float weights)
+    ThreadPool *pool;
+    uint64_t bytes_read; // weight and cache bytes read so far (for --bench)
 } State;
 
-static void state_init(State *s, const Config *p, int context) {
-    int D = p->dim, Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
+static void state_init(State *s, const Config *p, int context, ThreadPool *pool) {
+    int D = p->dim, H = p->hidden_dim, K = p->top_k;
+    int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
+    memset(s, 0, sizeof(*s));
     if (p->sliding_window > 0 && p->sliding_window <= context) {
-        s->n_slots = p->sliding_window;
-        s->ring = 1;
+        s->n_slots = p->sliding_window; // ring buffer: positions unbounded
         s->max_pos = INT_MAX;
     } else {
         s->n_slots = context;
-        s->ring = 0;
         s->max_pos = context;
     }
     s->x = xcalloc(D, sizeof(float));
     s->xb = xcalloc(D, sizeof(float));
     s->xb2 = xcalloc(D, sizeof(float));
-    s->moe_out = xcalloc(D, sizeof(float));
     s->q = xcalloc(Q, sizeof(float));
     s->att_out = xcalloc(Q, sizeof(float));
     s->att = xcalloc((size_t)p->n_heads * s->n_slots, sizeof(float));
-    s->hb = xcalloc(p->hidden_dim, sizeof(float));
-    s->hb2 = xcalloc(p->hidden_dim, sizeof(float));
+    s->hb = xcalloc((size_t)K * H, sizeof(float));
+    s->hb2 = xcalloc((size_t)K * H, sizeof(float));
+    s->expert_out = xcalloc((size_t)K * D, sizeof(float));
     s->router = xcalloc(p->n_experts, sizeof(float));
     s->logits = xcalloc(p->vocab_size, sizeof(float));
     s->key_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
     s->value_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
-    s->chosen = xcalloc((size_t)p->n_layers * p->top_k, sizeof(int));
-    s->chosen_w = xcalloc((size_t)p->n_layers * p->top_k, sizeof(float));
+    s->chosen = xcalloc((size_t)p->n_layers * K, sizeof(int));
+    s->chosen_w = xcalloc((size_t)p->n_layers * K, sizeof(float));
+    s->group = p->group_size;
+    s->xq = xcalloc(K, sizeof(QuantX));
+    if (s->group) {
+        int widest = D > H ? D : H;
+        widest = widest > Q ? widest : Q;
+        for (int k = 0; k < K; k++) {
+            s->xq[k].q = xcalloc(widest, 1);
+            s->xq[k].scale = xcalloc(widest / s->group, sizeof(float));
+            s->xq[k].sum = xcalloc(widest / s->group, sizeof(int32_t));
+        }
+    }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
     s->rope_inv_freq = xcalloc(p->head_dim / 2, sizeof(float));
     for (int i = 0; i < p->head_dim / 2; i++)
         s->rope_inv_freq[i] = 1.0f / powf(p->rope_theta, (float)(2 * i) / (float)p->head_dim);
+    s->pool = pool;
 }
 
-static void state_free(State *s) {
-    float *bufs[] = {s->x, s->xb, s->xb2, s->moe_out, s->q, s->att_out, s->att, s->hb, s->hb2,
+static void state_free(State *s, const Config *p) {
+    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->att, s->hb, s->hb2, s->expert_out,
                      s->router, s->logits, s->key_cache, s->value_cache, s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    for (int k = 0; s->group && k < p->top_k; k++) { free(s->xq[k].q); free(s->xq[k].scale); free(s->xq[k].sum); }
+    free(s->xq);
     free(s->chosen);
+}
+
+// A batch of matrix-vector products in one round of the pool: mv[i].out =
+// mv[i].W @ mv[i].x. Inputs of quantized matrices are quantized first, once
+// per distinct input vector (products sharing an input come together).
+static void matmul(State *s, MatVec *mv, int n) {
+    int total = 0, nq = 0;
+    for (int i = 0; i < n; i++) {
+        const Matrix *W = mv[i].W;
+        total += W->rows;
+        s->bytes_read += matrix_bytes(W->type, W->rows, W->cols, W->group);
+        if (W->type != WEIGHT_Q8 && W->type != WEIGHT_Q4) continue;
+        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, W->cols, W->group);
+        mv[i].xq = &s->xq[nq - 1];
+    }
+    MatmulJob job = {mv, n, total};
+    pool_run(s->pool, matmul_job, &job);
 }
 
 // ----------------------------------------------------------------------------
@@ -610,7 +954,7 @@ static void attention_job(void *arg, int tid, int n) {
 
 // Self-attention of one layer for the token at `pos`; adds its output to x.
 // modeling_mixtral.py: MixtralAttention.forward
-static void attention(const Config *p, const Layer *L, State *s, ThreadPool *pool, int l, int pos) {
+static void attention(const Config *p, const Layer *L, State *s, int l, int pos) {
     int KV = p->n_kv_heads * p->head_dim;
     size_t slot = (size_t)(pos % s->n_slots);
     float *kc = s->key_cache + (size_t)l * s->n_slots * KV;
@@ -618,28 +962,31 @@ static void attention(const Config *p, const Layer *L, State *s, ThreadPool *poo
     float *k = kc + slot * KV, *v = vc + slot * KV; // this position's cache slot
 
     rmsnorm(s->xb, s->x, L->attn_norm, p->dim, p->rms_norm_eps);
-    matmul(pool, s->q, s->xb, &L->wq);  // q = q_proj(x)
-    matmul(pool, k, s->xb, &L->wk);     // k, v go straight into the cache
-    matmul(pool, v, s->xb, &L->wv);
+    MatVec qkv[3] = {{s->q, s->xb, &L->wq, NULL}, {k, s->xb, &L->wk, NULL}, {v, s->xb, &L->wv, NULL}};
+    matmul(s, qkv, 3); // q, k, v projections; k and v land straight in the cache
     rope(s->q, p->n_heads, p->head_dim, pos, s->rope_inv_freq);
     rope(k, p->n_kv_heads, p->head_dim, pos, s->rope_inv_freq);
 
     AttentionJob job = {p, s, kc, vc, pos};
-    pool_run(pool, attention_job, &job);
-    matmul(pool, s->xb2, s->att_out, &L->wo); // o_proj
+    pool_run(s->pool, attention_job, &job);
+    int seen = pos + 1 < s->n_slots ? pos + 1 : s->n_slots;
+    s->bytes_read += (uint64_t)2 * seen * KV * sizeof(float);
+    MatVec o = {s->xb2, s->att_out, &L->wo, NULL};
+    matmul(s, &o, 1); // o_proj
     for (int i = 0; i < p->dim; i++) s->x[i] += s->xb2[i]; // residual
 }
 
 // The router in four steps: logits -> top-k -> weights -> expert loop.
 // modeling_mixtral.py: MixtralSparseMoeBlock.forward
-static void moe(const Config *p, const Layer *L, State *s, ThreadPool *pool, int l) {
-    int D = p->dim, E = p->n_experts, K = p->top_k;
+static void moe(const Config *p, const Layer *L, State *s, int l) {
+    int D = p->dim, H = p->hidden_dim, E = p->n_experts, K = p->top_k;
     int *chosen = s->chosen + l * K;
     float *weight = s->chosen_w + l * K;
     rmsnorm(s->xb, s->x, L->ffn_norm, D, p->rms_norm_eps);
 
     // 1. router logits = gate @ xb, (E,D) @ (D,) -> (E,), always in f32
     for (int e = 0; e < E; e++) s->router[e] = dot_f32(L->gate + (size_t)e * D, s->xb, D);
+    s->bytes_read += (uint64_t)E * D * sizeof(float);
 
     // 2. top-k of the softmax over all experts. Softmax is monotonic, so these
     //    are the k largest logits. Ties go to the lower expert index.
@@ -661,35 +1008,40 @@ static void moe(const Config *p, const Layer *L, State *s, ThreadPool *pool, int
     for (int k = 0; k < K; k++) sum += weight[k];
     for (int k = 0; k < K; k++) weight[k] /= sum;
 
-    // 4. expert loop: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb)
-    memset(s->moe_out, 0, D * sizeof(float));
+    // 4. expert loop: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb). All chosen
+    //    experts go through the pool together: their up projections (w1, w3)
+    //    in one round, their down projections (w2) in the next.
+    MatVec up[2 * K], down[K];
     for (int k = 0; k < K; k++) {
         const Expert *ex = &L->experts[chosen[k]];
-        matmul(pool, s->hb, s->xb, &ex->w1);
-        matmul(pool, s->hb2, s->xb, &ex->w3);
-        for (int i = 0; i < p->hidden_dim; i++) {
-            float g = s->hb[i];
-            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i]; // silu(w1 x) * (w3 x)
-        }
-        matmul(pool, s->xb2, s->hb, &ex->w2);
-        for (int i = 0; i < D; i++) s->moe_out[i] += weight[k] * s->xb2[i];
+        up[2 * k] = (MatVec){s->hb + (size_t)k * H, s->xb, &ex->w1, NULL};
+        up[2 * k + 1] = (MatVec){s->hb2 + (size_t)k * H, s->xb, &ex->w3, NULL};
+        down[k] = (MatVec){s->expert_out + (size_t)k * D, s->hb + (size_t)k * H, &ex->w2, NULL};
     }
-    for (int i = 0; i < D; i++) s->x[i] += s->moe_out[i]; // residual
+    matmul(s, up, 2 * K);
+    for (size_t i = 0; i < (size_t)K * H; i++) {
+        float g = s->hb[i];
+        s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i]; // silu(w1 x) * (w3 x)
+    }
+    matmul(s, down, K);
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < D; i++) s->x[i] += weight[k] * s->expert_out[(size_t)k * D + i]; // residual
 }
 
 // Runs one token at position pos through the model; returns the logits (V,).
 // modeling_mixtral.py: MixtralForCausalLM.forward for a single new token.
-static float *forward(Model *m, State *s, ThreadPool *pool, int token, int pos) {
+static float *forward(Model *m, State *s, int token, int pos) {
     const Config *p = &m->config;
     if (token < 0 || token >= p->vocab_size) die("token id %d is outside the vocabulary 0..%d", token, p->vocab_size - 1);
     if (pos < 0 || pos >= s->max_pos) die("position %d is past the context of %d tokens; use a larger -c", pos, s->max_pos);
     matrix_row(s->x, &m->weights.embed, token); // embed_tokens
     for (int l = 0; l < p->n_layers; l++) {
-        attention(p, &m->weights.layers[l], s, pool, l, pos);
-        moe(p, &m->weights.layers[l], s, pool, l);
+        attention(p, &m->weights.layers[l], s, l, pos);
+        moe(p, &m->weights.layers[l], s, l);
     }
     rmsnorm(s->x, s->x, m->weights.norm, p->dim, p->rms_norm_eps);
-    matmul(pool, s->logits, s->x, &m->weights.lm_head);
+    MatVec head = {s->logits, s->x, &m->weights.lm_head, NULL};
+    matmul(s, &head, 1);
     return s->logits;
 }
 
@@ -781,8 +1133,8 @@ static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
 
 // Runs ids through the model from position *pos on; the logits of the last
 // one are left in s->logits.
-static void feed(Model *m, State *s, ThreadPool *pool, const int *ids, int n, int *pos) {
-    for (int i = 0; i < n; i++) forward(m, s, pool, ids[i], (*pos)++);
+static void feed(Model *m, State *s, const int *ids, int n, int *pos) {
+    for (int i = 0; i < n; i++) forward(m, s, ids[i], (*pos)++);
 }
 
 typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Reply;
@@ -790,7 +1142,7 @@ typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Re
 // Samples up to `steps` tokens after what has been fed, streaming their text,
 // until EOS or a full context. The sampled EOS is not fed: the caller does that
 // when the conversation goes on.
-static Reply reply(Model *m, State *s, ThreadPool *pool, Sampler *sm, int steps, int *pos) {
+static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos) {
     const Config *p = &m->config;
     Reply r = {0, 0, 0, 0};
     char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
@@ -803,7 +1155,7 @@ static Reply reply(Model *m, State *s, ThreadPool *pool, Sampler *sm, int steps,
         if (token == p->eos_id) { r.hit_eos = 1; break; }
         emit(&dec, &m->tokenizer, token, buf);
         if (*pos >= s->max_pos) { r.context_full = 1; break; }
-        forward(m, s, pool, token, (*pos)++);
+        forward(m, s, token, (*pos)++);
     }
     fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
     fflush(stdout);
@@ -812,7 +1164,7 @@ static Reply reply(Model *m, State *s, ThreadPool *pool, Sampler *sm, int steps,
     return r;
 }
 
-static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *prompt, int steps) {
+static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int steps) {
     const Config *p = &m->config;
     IdList prompt_ids = {0};
     ids_push(&prompt_ids, p->bos_id);
@@ -830,9 +1182,9 @@ static void generate(Model *m, State *s, ThreadPool *pool, Sampler *sm, const ch
 
     double t0 = time_s();
     int pos = 0;
-    feed(m, s, pool, prompt_ids.ids, n, &pos);
+    feed(m, s, prompt_ids.ids, n, &pos);
     double t_prompt = time_s() - t0;
-    Reply r = reply(m, s, pool, sm, steps, &pos);
+    Reply r = reply(m, s, sm, steps, &pos);
     printf("\n");
     fflush(stdout);
     if (r.context_full)
@@ -1093,7 +1445,7 @@ static void print_context_full(const State *s) {
 
 // Interactive chat. The KV cache persists between turns, so each turn runs only
 // its new tokens through the model.
-static void chat(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *system, const char *conv_path, int steps) {
+static void chat(Model *m, State *s, Sampler *sm, const char *system, const char *conv_path, int steps) {
     const Config *p = &m->config;
     IdList turn = {0};
     int pos = 0, replied = 0; // replied: an assistant reply whose EOS is not yet in the cache
@@ -1106,10 +1458,10 @@ static void chat(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *
         for (int i = 0; i < n; i++) free(msgs[i].content);
         free(msgs);
         if (turn.n > s->max_pos) die("%s is %d tokens but the context holds %d; use a larger -c", conv_path, turn.n, s->max_pos);
-        feed(m, s, pool, turn.ids, turn.n, &pos);
+        feed(m, s, turn.ids, turn.n, &pos);
         if (last_is_user) {
             printf("Assistant: ");
-            Reply r = reply(m, s, pool, sm, steps, &pos);
+            Reply r = reply(m, s, sm, steps, &pos);
             printf("\n");
             if (r.context_full) print_context_full(s);
             replied = 1;
@@ -1136,10 +1488,10 @@ static void chat(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *
         free(line);
         if (pos + turn.n >= s->max_pos) { print_context_full(s); continue; }
         double t0 = time_s();
-        feed(m, s, pool, turn.ids, turn.n, &pos);
+        feed(m, s, turn.ids, turn.n, &pos);
         double t_in = time_s() - t0;
         printf("Assistant: ");
-        Reply r = reply(m, s, pool, sm, steps, &pos);
+        Reply r = reply(m, s, sm, steps, &pos);
         printf("\n");
         replied = 1;
         if (r.context_full) print_context_full(s);
@@ -1149,6 +1501,34 @@ static void chat(Model *m, State *s, ThreadPool *pool, Sampler *sm, const char *
                 s->max_pos);
     }
     free(turn.ids);
+}
+
+// --bench: a 128-token prompt of fixed pseudo-random ids, then 64 greedy
+// tokens (EOS does not stop it). Decode speed is reported with the bytes of
+// weights and cache it read, and the closing JSON line is for scripts.
+static void bench(Model *m, State *s, int threads) {
+    const Config *p = &m->config;
+    enum { PROMPT = 128, DECODE = 64 };
+    if (s->max_pos < PROMPT + DECODE) die("--bench needs a context of at least %d tokens (-c)", PROMPT + DECODE);
+    int ids[PROMPT];
+    uint64_t rng = 0x2545F4914F6CDD1DULL;
+    ids[0] = p->bos_id;
+    for (int i = 1; i < PROMPT; i++) ids[i] = (int)(random_u32(&rng) % (uint32_t)p->vocab_size);
+    int pos = 0;
+    double t0 = time_s();
+    feed(m, s, ids, PROMPT, &pos);
+    double t1 = time_s();
+    uint64_t bytes0 = s->bytes_read;
+    for (int i = 0; i < DECODE; i++) forward(m, s, argmax(s->logits, p->vocab_size), pos++);
+    double t2 = time_s();
+    double prefill = PROMPT / (t1 - t0), decode = DECODE / (t2 - t1);
+    double bytes = (double)(s->bytes_read - bytes0) / DECODE;
+    fprintf(stderr, "%s weights, %s kernels, %d threads: prefill %.2f tok/s, decode %.2f tok/s, "
+                    "%.1f MB read per token, %.2f GB/s\n", weight_type_name[p->weight_type], SIMD_NAME, threads,
+            prefill, decode, bytes / 1e6, bytes * decode / 1e9);
+    printf("{\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"threads\": %d, \"bytes_per_token\": %.0f, "
+           "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"}\n",
+           prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], SIMD_NAME);
 }
 
 // Parses "1,415,2936" into ids, checking every one against the vocabulary.
@@ -1208,7 +1588,7 @@ static void detokenize(const Tokenizer *t, const char *list) {
 
 // The test hook: logits after every input position, raw little-endian f32 (n, V);
 // optionally the chosen experts, int32 (n, n_layers, top_k).
-static void dump_logits(Model *m, State *s, ThreadPool *pool, const int *ids, int n,
+static void dump_logits(Model *m, State *s, const int *ids, int n,
                         const char *logits_path, const char *experts_path) {
     const Config *p = &m->config;
     if (n > s->max_pos) die("%d ids but the context holds %d; use a larger -c", n, s->max_pos);
@@ -1217,7 +1597,7 @@ static void dump_logits(Model *m, State *s, ThreadPool *pool, const int *ids, in
     FILE *fe = NULL;
     if (experts_path && !(fe = fopen(experts_path, "wb"))) die("cannot write %s: %s", experts_path, strerror(errno));
     for (int pos = 0; pos < n; pos++) {
-        float *logits = forward(m, s, pool, ids[pos], pos);
+        float *logits = forward(m, s, ids[pos], pos);
         if (fwrite(logits, sizeof(float), p->vocab_size, f) != (size_t)p->vocab_size)
             die("cannot write %s: %s", logits_path, strerror(errno));
         if (fe && fwrite(s->chosen, sizeof(int), (size_t)p->n_layers * p->top_k, fe) != (size_t)p->n_layers * p->top_k)
@@ -1246,6 +1626,7 @@ static void print_usage(void) {
         "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --threads N       threads (default: all online CPUs)\n"
         "      --info            print the model's configuration and exit\n"
+        "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
         "test hooks:\n"
         "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
         "      --detokenize IDS  print the text of space-separated ids and exit\n"
@@ -1276,12 +1657,13 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0;
+    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--info")) { info = 1; continue; }
+        if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
         if (i + 1 >= argc) { print_usage(); die("%s needs a value", a); }
         const char *v = argv[++i];
         if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
@@ -1339,25 +1721,27 @@ int main(int argc, char **argv) {
     }
     if (context == 0) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
 
-    State state;
-    state_init(&state, p, context);
     ThreadPool pool;
     pool_init(&pool, threads);
+    State state;
+    state_init(&state, p, context, &pool);
 
-    if (ids_arg) {
+    if (do_bench) {
+        bench(&model, &state, threads);
+    } else if (ids_arg) {
         int *ids;
         int n = parse_ids(ids_arg, p->vocab_size, &ids);
         if (!logits_path) die("--ids needs --dump-logits");
-        dump_logits(&model, &state, &pool, ids, n, logits_path, experts_path);
+        dump_logits(&model, &state, ids, n, logits_path, experts_path);
         free(ids);
     } else {
         Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(int))};
-        if (!strcmp(mode, "chat")) chat(&model, &state, &pool, &sm, system, chat_path, steps);
-        else generate(&model, &state, &pool, &sm, prompt, steps);
+        if (!strcmp(mode, "chat")) chat(&model, &state, &sm, system, chat_path, steps);
+        else generate(&model, &state, &sm, prompt, steps);
         free(sm.order);
     }
+    state_free(&state, p);
     pool_free(&pool);
-    state_free(&state);
     model_free(&model);
     return 0;
 }

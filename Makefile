@@ -34,7 +34,15 @@ run: mixtral
 		--heads 8 --kv-heads 2 --experts 8 --top-k 2 && $(PYTHON) export.py $(DEMO)/hf $(DEMO)/model.bin --type bf16 )
 	./mixtral $(DEMO)/model.bin -i "Once upon a time" -n 64
 
-clean:
-	rm -f mixtral mixtral-debug tests/tok_batch
+# Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py).
+bench/bandwidth: bench/bandwidth.c
+	$(CC) $(CFLAGS) -o $@ $< -lpthread
 
-.PHONY: all debug test run clean
+bench: mixtral bench/bandwidth
+	tests/deps.sh
+	$(PYTHON) bench/bench.py
+
+clean:
+	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth
+
+.PHONY: all debug test run bench clean

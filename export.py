@@ -2,14 +2,14 @@
 """
 export.py: turn a Hugging Face Mixtral folder into one mixtral.c model file.
 
-    python3 export.py MODEL_DIR OUT.bin [--type f32|bf16|q8|q4] [--group-size 64]
+    python3 export.py MODEL_DIR OUT.bin [--type f32|bf16|q8|q4]
 
 MODEL_DIR is an unmodified Hugging Face folder: config.json, model.safetensors
 (or the shards listed in model.safetensors.index.json) and tokenizer.model.
 Needs only Python's standard library and numpy. Tensors are streamed a slice
 at a time, so peak memory stays near one slice whatever the model size.
 
-File layout (version 2, all little-endian). mixtral.c mirrors this once, in
+File layout (version 3, all little-endian). mixtral.c mirrors this once, in
 its "model file" section; change both together and bump VERSION.
 
     header      256 bytes: HEADER_FORMAT below, zero padded
@@ -23,9 +23,10 @@ and the router (gate) are always f32. In a q4 file the embedding and lm_head
 are q8: they are a small share of the bytes read per token, and the logits are
 sensitive to them.
 
-Quantized matrices (rows, cols) keep one f32 scale per group of G consecutive
-weights of a row (G = group_size in the header, a multiple of 64); the tensor is
-all rows' quantized weights, then all rows' scales (rows, cols/G) f32.
+Quantized matrices (rows, cols) keep one f32 scale per group of G = 64
+consecutive weights of a row (group_size in the header). Each row is its
+quantized weights followed by its cols/G scales, so a row, and a run of rows,
+is read as one sequential stream.
     q8: int8 q in -127..127, w = q * scale; cols bytes per row
     q4: w = (u - 8) * scale with u in 0..15; each 64 weights of a row are 32
         bytes, byte i holding weight i in its low nibble and weight i+32 in its
@@ -41,7 +42,7 @@ import time
 import numpy as np
 
 MAGIC = b"MIXTRALC"
-VERSION = 2
+VERSION = 3
 HEADER_SIZE = 256
 # magic, version, header_size, weight_type, group_size,
 # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, n_experts, top_k,
@@ -52,7 +53,8 @@ WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
 WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
-CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
+CHUNK_ELEMS = 1 << 24
+GROUP = 64  # q8/q4 weights per scale  # elements converted per slice: bounds peak memory
 
 # sentencepiece piece types (sentencepiece_model.proto)
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
@@ -423,20 +425,20 @@ def check_tensors(c, tensors):
 # ----------------------------------------------------------------------------
 
 def quantize(x, wtype, group):
-    """x (rows, cols) f32 -> (quantized bytes, scales (rows, cols/group) f32)."""
+    """x (rows, cols) f32 -> (quantized rows (rows, bytes) uint8, scales (rows, cols/group) f32)."""
     rows, cols = x.shape
     g = x.reshape(rows, cols // group, group).astype(np.float64)
     if wtype == Q8:
         scale = np.abs(g).max(-1) / 127.0
         q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
-        return np.clip(q, -127, 127).astype(np.int8).tobytes(), scale.astype("<f4")
+        return np.clip(q, -127, 127).astype(np.int8).view(np.uint8).reshape(rows, cols), scale.astype("<f4")
     # q4: the value of largest magnitude maps to -8, so the whole range -8..7 is used
     big = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
     scale = big / -8.0
     q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
     u = (np.clip(q, -8, 7) + 8).astype(np.uint8).reshape(rows, cols // 64, 2, 32)
     packed = u[:, :, 0, :] | (u[:, :, 1, :] << 4)  # byte i: weight i low, weight i+32 high
-    return packed.tobytes(), scale.astype("<f4")
+    return packed.reshape(rows, cols // 2), scale.astype("<f4")
 
 
 def write_tensor(out, files, t, shape, wtype, group):
@@ -447,15 +449,11 @@ def write_tensor(out, files, t, shape, wtype, group):
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
     if wtype in (Q8, Q4):
-        # quantized weights now, scales after all rows: keep the scales of each slice until the end
-        scales = []
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
             q, sc = quantize(read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols), wtype, group)
-            out.write(q)
-            scales.append(sc)
-        for sc in scales:
-            out.write(sc.tobytes())
+            # each row: its quantized weights, then its scales
+            out.write(np.hstack([q, sc.view(np.uint8).reshape(nr, -1)]).tobytes())
         return
     for r0 in range(0, rows, step):
         nr = min(step, rows - r0)
@@ -470,20 +468,16 @@ def write_tensor(out, files, t, shape, wtype, group):
         out.write(f32_to_bf16(x).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
 
 
-def export(model_dir, out_path, type_name, group):
+def export(model_dir, out_path, type_name):
     wtype = WEIGHT_TYPES[type_name]
     c = read_config(model_dir)
-    if wtype in (Q8, Q4):
-        if group <= 0 or group % 64:
-            die(f"--group-size {group}: must be a positive multiple of 64")
-        for key in ("dim", "hidden_dim"):
-            if c[key] % group:
-                die(f"config.json: {key} {c[key]} is not a multiple of the group size {group}; "
-                    f"use --type bf16, or a --group-size that divides it (a multiple of 64)")
-        if (c["n_heads"] * c["head_dim"]) % group:
-            die(f"config.json: num_attention_heads * head_dim is not a multiple of the group size {group}")
-    else:
-        group = 0
+    group = GROUP if wtype in (Q8, Q4) else 0
+    if group:
+        for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),
+                       ("num_attention_heads * head_dim", c["n_heads"] * c["head_dim"])):
+            if v % group:
+                die(f"config.json: {key} = {v} is not a multiple of {group}, which --type {type_name} needs; "
+                    f"use --type bf16")
     pieces, flags, unk_id = read_tokenizer(model_dir)
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], os.path.join(model_dir, "tokenizer.model"))
     tensors = read_checkpoint_index(model_dir)
@@ -554,11 +548,9 @@ def main():
     ap.add_argument("out", help="output file, e.g. model.bin")
     ap.add_argument("--type", default="bf16", choices=sorted(WEIGHT_TYPES),
                     help="weight type for the matrices (default bf16)")
-    ap.add_argument("--group-size", type=int, default=64,
-                    help="q8/q4: weights per scale, a multiple of 64 (default 64)")
     args = ap.parse_args()
     try:
-        export(args.model_dir, args.out, args.type, args.group_size)
+        export(args.model_dir, args.out, args.type)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(1)

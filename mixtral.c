@@ -94,13 +94,14 @@ static double time_s(void) {
 //   norm (D,) lm_head (V,D)
 // Norms and the router are always f32; the other matrices have the file's weight
 // type, except that a q4 file keeps embed and lm_head in q8 (export.py says why).
-// Quantized matrices hold all rows' quantized weights, then all rows' scales,
-// one f32 per group of G weights: q8 is int8 q with w = q * scale; q4 packs 64
+// A row of a quantized matrix is its quantized weights followed by its scales,
+// one f32 per group of QGROUP = 64 weights: q8 is int8 q with w = q * scale; q4 packs 64
 // weights in 32 bytes (byte i: weight i in the low nibble, weight i+32 in the
 // high one) as u in 0..15 with w = (u - 8) * scale.
 
 #define MODEL_MAGIC "MIXTRALC"
-#define MODEL_VERSION 2
+#define MODEL_VERSION 3
+#define QGROUP 64 // q8/q4: weights per scale (the header's group_size must say 64)
 #define HEADER_SIZE 256
 #define WEIGHTS_ALIGN 4096
 #define TENSOR_ALIGN 64
@@ -113,7 +114,7 @@ typedef struct {
     uint32_t version;       // MODEL_VERSION
     uint32_t header_size;   // HEADER_SIZE
     uint32_t weight_type;   // WEIGHT_*: the type of every matrix except the router
-    uint32_t group_size;    // q8/q4: weights per scale, a multiple of 64 (0 for float types)
+    uint32_t group_size;    // q8/q4: weights per scale, QGROUP (0 for float types)
     int32_t dim;            // hidden_size
     int32_t hidden_dim;     // intermediate_size (one expert's)
     int32_t n_layers;       // num_hidden_layers
@@ -137,10 +138,10 @@ _Static_assert(sizeof(Config) == 120, "Config must match export.py's HEADER_FORM
 
 // A weight matrix W (rows, cols), row-major, stored in one of the weight types.
 typedef struct {
-    const void *data;    // f32 or bf16 values, or q8/q4 quantized weights
-    const float *scale;  // q8/q4: (rows, cols/group) scales; NULL otherwise
+    const void *data;    // f32 or bf16 values, or q8/q4 rows of quantized weights and scales
     int type;            // WEIGHT_*
-    int rows, cols, group;
+    int rows, cols;
+    size_t row_bytes;    // bytes from one row to the next
 } Matrix;
 
 typedef struct {
@@ -171,19 +172,14 @@ typedef struct {
     uint64_t map_size;
 } Model;
 
-// Bytes of the weights proper, and of the whole matrix with its scales.
-static uint64_t matrix_weight_bytes(int type, uint64_t rows, uint64_t cols) {
+// Bytes of one row: the weights, and for q8/q4 the row's scales after them.
+static uint64_t row_bytes(int type, uint64_t cols) {
     switch (type) {
-    case WEIGHT_F32: return rows * cols * 4;
-    case WEIGHT_BF16: return rows * cols * 2;
-    case WEIGHT_Q8: return rows * cols;
-    default: return rows * cols / 2;
+    case WEIGHT_F32: return cols * 4;
+    case WEIGHT_BF16: return cols * 2;
+    case WEIGHT_Q8: return cols + cols / QGROUP * 4;
+    default: return cols / 2 + cols / QGROUP * 4;
     }
-}
-
-static uint64_t matrix_bytes(int type, uint64_t rows, uint64_t cols, uint64_t group) {
-    uint64_t scales = type == WEIGHT_Q8 || type == WEIGHT_Q4 ? rows * (cols / group) * 4 : 0;
-    return matrix_weight_bytes(type, rows, cols) + scales;
 }
 
 // Walks the tensor order once; with map == NULL it only measures. Every step
@@ -201,10 +197,9 @@ static const void *cursor_take(Cursor *c, uint64_t bytes) {
     return c->map ? c->map + start : NULL;
 }
 
-static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols, int group) {
-    int quantized = type == WEIGHT_Q8 || type == WEIGHT_Q4;
-    Matrix m = {cursor_take(c, matrix_bytes(type, rows, cols, group)), NULL, type, rows, cols, quantized ? group : 0};
-    if (quantized && m.data) m.scale = (const float *)((const uint8_t *)m.data + matrix_weight_bytes(type, rows, cols));
+static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols) {
+    Matrix m = {NULL, type, rows, cols, row_bytes(type, cols)};
+    m.data = cursor_take(c, m.row_bytes * rows);
     return m;
 }
 
@@ -215,27 +210,27 @@ static const float *cursor_f32(Cursor *c, uint64_t n) {
 // Returns the file offset just past the last tensor (the file size it implies).
 static uint64_t model_map_weights(const Config *p, Weights *w, const uint8_t *map) {
     Cursor c = {map, p->weights_offset, 0};
-    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts, G = p->group_size;
+    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts;
     int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
     int edge = t == WEIGHT_Q4 ? WEIGHT_Q8 : t; // embed and lm_head
-    w->embed = cursor_matrix(&c, edge, p->vocab_size, D, G);
+    w->embed = cursor_matrix(&c, edge, p->vocab_size, D);
     for (int l = 0; l < p->n_layers; l++) {
         Layer *L = &w->layers[l];
         L->attn_norm = cursor_f32(&c, D);
-        L->wq = cursor_matrix(&c, t, Q, D, G);
-        L->wk = cursor_matrix(&c, t, KV, D, G);
-        L->wv = cursor_matrix(&c, t, KV, D, G);
-        L->wo = cursor_matrix(&c, t, D, Q, G);
+        L->wq = cursor_matrix(&c, t, Q, D);
+        L->wk = cursor_matrix(&c, t, KV, D);
+        L->wv = cursor_matrix(&c, t, KV, D);
+        L->wo = cursor_matrix(&c, t, D, Q);
         L->ffn_norm = cursor_f32(&c, D);
         L->gate = cursor_f32(&c, (uint64_t)E * D);
         for (int e = 0; e < E; e++) {
-            L->experts[e].w1 = cursor_matrix(&c, t, H, D, G);
-            L->experts[e].w3 = cursor_matrix(&c, t, H, D, G);
-            L->experts[e].w2 = cursor_matrix(&c, t, D, H, G);
+            L->experts[e].w1 = cursor_matrix(&c, t, H, D);
+            L->experts[e].w3 = cursor_matrix(&c, t, H, D);
+            L->experts[e].w2 = cursor_matrix(&c, t, D, H);
         }
     }
     w->norm = cursor_f32(&c, D);
-    w->lm_head = cursor_matrix(&c, edge, p->vocab_size, D, G);
+    w->lm_head = cursor_matrix(&c, edge, p->vocab_size, D);
     return c.overflow ? UINT64_MAX : c.off;
 }
 
@@ -250,7 +245,7 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
     if (p->header_size != HEADER_SIZE) die("%s: header size %u, expected %d; %s", path, p->header_size, HEADER_SIZE, hint);
     if (p->weight_type >= WEIGHT_NTYPES) die("%s: unknown weight type %u; %s", path, p->weight_type, hint);
     int quantized = p->weight_type == WEIGHT_Q8 || p->weight_type == WEIGHT_Q4;
-    if (quantized ? p->group_size == 0 || p->group_size % 64 || p->group_size > (1u << 20) : p->group_size != 0)
+    if (quantized ? p->group_size != QGROUP : p->group_size != 0)
         die("%s: corrupt header: group size %u for weight type %s; %s", path, p->group_size,
             weight_type_name[p->weight_type], hint);
     // Bounds keep every product below 2^62: no overflow in the size arithmetic.
@@ -485,16 +480,17 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-// An activation vector x (n,) quantized to int8 per group of G: x ~ q * scale[g].
-// sum[g] is the sum of q over group g, which the q4 kernel needs (see dot_q4).
+// An activation vector x (n,) quantized to int8 per group of QGROUP: x ~ q * scale[g].
+// sum[g] is the group's sum of q * scale, which the AVX2 q4 kernel needs.
 typedef struct {
     int8_t *q;       // (n,)
     float *scale;    // (n/G,)
-    int32_t *sum;    // (n/G,)
+    float *sum;      // (n/G,)
     const float *x;  // the vector quantized, to reuse the result for the same input
 } QuantX;
 
-static void quantize_x(QuantX *qx, const float *x, int n, int G) {
+static void quantize_x(QuantX *qx, const float *x, int n) {
+    const int G = QGROUP;
     for (int g = 0; g < n / G; g++) {
         const float *xg = x + g * G;
         float amax = 0.0f;
@@ -507,7 +503,7 @@ static void quantize_x(QuantX *qx, const float *x, int n, int G) {
             sum += q;
         }
         qx->scale[g] = scale;
-        qx->sum[g] = sum;
+        qx->sum[g] = (float)sum * scale;
     }
     qx->x = x;
 }
@@ -561,45 +557,74 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
+// Weights are read once per token from memory far larger than the caches.
+// The hardware prefetcher alone keeps too few cache misses in flight for one
+// core to reach its share of the bandwidth (measured: half), so the
+// quantized kernels also prefetch PREFETCH bytes ahead in their weight stream,
+// which runs on through the row's scales into the next row. The distance
+// covers the memory latency under load from both cores (tuned on Zen 3).
+#ifndef PREFETCH
+#define PREFETCH 6144
+#endif
+
 // q8: maddubs multiplies unsigned by signed bytes, so multiply |w| by x with
 // w's sign moved onto x; pairs of products fit in int16 (2*127*127 < 32768).
-static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+// A group of 64 int8 weights is one cache line; two groups per step, each with
+// its own float accumulator, keep the FMA latency out of the way.
+static inline __m256i q8_group(const int8_t *w, const int8_t *x) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / G; g++) {
-        __m256i isum = _mm256_setzero_si256();
-        for (int i = g * G; i < (g + 1) * G; i += 32) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + i));
-            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ws[g] * x->scale[g]), acc);
-    }
-    return hsum_ps(acc);
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+    __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
+    __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+    return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
 }
 
-// q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is;
-// sum((u - 8) x) = sum(u x) - 8 sum(x) per group.
-static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.0f;
-    for (int g = 0; g < n / G; g++) {
-        __m256i isum = _mm256_setzero_si256();
-        for (int i = g * G; i < (g + 1) * G; i += 64) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i / 2));
-            __m256i lo = _mm256_and_si256(raw, low);                        // weights i..i+31
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights i+32..i+63
-            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x->q + i))),
-                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x->q + i + 32))));
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
-        }
-        float d = ws[g] * x->scale[g];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
-        offset += d * (float)(8 * x->sum[g]);
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int ng = n / QGROUP, g = 0;
+    for (; g + 2 <= ng; g += 2) {
+        _mm_prefetch((const char *)(w + g * QGROUP) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + g * QGROUP) + PREFETCH + 64, _MM_HINT_T0);
+        __m256i i0 = q8_group(w + g * QGROUP, x->q + g * QGROUP);
+        __m256i i1 = q8_group(w + (g + 1) * QGROUP, x->q + (g + 1) * QGROUP);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
     }
-    return hsum_ps(acc) - offset;
+    if (g < ng)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_group(w + g * QGROUP, x->q + g * QGROUP)),
+                               _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+// q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is
+// (15*127*2 fits in int16 with room to add the two halves), and
+// sum((u - 8) x) = sum(u x) - 8 sum(x): the second term, over all groups, is
+// one short dot product of the row's scales with the groups' sums of x.
+static inline __m256i q4_group(const uint8_t *w, const int8_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+    __m256i lo = _mm256_and_si256(raw, low);                        // weights 0..31
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
+    return _mm256_madd_epi16(p, ones);
+}
+
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int ng = n / QGROUP, g = 0;
+    for (; g + 2 <= ng; g += 2) { // two groups: one cache line of weights
+        _mm_prefetch((const char *)(w + g * QGROUP / 2) + PREFETCH, _MM_HINT_T0);
+        __m256i i0 = q4_group(w + g * QGROUP / 2, x->q + g * QGROUP);
+        __m256i i1 = q4_group(w + (g + 1) * QGROUP / 2, x->q + (g + 1) * QGROUP);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
+    }
+    if (g < ng)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_group(w + g * QGROUP / 2, x->q + g * QGROUP)),
+                               _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, ng);
 }
 
 #elif defined(__ARM_NEON)
@@ -645,30 +670,29 @@ static inline int32x4_t dot16_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
 #endif
 }
 
-static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
     float32x4_t acc = vdupq_n_f32(0);
-    for (int g = 0; g < n / G; g++) {
+    for (int g = 0; g < n / QGROUP; g++) {
         int32x4_t isum = vdupq_n_s32(0);
-        for (int i = g * G; i < (g + 1) * G; i += 16) isum = dot16_s8(isum, vld1q_s8(w + i), vld1q_s8(x->q + i));
+        for (int i = g * QGROUP; i < (g + 1) * QGROUP; i += 16) isum = dot16_s8(isum, vld1q_s8(w + i), vld1q_s8(x->q + i));
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[g] * x->scale[g]);
     }
     return vaddvq_f32(acc);
 }
 
-static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
     float32x4_t acc = vdupq_n_f32(0);
     const uint8x16_t low = vdupq_n_u8(0x0F);
     const int8x16_t eight = vdupq_n_s8(8);
-    for (int g = 0; g < n / G; g++) {
+    for (int g = 0; g < n / QGROUP; g++) {
         int32x4_t isum = vdupq_n_s32(0);
-        for (int i = g * G; i < (g + 1) * G; i += 64) {
-            for (int h = 0; h < 2; h++) { // bytes i/2 + 16h .. +15: weights i+16h.. (low) and i+32+16h.. (high)
-                uint8x16_t raw = vld1q_u8(w + i / 2 + 16 * h);
-                int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
-                int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
-                isum = dot16_s8(isum, lo, vld1q_s8(x->q + i + 16 * h));
-                isum = dot16_s8(isum, hi, vld1q_s8(x->q + i + 32 + 16 * h));
-            }
+        int i = g * QGROUP;
+        for (int h = 0; h < 2; h++) { // bytes i/2 + 16h .. +15: weights i+16h.. (low) and i+32+16h.. (high)
+            uint8x16_t raw = vld1q_u8(w + i / 2 + 16 * h);
+            int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
+            int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+            isum = dot16_s8(isum, lo, vld1q_s8(x->q + i + 16 * h));
+            isum = dot16_s8(isum, hi, vld1q_s8(x->q + i + 32 + 16 * h));
         }
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[g] * x->scale[g]);
     }
@@ -701,25 +725,25 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return (s0 + s1) + (s2 + s3);
 }
 
-static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n, int G) {
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
     float s = 0.0f;
-    for (int g = 0; g < n / G; g++) {
+    for (int g = 0; g < n / QGROUP; g++) {
         int32_t isum = 0;
-        for (int i = g * G; i < (g + 1) * G; i++) isum += (int32_t)w[i] * x->q[i];
+        for (int i = g * QGROUP; i < (g + 1) * QGROUP; i++) isum += (int32_t)w[i] * x->q[i];
         s += (float)isum * (ws[g] * x->scale[g]);
     }
     return s;
 }
 
-static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, int G) {
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
     float s = 0.0f;
-    for (int g = 0; g < n / G; g++) {
+    for (int g = 0; g < n / QGROUP; g++) {
         int32_t isum = 0;
-        for (int i = g * G; i < (g + 1) * G; i += 64)
-            for (int j = 0; j < 32; j++) {
-                uint8_t b = w[i / 2 + j];
-                isum += ((b & 15) - 8) * x->q[i + j] + ((b >> 4) - 8) * x->q[i + 32 + j];
-            }
+        int i = g * QGROUP;
+        for (int j = 0; j < 32; j++) {
+            uint8_t b = w[i / 2 + j];
+            isum += ((b & 15) - 8) * x->q[i + j] + ((b >> 4) - 8) * x->q[i + 32 + j];
+        }
         s += (float)isum * (ws[g] * x->scale[g]);
     }
     return s;
@@ -728,17 +752,17 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n, i
 
 // One row of W as f32: the embedding lookup.
 static void matrix_row(float *out, const Matrix *W, int row) {
-    size_t n = W->cols, off = (size_t)row * n;
-    const float *scale = W->scale ? W->scale + (size_t)row * (n / W->group) : NULL;
-    for (size_t j = 0; j < n; j++) {
+    const uint8_t *r = (const uint8_t *)W->data + (size_t)row * W->row_bytes;
+    int n = W->cols;
+    const float *scale = (const float *)(r + (W->type == WEIGHT_Q8 ? n : n / 2)); // q8/q4 only
+    for (int j = 0; j < n; j++) {
         switch (W->type) {
-        case WEIGHT_F32: out[j] = ((const float *)W->data)[off + j]; break;
-        case WEIGHT_BF16: out[j] = bf16_to_f32(((const uint16_t *)W->data)[off + j]); break;
-        case WEIGHT_Q8: out[j] = ((const int8_t *)W->data)[off + j] * scale[j / W->group]; break;
-        case WEIGHT_Q4: {
-            size_t b = j % 64 < 32 ? j % 64 : j % 64 - 32; // byte within the 64-weight block
-            uint8_t v = ((const uint8_t *)W->data)[(off + j - j % 64) / 2 + b];
-            out[j] = ((j % 64 < 32 ? v & 15 : v >> 4) - 8) * scale[j / W->group];
+        case WEIGHT_F32: out[j] = ((const float *)r)[j]; break;
+        case WEIGHT_BF16: out[j] = bf16_to_f32(((const uint16_t *)r)[j]); break;
+        case WEIGHT_Q8: out[j] = ((const int8_t *)r)[j] * scale[j / QGROUP]; break;
+        case WEIGHT_Q4: { // byte i of a 64-weight block: weight i low, weight i+32 high
+            uint8_t v = r[(j - j % 64) / 2 + j % 32];
+            out[j] = ((j % 64 < 32 ? v & 15 : v >> 4) - 8) * scale[j / QGROUP];
         }
         }
     }
@@ -756,17 +780,14 @@ typedef struct {
 // Rows [r0, r1) of one product: the one place weight formats are dispatched.
 static void matvec_rows(const MatVec *m, int r0, int r1) {
     const Matrix *W = m->W;
-    size_t n = W->cols, groups = W->group ? n / W->group : 0;
+    int n = W->cols;
     for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
         switch (W->type) {
-        case WEIGHT_F32: m->out[r] = dot_f32((const float *)W->data + r * n, m->x, (int)n); break;
-        case WEIGHT_BF16: m->out[r] = dot_bf16((const uint16_t *)W->data + r * n, m->x, (int)n); break;
-        case WEIGHT_Q8:
-            m->out[r] = dot_q8((const int8_t *)W->data + r * n, W->scale + r * groups, m->xq, (int)n, W->group);
-            break;
-        case WEIGHT_Q4:
-            m->out[r] = dot_q4((const uint8_t *)W->data + r * n / 2, W->scale + r * groups, m->xq, (int)n, W->group);
-            break;
+        case WEIGHT_F32: m->out[r] = dot_f32((const float *)row, m->x, n); break;
+        case WEIGHT_BF16: m->out[r] = dot_bf16((const uint16_t *)row, m->x, n); break;
+        case WEIGHT_Q8: m->out[r] = dot_q8((const int8_t *)row, (const float *)(row + n), m->xq, n); break;
+        case WEIGHT_Q4: m->out[r] = dot_q4(row, (const float *)(row + n / 2), m->xq, n); break;
         }
     }
 }
@@ -855,7 +876,7 @@ static void state_init(State *s, const Config *p, int context, ThreadPool *pool)
         for (int k = 0; k < K; k++) {
             s->xq[k].q = xcalloc(widest, 1);
             s->xq[k].scale = xcalloc(widest / s->group, sizeof(float));
-            s->xq[k].sum = xcalloc(widest / s->group, sizeof(int32_t));
+            s->xq[k].sum = xcalloc(widest / s->group, sizeof(float));
         }
     }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
@@ -882,9 +903,9 @@ static void matmul(State *s, MatVec *mv, int n) {
     for (int i = 0; i < n; i++) {
         const Matrix *W = mv[i].W;
         total += W->rows;
-        s->bytes_read += matrix_bytes(W->type, W->rows, W->cols, W->group);
+        s->bytes_read += (uint64_t)W->rows * W->row_bytes;
         if (W->type != WEIGHT_Q8 && W->type != WEIGHT_Q4) continue;
-        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, W->cols, W->group);
+        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, W->cols);
         mv[i].xq = &s->xq[nq - 1];
     }
     MatmulJob job = {mv, n, total};

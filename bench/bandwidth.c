@@ -5,7 +5,9 @@
 // Each thread reads its share of a buffer far larger than the caches, again
 // and again; the best of several passes is reported, as GB/s (1e9 bytes/s),
 // followed by one JSON line. Built with the same flags as mixtral.
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>

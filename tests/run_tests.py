@@ -190,6 +190,71 @@ def generate_runs(tmp):
 
 
 # ----------------------------------------------------------------------------
+# quantized and SIMD kernels
+
+# Bounds for q8/q4 against f32, from what group quantization costs: one matrix-vector
+# product with 64-weight groups and int8 activations errs by 0.8% (q8) and 9% (q4) of its
+# output norm (measured in numpy on random matrices). Compounded over the ~11 products a
+# token goes through here, the logits' RMS error should be a few percent of their spread
+# for q8 and roughly 10-25% for q4; the bounds allow about twice the measured values.
+# A routing flip (two experts nearly tied) changes a token's output by O(1), so the
+# largest single error is reported, and bounded only where the routing agrees.
+QUANT_BOUNDS = {  # rms error / logit std, top-1 agreement, max error where routing agrees
+    "q8": (0.06, 0.90, 0.5),
+    "q4": (0.40, 0.55, 3.0),
+}
+
+
+@test
+def quantized_quality(tmp):
+    """q8 and q4 logits against f32 over 256 positions: errors and top-1 agreement."""
+    cfg = hf.make_config(dim=256, hidden_dim=512, layers=2, heads=8, kv_heads=2, experts=8, top_k=2)
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, cfg, dtype="bf16", seed=21)
+    ids = random_ids(256, cfg["vocab_size"], 4)
+    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    base, base_e = engine_logits(export(d, os.path.join(tmp, "f32.bin"), "f32"), ids, **shape)
+    spread = float(base.std())
+    notes = []
+    for wtype, (max_rms, min_top1, max_err_same) in QUANT_BOUNDS.items():
+        got, got_e = engine_logits(export(d, os.path.join(tmp, f"{wtype}.bin"), wtype), ids, **shape)
+        err = np.abs(got - base)
+        rms = float(np.sqrt(np.mean(err ** 2))) / spread
+        top1 = float(np.mean(got.argmax(-1) == base.argmax(-1)))
+        same = (got_e == base_e).all(axis=(1, 2))
+        err_same = float(err[same].max()) if same.any() else 0.0
+        notes.append(f"{wtype}: max err {err.max():.3f} ({err_same:.3f} where routing agrees, {100 * same.mean():.0f}% "
+                     f"of positions), rms {rms:.3f} of std, top-1 {100 * top1:.1f}%")
+        check(rms <= max_rms and top1 >= min_top1 and err_same <= max_err_same,
+              f"{wtype} out of bounds (rms/std <= {max_rms}, top-1 >= {min_top1}, max err where routing agrees "
+              f"<= {max_err_same}): {notes[-1]}")
+    return f"256 positions, logit std {spread:.2f}; " + "; ".join(notes)
+
+
+@test
+def simd_matches_portable(tmp):
+    """The SIMD kernels (release build) agree with the portable C ones (debug build) in every format.
+    Float formats agree to rounding (1e-4). In q8/q4 the int8 activations are rounded from slightly
+    different sums, and one flipped rounding step moves a product by 1/127 of an element's share:
+    a few of those give differences of order 1e-3, so quantized formats get 0.05."""
+    cfg = hf.make_config(dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, cfg, dtype="bf16", seed=8)
+    ids = random_ids(16, cfg["vocab_size"], 2)
+    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    worst = {}
+    for wtype, tol in (("f32", TOL), ("bf16", TOL), ("q8", 0.05), ("q4", 0.05)):
+        model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
+        a, ea = engine_logits(model, ids, engine=ENGINE, **shape)
+        b, eb = engine_logits(model, ids, engine=DEBUG_ENGINE, **shape)
+        compare_experts(ea, eb, f"{wtype} SIMD vs portable")
+        err = float(np.abs(a - b).max())
+        check(err <= tol, f"{wtype} SIMD vs portable: max abs difference {err:.3g} > {tol}")
+        worst[wtype] = err
+    return ", ".join(f"{k} {v:.1g}" for k, v in worst.items())
+
+
+# ----------------------------------------------------------------------------
 # the tokenizer against the sentencepiece library
 
 import compare_tokenizer  # noqa: E402

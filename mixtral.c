@@ -840,6 +840,10 @@ typedef struct {
     int group;          // quantization group size (0: float weights)
     ThreadPool *pool;
     uint64_t bytes_read; // weight and cache bytes read so far (for --bench)
+    // routing statistics (--expert-stats), over every token run through the model
+    uint64_t *expert_count;  // (n_layers, E) times each expert was chosen
+    double *router_entropy;  // (n_layers,) sum over tokens of the router softmax's entropy, bits
+    uint64_t tokens_routed;
 } State;
 
 static void state_init(State *s, const Config *p, int context, ThreadPool *pool) {
@@ -868,6 +872,8 @@ static void state_init(State *s, const Config *p, int context, ThreadPool *pool)
     s->value_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
     s->chosen = xcalloc((size_t)p->n_layers * K, sizeof(int));
     s->chosen_w = xcalloc((size_t)p->n_layers * K, sizeof(float));
+    s->expert_count = xcalloc((size_t)p->n_layers * p->n_experts, sizeof(uint64_t));
+    s->router_entropy = xcalloc(p->n_layers, sizeof(double));
     s->group = p->group_size;
     s->xq = xcalloc(K, sizeof(QuantX));
     if (s->group) {
@@ -893,6 +899,8 @@ static void state_free(State *s, const Config *p) {
     for (int k = 0; s->group && k < p->top_k; k++) { free(s->xq[k].q); free(s->xq[k].scale); free(s->xq[k].sum); }
     free(s->xq);
     free(s->chosen);
+    free(s->expert_count);
+    free(s->router_entropy);
 }
 
 // A batch of matrix-vector products in one round of the pool: mv[i].out =
@@ -1012,6 +1020,8 @@ static void moe(const Config *p, const Layer *L, State *s, int l) {
     // 2. top-k of the softmax over all experts. Softmax is monotonic, so these
     //    are the k largest logits. Ties go to the lower expert index.
     softmax(s->router, E);
+    for (int e = 0; e < E; e++)
+        if (s->router[e] > 0) s->router_entropy[l] -= s->router[e] * log2(s->router[e]);
     for (int k = 0; k < K; k++) {
         int best = -1;
         for (int e = 0; e < E; e++) {
@@ -1021,6 +1031,7 @@ static void moe(const Config *p, const Layer *L, State *s, int l) {
         }
         chosen[k] = best;
         weight[k] = s->router[best];
+        s->expert_count[(size_t)l * E + best]++;
     }
 
     // 3. weights: divide the chosen probabilities by their sum. The softmax's
@@ -1060,6 +1071,7 @@ static float *forward(Model *m, State *s, int token, int pos) {
         attention(p, &m->weights.layers[l], s, l, pos);
         moe(p, &m->weights.layers[l], s, l);
     }
+    s->tokens_routed++;
     rmsnorm(s->x, s->x, m->weights.norm, p->dim, p->rms_norm_eps);
     MatVec head = {s->logits, s->x, &m->weights.lm_head, NULL};
     matmul(s, &head, 1);
@@ -1160,10 +1172,33 @@ static void feed(Model *m, State *s, const int *ids, int n, int *pos) {
 
 typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Reply;
 
+// --trace-experts: the routing of each generated token, printed after generation.
+typedef struct {
+    int n, cap;
+    int *token;       // (n,)
+    int *chosen;      // (n, n_layers, top_k)
+    float *weight;    // (n, n_layers, top_k)
+} Trace;
+
+static void trace_add(Trace *tr, const State *s, const Config *p, int token) {
+    size_t per = (size_t)p->n_layers * p->top_k;
+    if (tr->n == tr->cap) {
+        tr->cap = tr->cap ? 2 * tr->cap : 64;
+        tr->token = realloc(tr->token, tr->cap * sizeof(int));
+        tr->chosen = realloc(tr->chosen, tr->cap * per * sizeof(int));
+        tr->weight = realloc(tr->weight, tr->cap * per * sizeof(float));
+        if (!tr->token || !tr->chosen || !tr->weight) die("out of memory");
+    }
+    tr->token[tr->n] = token;
+    memcpy(tr->chosen + tr->n * per, s->chosen, per * sizeof(int));
+    memcpy(tr->weight + tr->n * per, s->chosen_w, per * sizeof(float));
+    tr->n++;
+}
+
 // Samples up to `steps` tokens after what has been fed, streaming their text,
 // until EOS or a full context. The sampled EOS is not fed: the caller does that
 // when the conversation goes on.
-static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos) {
+static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, Trace *trace) {
     const Config *p = &m->config;
     Reply r = {0, 0, 0, 0};
     char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
@@ -1177,6 +1212,7 @@ static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos) {
         emit(&dec, &m->tokenizer, token, buf);
         if (*pos >= s->max_pos) { r.context_full = 1; break; }
         forward(m, s, token, (*pos)++);
+        if (trace) trace_add(trace, s, p, token); // the experts that processed this token
     }
     fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
     fflush(stdout);
@@ -1185,7 +1221,93 @@ static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos) {
     return r;
 }
 
-static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int steps) {
+// --- looking inside the router ----------------------------------------------
+
+// A token as a short printable label: the piece with spaces shown, control
+// characters escaped, cut to `width` bytes (on a UTF-8 boundary).
+static void token_label(const Tokenizer *t, int id, char *out, int width) {
+    const char *p = t->piece[id];
+    int n = t->piece_len[id], o = 0;
+    for (int i = 0; i < n && o < width - 4;) {
+        unsigned char c = (unsigned char)p[i];
+        if (i + 3 <= n && !memcmp(p + i, "\xE2\x96\x81", 3)) { out[o++] = '_'; i += 3; continue; }
+        if (c < 0x20 || c == 0x7f) { o += snprintf(out + o, width - o, "\\x%02x", c); i++; continue; }
+        int len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : 4;
+        if (o + len > width - 1 || i + len > n) break;
+        memcpy(out + o, p + i, len);
+        o += len;
+        i += len;
+    }
+    out[o] = 0;
+}
+
+// Display width of a UTF-8 string, counting each character as one column.
+static int utf8_width(const char *s) {
+    int w = 0;
+    for (; *s; s++) w += ((unsigned char)*s & 0xC0) != 0x80;
+    return w;
+}
+
+// --expert-stats: how often each expert was chosen, per layer, over every token
+// the model processed (prompt and generated), with a heatmap and two entropies:
+// of the usage counts (load balance; log2(E) bits when perfectly even) and of
+// the router's softmax, averaged over tokens (how decided the router is).
+static void print_expert_stats(const Config *p, const State *s) {
+    int E = p->n_experts, K = p->top_k;
+    const char *shades = " .:-=+*#%@"; // share of choices relative to an even share 1/E: 0 .. 2x and over
+    uint64_t n = s->tokens_routed;
+    printf("\nexpert usage over %llu tokens (top-%d of %d experts; heat: ' ' none, '=' an even share, '%%' twice that)\n",
+           (unsigned long long)n, K, E);
+    printf("layer |");
+    for (int e = 0; e < E; e++) printf(" %5d", e);
+    printf(" | heat%*s | usage H | router H\n", E > 4 ? E - 4 : 0, "");
+    for (int l = 0; l < p->n_layers; l++) {
+        const uint64_t *c = s->expert_count + (size_t)l * E;
+        double total = 0, h = 0;
+        for (int e = 0; e < E; e++) total += c[e];
+        printf("%5d |", l);
+        for (int e = 0; e < E; e++) printf(" %5llu", (unsigned long long)c[e]);
+        printf(" | ");
+        for (int e = 0; e < E; e++) {
+            double rel = total > 0 ? c[e] / total * E : 0; // 1: an even share of the choices
+            int i = (int)(rel * 4 + 0.5);
+            putchar(shades[i < 0 ? 0 : i > 9 ? 9 : i]);
+            if (total > 0 && c[e] > 0) h -= c[e] / total * log2(c[e] / total);
+        }
+        printf("%*s | %7.2f | %8.2f\n", E < 4 ? 4 - E : 0, "", h, n ? s->router_entropy[l] / n : 0.0);
+    }
+    printf("(entropies in bits; even usage over %d experts is %.2f)\n", E, log2(E));
+}
+
+// --trace-experts: for each generated token, the experts that processed it in
+// every layer, as "a+b .62": the chosen experts, best first, and the weight of the best.
+static void print_trace(const Model *m, const Trace *tr) {
+    const Config *p = &m->config;
+    int K = p->top_k, L = p->n_layers;
+    int digits = p->n_experts > 100 ? 3 : p->n_experts > 10 ? 2 : 1;
+    int col = K * digits + (K - 1) + 4;
+    char label[64];
+    printf("\nexperts per generated token and layer (chosen experts, best first, and the best one's weight)\n");
+    printf("%-14s", "token");
+    for (int l = 0; l < L; l++) printf(" %-*s", col, l == 0 ? "L0" : "");
+    printf("\n");
+    for (int i = 0; i < tr->n; i++) {
+        token_label(&m->tokenizer, tr->token[i], label, 14);
+        printf("%s%*s", label, 14 - utf8_width(label), "");
+        for (int l = 0; l < L; l++) {
+            const int *c = tr->chosen + ((size_t)i * L + l) * K;
+            const float *w = tr->weight + ((size_t)i * L + l) * K;
+            char cell[64];
+            int o = 0;
+            for (int k = 0; k < K && o < 48; k++) o += snprintf(cell + o, sizeof(cell) - o, k ? "+%d" : "%d", c[k]);
+            snprintf(cell + o, sizeof(cell) - o, " .%02d", (int)(w[0] * 100 + 0.5) > 99 ? 99 : (int)(w[0] * 100 + 0.5));
+            printf(" %-*s", col, cell);
+        }
+        printf("\n");
+    }
+}
+
+static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int steps, int stats, int trace) {
     const Config *p = &m->config;
     IdList prompt_ids = {0};
     ids_push(&prompt_ids, p->bos_id);
@@ -1205,8 +1327,14 @@ static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int st
     int pos = 0;
     feed(m, s, prompt_ids.ids, n, &pos);
     double t_prompt = time_s() - t0;
-    Reply r = reply(m, s, sm, steps, &pos);
+    Trace tr = {0};
+    Reply r = reply(m, s, sm, steps, &pos, trace ? &tr : NULL);
     printf("\n");
+    if (trace) print_trace(m, &tr);
+    if (stats) print_expert_stats(p, s);
+    free(tr.token);
+    free(tr.chosen);
+    free(tr.weight);
     fflush(stdout);
     if (r.context_full)
         fprintf(stderr, "mixtral: stopped: the context of %d tokens is full (use a larger -c)\n", s->max_pos);
@@ -1482,7 +1610,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         feed(m, s, turn.ids, turn.n, &pos);
         if (last_is_user) {
             printf("Assistant: ");
-            Reply r = reply(m, s, sm, steps, &pos);
+            Reply r = reply(m, s, sm, steps, &pos, NULL);
             printf("\n");
             if (r.context_full) print_context_full(s);
             replied = 1;
@@ -1512,7 +1640,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         feed(m, s, turn.ids, turn.n, &pos);
         double t_in = time_s() - t0;
         printf("Assistant: ");
-        Reply r = reply(m, s, sm, steps, &pos);
+        Reply r = reply(m, s, sm, steps, &pos, NULL);
         printf("\n");
         replied = 1;
         if (r.context_full) print_context_full(s);
@@ -1647,6 +1775,8 @@ static void print_usage(void) {
         "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --threads N       threads (default: all online CPUs)\n"
         "      --info            print the model's configuration and exit\n"
+        "      --expert-stats    after generating, print per-layer expert usage and routing entropy\n"
+        "      --trace-experts   after generating, print each token's experts and weights per layer\n"
         "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
         "test hooks:\n"
         "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
@@ -1678,13 +1808,15 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0;
+    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--info")) { info = 1; continue; }
         if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
+        if (!strcmp(a, "--expert-stats")) { stats = 1; continue; }
+        if (!strcmp(a, "--trace-experts")) { trace = 1; continue; }
         if (i + 1 >= argc) { print_usage(); die("%s needs a value", a); }
         const char *v = argv[++i];
         if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
@@ -1758,7 +1890,7 @@ int main(int argc, char **argv) {
     } else {
         Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(int))};
         if (!strcmp(mode, "chat")) chat(&model, &state, &sm, system, chat_path, steps);
-        else generate(&model, &state, &sm, prompt, steps);
+        else generate(&model, &state, &sm, prompt, steps, stats, trace);
         free(sm.order);
     }
     state_free(&state, p);

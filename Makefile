@@ -26,13 +26,16 @@ test: mixtral mixtral-debug tests/tok_batch
 	tests/deps.sh
 	$(PYTHON) tests/run_tests.py
 
-# A small random-weight model, to see the engine run end to end (the text is noise).
-DEMO = .cache/demo
-run: mixtral
+# The demo: the small Mixtral trained by demo/train.py (shipped in demo/model),
+# exported on first use and whenever export.py or the model changes.
+DEMO_BIN = .cache/demo-bf16.bin
+$(DEMO_BIN): export.py demo/model/config.json demo/model/model.safetensors.index.json
 	tests/deps.sh
-	@test -f $(DEMO)/model.bin || ( $(PYTHON) tests/hf_checkpoint.py $(DEMO)/hf --dim 256 --hidden-dim 512 --layers 4 \
-		--heads 8 --kv-heads 2 --experts 8 --top-k 2 && $(PYTHON) export.py $(DEMO)/hf $(DEMO)/model.bin --type bf16 )
-	./mixtral $(DEMO)/model.bin -i "Once upon a time" -n 64
+	@mkdir -p .cache
+	$(PYTHON) export.py demo/model $@ --type bf16
+
+run: mixtral $(DEMO_BIN)
+	./mixtral $(DEMO_BIN) -i "And it came to pass" -n 96 -t 0.8
 
 # Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py).
 bench/bandwidth: bench/bandwidth.c

@@ -480,26 +480,28 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-// An activation vector x (n,) quantized to int8 per group of QGROUP: x ~ q * scale[g].
+// Activation vectors quantized to int8 per group of QGROUP: x ~ q * scale[g].
 // sum[g] is the group's sum of q * scale, which the AVX2 q4 kernel needs.
+// Several vectors (the tokens of a chunk) lie one after another.
 typedef struct {
-    int8_t *q;       // (n,)
-    float *scale;    // (n/G,)
-    float *sum;      // (n/G,)
-    const float *x;  // the vector quantized, to reuse the result for the same input
+    int8_t *q;       // (tokens, n)
+    float *scale;    // (tokens, n/QGROUP)
+    float *sum;      // (tokens, n/QGROUP)
+    const float *x;  // the vectors quantized, to reuse the result for the same input
 } QuantX;
 
-static void quantize_x(QuantX *qx, const float *x, int n) {
+// Quantizes `rows` vectors of n values each (contiguous) into qx.
+static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
     const int G = QGROUP;
-    for (int g = 0; g < n / G; g++) {
-        const float *xg = x + g * G;
+    for (int g = 0; g < rows * n / G; g++) {
+        const float *xg = x + (size_t)g * G;
         float amax = 0.0f;
         for (int i = 0; i < G; i++) amax = fmaxf(amax, fabsf(xg[i]));
         float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         for (int i = 0; i < G; i++) {
             int8_t q = (int8_t)lrintf(xg[i] * inv);
-            qx->q[g * G + i] = q;
+            qx->q[(size_t)g * G + i] = q;
             sum += q;
         }
         qx->scale[g] = scale;
@@ -768,43 +770,57 @@ static void matrix_row(float *out, const Matrix *W, int row) {
     }
 }
 
-// One matrix-vector product of a batch: out (rows,) = W (rows, cols) @ x (cols,).
-// xq is x quantized, for q8/q4 weights.
+// One product of a batch: out (n, rows) = x (n, cols) @ W (rows, cols)^T, for
+// n tokens at once. Each weight row is fetched from memory once and used for
+// all n tokens while it sits in the cache: when decoding n is 1; for a chunk
+// of prompt it is the chunk's tokens (or an expert's share of them).
 typedef struct {
-    float *out;
-    const float *x;
+    float *out;        // (n, rows)
+    const float *x;    // (n, cols)
     const Matrix *W;
-    const QuantX *xq;
+    int n;
+    const QuantX *xq;  // x quantized, for q8/q4 weights
 } MatVec;
 
 // Rows [r0, r1) of one product: the one place weight formats are dispatched.
 static void matvec_rows(const MatVec *m, int r0, int r1) {
     const Matrix *W = m->W;
-    int n = W->cols;
+    int n = W->cols, rows = W->rows, groups = n / QGROUP;
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
-        switch (W->type) {
-        case WEIGHT_F32: m->out[r] = dot_f32((const float *)row, m->x, n); break;
-        case WEIGHT_BF16: m->out[r] = dot_bf16((const uint16_t *)row, m->x, n); break;
-        case WEIGHT_Q8: m->out[r] = dot_q8((const int8_t *)row, (const float *)(row + n), m->xq, n); break;
-        case WEIGHT_Q4: m->out[r] = dot_q4(row, (const float *)(row + n / 2), m->xq, n); break;
+        for (int i = 0; i < m->n; i++) {
+            const float *x = m->x + (size_t)i * n;
+            float *out = m->out + (size_t)i * rows + r;
+            QuantX xi = {NULL, NULL, NULL, NULL};
+            if (m->xq) xi = (QuantX){m->xq->q + (size_t)i * n, m->xq->scale + (size_t)i * groups,
+                                     m->xq->sum + (size_t)i * groups, NULL};
+            switch (W->type) {
+            case WEIGHT_F32: *out = dot_f32((const float *)row, x, n); break;
+            case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, n); break;
+            case WEIGHT_Q8: *out = dot_q8((const int8_t *)row, (const float *)(row + n), &xi, n); break;
+            case WEIGHT_Q4: *out = dot_q4(row, (const float *)(row + n / 2), &xi, n); break;
+            }
         }
     }
 }
 
-typedef struct { const MatVec *mv; int n, total_rows; } MatmulJob;
+typedef struct { const MatVec *mv; int n; int64_t total_work; } MatmulJob;
 
-// Worker tid takes an even share of all the batch's rows, as if the matrices
-// were stacked, so a batch of small and large products still splits evenly.
+// The batch's rows, stacked, are split into one contiguous range per worker
+// with an equal share of work (a row of an n-token product counts n): experts
+// that took many tokens and experts that took few still split evenly.
 static void matmul_job(void *arg, int tid, int nthreads) {
     const MatmulJob *j = arg;
-    int start, end, base = 0;
-    split_range(j->total_rows, tid, nthreads, &start, &end);
+    int64_t lo = j->total_work * tid / nthreads, hi = j->total_work * (tid + 1) / nthreads, base = 0;
     for (int i = 0; i < j->n; i++) {
-        int rows = j->mv[i].W->rows;
-        int r0 = start > base ? start - base : 0, r1 = end - base < rows ? end - base : rows;
-        if (r0 < r1) matvec_rows(&j->mv[i], r0, r1);
-        base += rows;
+        const MatVec *m = &j->mv[i];
+        int64_t rows = m->W->rows, n = m->n;
+        // rows whose first unit of work falls in [lo, hi)
+        int64_t r0 = lo <= base ? 0 : (lo - base + n - 1) / n, r1 = hi <= base ? 0 : (hi - base + n - 1) / n;
+        if (r0 > rows) r0 = rows;
+        if (r1 > rows) r1 = rows;
+        if (r0 < r1) matvec_rows(m, (int)r0, (int)r1);
+        base += rows * n;
     }
 }
 
@@ -819,24 +835,31 @@ static void matmul_job(void *arg, int tid, int nthreads) {
 // and memory stays bounded however long generation runs.
 
 typedef struct {
-    float *x;         // (D,) the residual stream
-    float *xb;        // (D,) normed input of a block
-    float *xb2;       // (D,) attention output after wo
-    float *q;         // (Q,)
-    float *att_out;   // (Q,) attention output, before wo
-    float *att;       // (n_heads, S) attention scores
-    float *hb, *hb2;  // (top_k, H) the chosen experts' hidden activations
-    float *expert_out; // (top_k, D) the chosen experts' outputs
-    float *router;    // (E,) router logits, then probabilities
+    int chunk;         // C: most tokens run through the model together (1 when decoding)
+    float *x;          // (C, D) the residual stream
+    float *xb;         // (C, D) normed input of a block
+    float *xb2;        // (C, D) attention output after wo
+    float *q;          // (C, Q)
+    float *k, *v;      // (C, KV) the chunk's keys and values, before they join the cache
+    float *att_out;    // (C, Q) attention output, before wo
+    float *att;        // (n_heads, S) attention scores of one query
+    // the mixture of experts works on (token, expert) pairs grouped by expert: row j
+    // of these buffers is pair j; an expert's pairs are consecutive rows
+    float *moe_in;     // (C*K, D) the pair's token's normed input
+    float *hb, *hb2;   // (C*K, H) the expert's hidden activations
+    float *moe_out;    // (C*K, D) the expert's output
+    int *pair_token;   // (C*K,) which token of the chunk
+    float *pair_weight; // (C*K,) its routing weight
+    float *router;     // (E,) router logits, then probabilities
     float *rope_inv_freq; // (head_dim/2,)
-    float *logits;    // (V,)
+    float *logits;     // (C, V)
     float *key_cache;   // (n_layers, S, KV)
     float *value_cache; // (n_layers, S, KV)
     int n_slots;        // S
     int max_pos;        // positions 0..max_pos-1 may be computed
-    int *chosen;        // (n_layers, top_k) experts picked for the last token
-    float *chosen_w;    // (n_layers, top_k) their weights
-    QuantX *xq;         // (top_k,) quantized inputs of a matmul batch
+    int *chosen;        // (C, n_layers, top_k) experts picked for each token of the last chunk
+    float *chosen_w;    // (C, n_layers, top_k) their weights
+    QuantX *xq;         // (n_experts,) quantized inputs of a matmul batch, C rows each
     int group;          // quantization group size (0: float weights)
     ThreadPool *pool;
     uint64_t bytes_read; // weight and cache bytes read so far (for --bench)
@@ -846,9 +869,9 @@ typedef struct {
     uint64_t tokens_routed;
 } State;
 
-static void state_init(State *s, const Config *p, int context, ThreadPool *pool) {
-    int D = p->dim, H = p->hidden_dim, K = p->top_k;
-    int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
+static void state_init(State *s, const Config *p, int context, int chunk, ThreadPool *pool) {
+    size_t D = p->dim, H = p->hidden_dim, K = p->top_k, E = p->n_experts, C = chunk;
+    size_t Q = (size_t)p->n_heads * p->head_dim, KV = (size_t)p->n_kv_heads * p->head_dim;
     memset(s, 0, sizeof(*s));
     if (p->sliding_window > 0 && p->sliding_window <= context) {
         s->n_slots = p->sliding_window; // ring buffer: positions unbounded
@@ -857,32 +880,38 @@ static void state_init(State *s, const Config *p, int context, ThreadPool *pool)
         s->n_slots = context;
         s->max_pos = context;
     }
-    s->x = xcalloc(D, sizeof(float));
-    s->xb = xcalloc(D, sizeof(float));
-    s->xb2 = xcalloc(D, sizeof(float));
-    s->q = xcalloc(Q, sizeof(float));
-    s->att_out = xcalloc(Q, sizeof(float));
+    s->chunk = chunk;
+    s->x = xcalloc(C * D, sizeof(float));
+    s->xb = xcalloc(C * D, sizeof(float));
+    s->xb2 = xcalloc(C * D, sizeof(float));
+    s->q = xcalloc(C * Q, sizeof(float));
+    s->k = xcalloc(C * KV, sizeof(float));
+    s->v = xcalloc(C * KV, sizeof(float));
+    s->att_out = xcalloc(C * Q, sizeof(float));
     s->att = xcalloc((size_t)p->n_heads * s->n_slots, sizeof(float));
-    s->hb = xcalloc((size_t)K * H, sizeof(float));
-    s->hb2 = xcalloc((size_t)K * H, sizeof(float));
-    s->expert_out = xcalloc((size_t)K * D, sizeof(float));
-    s->router = xcalloc(p->n_experts, sizeof(float));
-    s->logits = xcalloc(p->vocab_size, sizeof(float));
+    s->moe_in = xcalloc(C * K * D, sizeof(float));
+    s->hb = xcalloc(C * K * H, sizeof(float));
+    s->hb2 = xcalloc(C * K * H, sizeof(float));
+    s->moe_out = xcalloc(C * K * D, sizeof(float));
+    s->pair_token = xcalloc(C * K, sizeof(int));
+    s->pair_weight = xcalloc(C * K, sizeof(float));
+    s->router = xcalloc(E, sizeof(float));
+    s->logits = xcalloc(C * p->vocab_size, sizeof(float));
     s->key_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
     s->value_cache = xcalloc((size_t)p->n_layers * s->n_slots * KV, sizeof(float));
-    s->chosen = xcalloc((size_t)p->n_layers * K, sizeof(int));
-    s->chosen_w = xcalloc((size_t)p->n_layers * K, sizeof(float));
-    s->expert_count = xcalloc((size_t)p->n_layers * p->n_experts, sizeof(uint64_t));
+    s->chosen = xcalloc(C * p->n_layers * K, sizeof(int));
+    s->chosen_w = xcalloc(C * p->n_layers * K, sizeof(float));
+    s->expert_count = xcalloc((size_t)p->n_layers * E, sizeof(uint64_t));
     s->router_entropy = xcalloc(p->n_layers, sizeof(double));
     s->group = p->group_size;
-    s->xq = xcalloc(K, sizeof(QuantX));
+    s->xq = xcalloc(E, sizeof(QuantX));
     if (s->group) {
-        int widest = D > H ? D : H;
+        size_t widest = D > H ? D : H;
         widest = widest > Q ? widest : Q;
-        for (int k = 0; k < K; k++) {
-            s->xq[k].q = xcalloc(widest, 1);
-            s->xq[k].scale = xcalloc(widest / s->group, sizeof(float));
-            s->xq[k].sum = xcalloc(widest / s->group, sizeof(float));
+        for (size_t e = 0; e < E; e++) {
+            s->xq[e].q = xcalloc(C * widest, 1);
+            s->xq[e].scale = xcalloc(C * widest / QGROUP, sizeof(float));
+            s->xq[e].sum = xcalloc(C * widest / QGROUP, sizeof(float));
         }
     }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
@@ -893,30 +922,33 @@ static void state_init(State *s, const Config *p, int context, ThreadPool *pool)
 }
 
 static void state_free(State *s, const Config *p) {
-    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->att, s->hb, s->hb2, s->expert_out,
-                     s->router, s->logits, s->key_cache, s->value_cache, s->chosen_w, s->rope_inv_freq};
+    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att_out, s->att, s->moe_in, s->hb, s->hb2,
+                     s->moe_out, s->pair_weight, s->router, s->logits, s->key_cache, s->value_cache,
+                     s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
-    for (int k = 0; s->group && k < p->top_k; k++) { free(s->xq[k].q); free(s->xq[k].scale); free(s->xq[k].sum); }
+    for (int e = 0; s->group && e < p->n_experts; e++) { free(s->xq[e].q); free(s->xq[e].scale); free(s->xq[e].sum); }
     free(s->xq);
     free(s->chosen);
+    free(s->pair_token);
     free(s->expert_count);
     free(s->router_entropy);
 }
 
-// A batch of matrix-vector products in one round of the pool: mv[i].out =
-// mv[i].W @ mv[i].x. Inputs of quantized matrices are quantized first, once
-// per distinct input vector (products sharing an input come together).
+// A batch of products in one round of the pool: mv[i].out = mv[i].x @ mv[i].W^T.
+// Inputs of quantized matrices are quantized first, once per distinct input
+// (products sharing an input come together in the batch).
 static void matmul(State *s, MatVec *mv, int n) {
-    int total = 0, nq = 0;
+    int64_t work = 0;
+    int nq = 0;
     for (int i = 0; i < n; i++) {
         const Matrix *W = mv[i].W;
-        total += W->rows;
+        work += (int64_t)W->rows * mv[i].n;
         s->bytes_read += (uint64_t)W->rows * W->row_bytes;
         if (W->type != WEIGHT_Q8 && W->type != WEIGHT_Q4) continue;
-        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, W->cols);
+        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, mv[i].n, W->cols);
         mv[i].xq = &s->xq[nq - 1];
     }
-    MatmulJob job = {mv, n, total};
+    MatmulJob job = {mv, n, work};
     pool_run(s->pool, matmul_job, &job);
 }
 
@@ -945,77 +977,83 @@ typedef struct {
     const Config *p;
     State *s;
     const float *kc, *vc; // this layer's caches, (S, KV)
-    int pos;
+    int pos0, n;          // the chunk: positions pos0 .. pos0+n-1
 } AttentionJob;
 
-// Scaled dot-product attention for a share of the heads. Query head h reads
-// kv head h / (n_heads / n_kv_heads): grouped-query attention (repeat_kv).
-static void attention_job(void *arg, int tid, int n) {
+// Scaled dot-product attention for a share of the heads, for every query of
+// the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
+// query attention (repeat_kv). Keys before the chunk come from the cache, the
+// chunk's own from s->k and s->v.
+static void attention_job(void *arg, int tid, int nthreads) {
     AttentionJob *j = arg;
     const Config *p = j->p;
     State *s = j->s;
-    int hd = p->head_dim, KV = p->n_kv_heads * hd, group = p->n_heads / p->n_kv_heads;
-    // keys in view: the last W positions with a window, else all of 0..pos
-    int first = 0;
-    if (p->sliding_window > 0 && j->pos - p->sliding_window + 1 > 0) first = j->pos - p->sliding_window + 1;
+    int hd = p->head_dim, Q = p->n_heads * hd, KV = p->n_kv_heads * hd, group = p->n_heads / p->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
     int h0, h1;
-    split_range(p->n_heads, tid, n, &h0, &h1);
+    split_range(p->n_heads, tid, nthreads, &h0, &h1);
     for (int h = h0; h < h1; h++) {
-        const float *q = s->q + h * hd;
-        float *att = s->att + (size_t)h * s->n_slots;
         int kvh = h / group;
-        float scale = 1.0f / sqrtf((float)hd);
-        for (int t = first; t <= j->pos; t++) {
-            const float *k = j->kc + (size_t)(t % s->n_slots) * KV + kvh * hd;
-            att[t - first] = dot_f32(q, k, hd) * scale;
-        }
-        int len = j->pos - first + 1;
-        softmax(att, len);
-        float *out = s->att_out + h * hd;
-        memset(out, 0, hd * sizeof(float));
-        for (int t = first; t <= j->pos; t++) {
-            const float *v = j->vc + (size_t)(t % s->n_slots) * KV + kvh * hd;
-            float a = att[t - first];
-            for (int i = 0; i < hd; i++) out[i] += a * v[i];
+        float *att = s->att + (size_t)h * s->n_slots;
+        for (int i = 0; i < j->n; i++) {
+            int pos = j->pos0 + i;
+            // keys in view: the last W positions with a window, else all of 0..pos
+            int first = p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
+            const float *q = s->q + (size_t)i * Q + h * hd;
+            for (int t = first; t <= pos; t++) {
+                const float *k = t < j->pos0 ? j->kc + (size_t)(t % s->n_slots) * KV : s->k + (size_t)(t - j->pos0) * KV;
+                att[t - first] = dot_f32(q, k + kvh * hd, hd) * scale;
+            }
+            softmax(att, pos - first + 1);
+            float *out = s->att_out + (size_t)i * Q + h * hd;
+            memset(out, 0, hd * sizeof(float));
+            for (int t = first; t <= pos; t++) {
+                const float *v = t < j->pos0 ? j->vc + (size_t)(t % s->n_slots) * KV : s->v + (size_t)(t - j->pos0) * KV;
+                float a = att[t - first];
+                for (int d = 0; d < hd; d++) out[d] += a * v[kvh * hd + d];
+            }
         }
     }
 }
 
-// Self-attention of one layer for the token at `pos`; adds its output to x.
+// Self-attention of one layer for the chunk; adds its output to x.
 // modeling_mixtral.py: MixtralAttention.forward
-static void attention(const Config *p, const Layer *L, State *s, int l, int pos) {
-    int KV = p->n_kv_heads * p->head_dim;
-    size_t slot = (size_t)(pos % s->n_slots);
+static void attention(const Config *p, const Layer *L, State *s, int l, int pos0, int n) {
+    int D = p->dim, Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
     float *kc = s->key_cache + (size_t)l * s->n_slots * KV;
     float *vc = s->value_cache + (size_t)l * s->n_slots * KV;
-    float *k = kc + slot * KV, *v = vc + slot * KV; // this position's cache slot
 
-    rmsnorm(s->xb, s->x, L->attn_norm, p->dim, p->rms_norm_eps);
-    MatVec qkv[3] = {{s->q, s->xb, &L->wq, NULL}, {k, s->xb, &L->wk, NULL}, {v, s->xb, &L->wv, NULL}};
-    matmul(s, qkv, 3); // q, k, v projections; k and v land straight in the cache
-    rope(s->q, p->n_heads, p->head_dim, pos, s->rope_inv_freq);
-    rope(k, p->n_kv_heads, p->head_dim, pos, s->rope_inv_freq);
+    for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * D, s->x + (size_t)i * D, L->attn_norm, D, p->rms_norm_eps);
+    MatVec qkv[3] = {{s->q, s->xb, &L->wq, n, NULL}, {s->k, s->xb, &L->wk, n, NULL}, {s->v, s->xb, &L->wv, n, NULL}};
+    matmul(s, qkv, 3); // q, k, v projections
+    for (int i = 0; i < n; i++) {
+        rope(s->q + (size_t)i * Q, p->n_heads, p->head_dim, pos0 + i, s->rope_inv_freq);
+        rope(s->k + (size_t)i * KV, p->n_kv_heads, p->head_dim, pos0 + i, s->rope_inv_freq);
+    }
 
-    AttentionJob job = {p, s, kc, vc, pos};
+    AttentionJob job = {p, s, kc, vc, pos0, n};
     pool_run(s->pool, attention_job, &job);
-    int seen = pos + 1 < s->n_slots ? pos + 1 : s->n_slots;
-    s->bytes_read += (uint64_t)2 * seen * KV * sizeof(float);
-    MatVec o = {s->xb2, s->att_out, &L->wo, NULL};
+    // Only now do the chunk's keys and values join the cache: with a window, a
+    // chunk longer than one step would otherwise overwrite keys its own earlier
+    // queries still need. Position t goes to slot t % S (the ring).
+    for (int i = 0; i < n; i++) {
+        size_t slot = (size_t)((pos0 + i) % s->n_slots);
+        memcpy(kc + slot * KV, s->k + (size_t)i * KV, KV * sizeof(float));
+        memcpy(vc + slot * KV, s->v + (size_t)i * KV, KV * sizeof(float));
+        int seen = pos0 + i + 1 < s->n_slots ? pos0 + i + 1 : s->n_slots;
+        s->bytes_read += (uint64_t)2 * seen * KV * sizeof(float);
+    }
+    MatVec o = {s->xb2, s->att_out, &L->wo, n, NULL};
     matmul(s, &o, 1); // o_proj
-    for (int i = 0; i < p->dim; i++) s->x[i] += s->xb2[i]; // residual
+    for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb2[i]; // residual
 }
 
-// The router in four steps: logits -> top-k -> weights -> expert loop.
+// The router for one token, in three steps: logits -> top-k -> weights.
 // modeling_mixtral.py: MixtralSparseMoeBlock.forward
-static void moe(const Config *p, const Layer *L, State *s, int l) {
-    int D = p->dim, H = p->hidden_dim, E = p->n_experts, K = p->top_k;
-    int *chosen = s->chosen + l * K;
-    float *weight = s->chosen_w + l * K;
-    rmsnorm(s->xb, s->x, L->ffn_norm, D, p->rms_norm_eps);
-
+static void route(const Config *p, const Layer *L, State *s, int l, const float *xb, int *chosen, float *weight) {
+    int D = p->dim, E = p->n_experts, K = p->top_k;
     // 1. router logits = gate @ xb, (E,D) @ (D,) -> (E,), always in f32
-    for (int e = 0; e < E; e++) s->router[e] = dot_f32(L->gate + (size_t)e * D, s->xb, D);
-    s->bytes_read += (uint64_t)E * D * sizeof(float);
+    for (int e = 0; e < E; e++) s->router[e] = dot_f32(L->gate + (size_t)e * D, xb, D);
 
     // 2. top-k of the softmax over all experts. Softmax is monotonic, so these
     //    are the k largest logits. Ties go to the lower expert index.
@@ -1039,43 +1077,87 @@ static void moe(const Config *p, const Layer *L, State *s, int l) {
     float sum = 0.0f;
     for (int k = 0; k < K; k++) sum += weight[k];
     for (int k = 0; k < K; k++) weight[k] /= sum;
+}
 
-    // 4. expert loop: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb). All chosen
-    //    experts go through the pool together: their up projections (w1, w3)
-    //    in one round, their down projections (w2) in the next.
-    MatVec up[2 * K], down[K];
-    for (int k = 0; k < K; k++) {
-        const Expert *ex = &L->experts[chosen[k]];
-        up[2 * k] = (MatVec){s->hb + (size_t)k * H, s->xb, &ex->w1, NULL};
-        up[2 * k + 1] = (MatVec){s->hb2 + (size_t)k * H, s->xb, &ex->w3, NULL};
-        down[k] = (MatVec){s->expert_out + (size_t)k * D, s->hb + (size_t)k * H, &ex->w2, NULL};
+// The mixture of experts of one layer for the chunk; adds its output to x.
+// Step 4, the expert loop, runs each chosen expert once over all the tokens
+// that chose it: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb).
+static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
+    int D = p->dim, H = p->hidden_dim, E = p->n_experts, K = p->top_k, NL = p->n_layers;
+    s->bytes_read += (uint64_t)n * E * D * sizeof(float); // the router
+    int count[E], start[E + 1], fill[E];
+    memset(count, 0, sizeof(count));
+    for (int i = 0; i < n; i++) {
+        float *xb = s->xb + (size_t)i * D;
+        int *chosen = s->chosen + ((size_t)i * NL + l) * K;
+        rmsnorm(xb, s->x + (size_t)i * D, L->ffn_norm, D, p->rms_norm_eps);
+        route(p, L, s, l, xb, chosen, s->chosen_w + ((size_t)i * NL + l) * K);
+        for (int k = 0; k < K; k++) count[chosen[k]]++;
     }
-    matmul(s, up, 2 * K);
-    for (size_t i = 0; i < (size_t)K * H; i++) {
+    // Group the (token, expert) pairs by expert (a counting sort) and gather inputs.
+    start[0] = 0;
+    for (int e = 0; e < E; e++) { start[e + 1] = start[e] + count[e]; fill[e] = start[e]; }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < K; k++) {
+            size_t at = ((size_t)i * NL + l) * K + k;
+            int j = fill[s->chosen[at]]++;
+            s->pair_token[j] = i;
+            s->pair_weight[j] = s->chosen_w[at];
+            memcpy(s->moe_in + (size_t)j * D, s->xb + (size_t)i * D, D * sizeof(float));
+        }
+    // 4. every expert that was chosen runs once over its rows: all up projections
+    //    (w1, w3) in one round of the pool, all down projections (w2) in the next.
+    MatVec up[2 * E], down[E];
+    int active = 0;
+    for (int e = 0; e < E; e++) {
+        if (count[e] == 0) continue;
+        const Expert *ex = &L->experts[e];
+        size_t j = start[e];
+        up[2 * active] = (MatVec){s->hb + j * H, s->moe_in + j * D, &ex->w1, count[e], NULL};
+        up[2 * active + 1] = (MatVec){s->hb2 + j * H, s->moe_in + j * D, &ex->w3, count[e], NULL};
+        down[active++] = (MatVec){s->moe_out + j * D, s->hb + j * H, &ex->w2, count[e], NULL};
+    }
+    matmul(s, up, 2 * active);
+    for (size_t i = 0; i < (size_t)n * K * H; i++) {
         float g = s->hb[i];
         s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i]; // silu(w1 x) * (w3 x)
     }
-    matmul(s, down, K);
-    for (int k = 0; k < K; k++)
-        for (int i = 0; i < D; i++) s->x[i] += weight[k] * s->expert_out[(size_t)k * D + i]; // residual
+    matmul(s, down, active);
+    for (int j = 0; j < n * K; j++) { // weighted sum into the residual, expert by expert
+        float *x = s->x + (size_t)s->pair_token[j] * D, w = s->pair_weight[j];
+        const float *y = s->moe_out + (size_t)j * D;
+        for (int i = 0; i < D; i++) x[i] += w * y[i];
+    }
 }
 
-// Runs one token at position pos through the model; returns the logits (V,).
-// modeling_mixtral.py: MixtralForCausalLM.forward for a single new token.
-static float *forward(Model *m, State *s, int token, int pos) {
+// Runs n tokens, at positions pos0 .. pos0+n-1, through the model. Returns the
+// logits: (n, V) with all_logits, else (1, V) for the last token only.
+// modeling_mixtral.py: MixtralForCausalLM.forward, for a chunk of new tokens.
+static float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0, int all_logits) {
     const Config *p = &m->config;
-    if (token < 0 || token >= p->vocab_size) die("token id %d is outside the vocabulary 0..%d", token, p->vocab_size - 1);
-    if (pos < 0 || pos >= s->max_pos) die("position %d is past the context of %d tokens; use a larger -c", pos, s->max_pos);
-    matrix_row(s->x, &m->weights.embed, token); // embed_tokens
-    for (int l = 0; l < p->n_layers; l++) {
-        attention(p, &m->weights.layers[l], s, l, pos);
-        moe(p, &m->weights.layers[l], s, l);
+    int D = p->dim;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= p->vocab_size)
+            die("token id %d is outside the vocabulary 0..%d", ids[i], p->vocab_size - 1);
+        matrix_row(s->x + (size_t)i * D, &m->weights.embed, ids[i]); // embed_tokens
     }
-    s->tokens_routed++;
-    rmsnorm(s->x, s->x, m->weights.norm, p->dim, p->rms_norm_eps);
-    MatVec head = {s->logits, s->x, &m->weights.lm_head, NULL};
+    if (pos0 < 0 || pos0 > s->max_pos - n)
+        die("position %d is past the context of %d tokens; use a larger -c", pos0 + n - 1, s->max_pos);
+    for (int l = 0; l < p->n_layers; l++) {
+        attention(p, &m->weights.layers[l], s, l, pos0, n);
+        moe(p, &m->weights.layers[l], s, l, n);
+    }
+    s->tokens_routed += n;
+    int first = all_logits ? 0 : n - 1;
+    for (int i = first; i < n; i++) rmsnorm(s->x + (size_t)i * D, s->x + (size_t)i * D, m->weights.norm, D, p->rms_norm_eps);
+    MatVec head = {s->logits, s->x + (size_t)first * D, &m->weights.lm_head, n - first, NULL};
     matmul(s, &head, 1);
     return s->logits;
+}
+
+// One token at position pos: decoding is a chunk of one.
+static float *forward(Model *m, State *s, int token, int pos) {
+    return forward_chunk(m, s, &token, 1, pos, 0);
 }
 
 // ----------------------------------------------------------------------------
@@ -1167,7 +1249,11 @@ static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
 // Runs ids through the model from position *pos on; the logits of the last
 // one are left in s->logits.
 static void feed(Model *m, State *s, const int *ids, int n, int *pos) {
-    for (int i = 0; i < n; i++) forward(m, s, ids[i], (*pos)++);
+    for (int i = 0; i < n; i += s->chunk) { // the prompt goes through in chunks
+        int c = n - i < s->chunk ? n - i : s->chunk;
+        forward_chunk(m, s, ids + i, c, *pos, 0);
+        *pos += c;
+    }
 }
 
 typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Reply;
@@ -1745,12 +1831,12 @@ static void dump_logits(Model *m, State *s, const int *ids, int n,
     if (!f) die("cannot write %s: %s", logits_path, strerror(errno));
     FILE *fe = NULL;
     if (experts_path && !(fe = fopen(experts_path, "wb"))) die("cannot write %s: %s", experts_path, strerror(errno));
-    for (int pos = 0; pos < n; pos++) {
-        float *logits = forward(m, s, ids[pos], pos);
-        if (fwrite(logits, sizeof(float), p->vocab_size, f) != (size_t)p->vocab_size)
-            die("cannot write %s: %s", logits_path, strerror(errno));
-        if (fe && fwrite(s->chosen, sizeof(int), (size_t)p->n_layers * p->top_k, fe) != (size_t)p->n_layers * p->top_k)
-            die("cannot write %s: %s", experts_path, strerror(errno));
+    for (int pos = 0; pos < n; pos += s->chunk) {
+        int c = n - pos < s->chunk ? n - pos : s->chunk;
+        float *logits = forward_chunk(m, s, ids + pos, c, pos, 1);
+        size_t nl = (size_t)c * p->vocab_size, ne = (size_t)c * p->n_layers * p->top_k;
+        if (fwrite(logits, sizeof(float), nl, f) != nl) die("cannot write %s: %s", logits_path, strerror(errno));
+        if (fe && fwrite(s->chosen, sizeof(int), ne, fe) != ne) die("cannot write %s: %s", experts_path, strerror(errno));
     }
     if (fclose(f) != 0) die("cannot write %s: %s", logits_path, strerror(errno));
     if (fe && fclose(fe) != 0) die("cannot write %s: %s", experts_path, strerror(errno));
@@ -1774,6 +1860,7 @@ static void print_usage(void) {
         "                        {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}]}\n"
         "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --threads N       threads (default: all online CPUs)\n"
+        "      --chunk N         prompt tokens processed together, each expert once per chunk (default 64)\n"
         "      --info            print the model's configuration and exit\n"
         "      --expert-stats    after generating, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after generating, print each token's experts and weights per layer\n"
@@ -1808,7 +1895,7 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0;
+    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0, chunk = 64;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
     for (int i = 2; i < argc; i++) {
@@ -1830,6 +1917,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--chat-file")) chat_path = v;
         else if (!strcmp(a, "--chat-ids-file")) chat_ids_path = v;
         else if (!strcmp(a, "--threads")) threads = (int)parse_int(a, v, 1, 1024);
+        else if (!strcmp(a, "--chunk")) chunk = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--ids")) ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) logits_path = v;
         else if (!strcmp(a, "--dump-experts")) experts_path = v;
@@ -1877,7 +1965,7 @@ int main(int argc, char **argv) {
     ThreadPool pool;
     pool_init(&pool, threads);
     State state;
-    state_init(&state, p, context, &pool);
+    state_init(&state, p, context, chunk, &pool);
 
     if (do_bench) {
         bench(&model, &state, threads);

@@ -58,10 +58,13 @@ def export(hf_dir, out, wtype="f32"):
     return out
 
 
-def engine_logits(model, ids, engine=ENGINE, threads=2, context=None, vocab=None, layers=None, top_k=None):
+def engine_logits(model, ids, engine=ENGINE, threads=2, context=None, vocab=None, layers=None, top_k=None,
+                  chunk=None):
     out = model + ".logits"
     cmd = [engine, model, "--ids", ",".join(map(str, ids)), "--dump-logits", out, "--dump-experts",
            model + ".experts", "--threads", str(threads)]
+    if chunk:
+        cmd += ["--chunk", str(chunk)]
     if context:
         cmd += ["-c", str(context)]
     r = run(cmd)
@@ -160,6 +163,33 @@ def threads_identical(tmp):
 
 
 @test
+def chunked_prompt_equals_token_by_token(tmp):
+    """Prompts go through in chunks, each chosen expert once per chunk. Every (row, token)
+    product is computed as in token-by-token decoding and each token's expert outputs are
+    added in the same order, so the logits must be identical, not just close: chunk sizes
+    that do and do not divide the 24-token prompt, with and without a window (5, shorter
+    than some chunks), in every weight format."""
+    ids = random_ids(24, 32000, 9)
+    n = 0
+    for window in (None, 5):
+        cfg = hf.make_config(dim=128, hidden_dim=128, heads=4, kv_heads=2, experts=8, top_k=2, window=window)
+        d = os.path.join(tmp, f"hf{window}")
+        hf.write_checkpoint(d, cfg, dtype="bf16", seed=12)
+        shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+        for wtype in ("f32", "bf16", "q8", "q4"):
+            model = export(d, os.path.join(tmp, f"m{window}{wtype}.bin"), wtype)
+            base, base_e = engine_logits(model, ids, chunk=1, **shape)
+            for chunk in (5, 8, 24, 64):
+                got, got_e = engine_logits(model, ids, chunk=chunk, **shape)
+                compare_experts(got_e, base_e, f"window {window} {wtype} chunk {chunk}")
+                if not np.array_equal(got, base):
+                    raise Failure(f"window {window} {wtype}: --chunk {chunk} differs from --chunk 1 by up to "
+                                  f"{np.abs(got - base).max():.3g}")
+                n += 1
+    return f"{n} combinations bit-identical to token-by-token"
+
+
+@test
 def generate_runs(tmp):
     """The generator streams text, is reproducible for a seed, and is greedy at -t 0."""
     cfg = hf.make_config()
@@ -187,6 +217,29 @@ def generate_runs(tmp):
     want = sp.decode(ids) + "\n"
     check(r.stdout == want, f"greedy output {r.stdout!r}, reference {want!r} (ids {ids})")
     return "seeded sampling repeats; greedy text equals the reference's argmax"
+
+
+# ----------------------------------------------------------------------------
+# the shipped demo model against the training script's own forward pass
+
+@test
+def demo_model_matches_training(tmp):
+    """demo/train.py saved its forward pass's logits for a prompt, with the bf16 weights it
+    shipped; the engine must reproduce them from the exported file."""
+    ref = json.load(open(os.path.join(ROOT, "demo", "reference.json")))
+    want = np.fromfile(os.path.join(ROOT, "demo", "reference_logits.f32"), "<f4").reshape(len(ref["ids"]), -1)
+    cfg = json.load(open(os.path.join(ROOT, "demo", "model", "config.json")))
+    model = export(os.path.join(ROOT, "demo", "model"), os.path.join(tmp, "demo.bin"), "f32")
+    got, _ = engine_logits(model, ref["ids"], vocab=cfg["vocab_size"], layers=cfg["num_hidden_layers"],
+                           top_k=cfg["num_experts_per_tok"])
+    # torch and mixtral.c both compute in f32, with sums in different orders; the trained
+    # logits reach magnitudes of tens, so allow 1e-4 relative to the largest
+    tol = TOL * max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    check(err <= tol, f"max abs error {err:.3g} > {tol:.3g}; first position differing: "
+                      f"{int(np.argmax(np.abs(got - want).max(-1)))}")
+    check((got.argmax(-1) == want.argmax(-1)).all(), "a different top token")
+    return f"{len(ref['ids'])} positions of {ref['prompt']!r}: max abs error {err:.2g} (logits up to {np.abs(want).max():.0f})"
 
 
 # ----------------------------------------------------------------------------

@@ -41,11 +41,14 @@ run: mixtral $(DEMO_BIN)
 bench/bandwidth: bench/bandwidth.c
 	$(CC) $(CFLAGS) -o $@ $< -lpthread
 
-bench: mixtral bench/bandwidth
+bench/peak: bench/peak.c
+	$(CC) $(CFLAGS) -o $@ $< -lpthread
+
+bench: mixtral bench/bandwidth bench/peak
 	tests/deps.sh
 	$(PYTHON) bench/bench.py
 
 clean:
-	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth
+	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/peak
 
 .PHONY: all debug test run bench clean

@@ -1163,11 +1163,13 @@ static float *forward(Model *m, State *s, int token, int pos) {
 // ----------------------------------------------------------------------------
 // 7. sampler
 
+typedef struct { float prob; int id; } ProbId;
+
 typedef struct {
     float temperature;  // 0: greedy
     float topp;         // nucleus sampling threshold; 1 or more: off
     uint64_t rng;       // xorshift64* state
-    int *order;         // (V,) scratch for top-p
+    ProbId *order;      // (V,) scratch for top-p
 } Sampler;
 
 static uint32_t random_u32(uint64_t *state) {
@@ -1185,10 +1187,9 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
-static const float *sort_probs; // qsort has no context argument: set just before sorting
 static int compare_prob_desc(const void *a, const void *b) {
-    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
-    return pa > pb ? -1 : pa < pb ? 1 : (*(const int *)a - *(const int *)b);
+    const ProbId *x = a, *y = b;
+    return x->prob > y->prob ? -1 : x->prob < y->prob ? 1 : x->id - y->id;
 }
 
 // Picks the next token from logits (V,), which it overwrites with probabilities.
@@ -1206,16 +1207,15 @@ static int sample(Sampler *sm, float *logits, int n) {
     // Tokens below (1-topp)/(n-1) can never be in it, which keeps the sort short.
     int m = 0;
     float cutoff = (1.0f - sm->topp) / (n - 1);
-    for (int i = 0; i < n; i++) if (logits[i] >= cutoff) sm->order[m++] = i;
-    sort_probs = logits;
-    qsort(sm->order, m, sizeof(int), compare_prob_desc);
+    for (int i = 0; i < n; i++) if (logits[i] >= cutoff) sm->order[m++] = (ProbId){logits[i], i};
+    qsort(sm->order, m, sizeof(ProbId), compare_prob_desc);
     float mass = 0.0f;
     int last = m - 1;
-    for (int i = 0; i < m; i++) { mass += logits[sm->order[i]]; if (mass > sm->topp) { last = i; break; } }
+    for (int i = 0; i < m; i++) { mass += sm->order[i].prob; if (mass > sm->topp) { last = i; break; } }
     float cdf = 0.0f;
     r *= mass;
-    for (int i = 0; i <= last; i++) { cdf += logits[sm->order[i]]; if (r < cdf) return sm->order[i]; }
-    return sm->order[last];
+    for (int i = 0; i <= last; i++) { cdf += sm->order[i].prob; if (r < cdf) return sm->order[i].id; }
+    return sm->order[last].id;
 }
 
 // ----------------------------------------------------------------------------
@@ -1976,7 +1976,7 @@ int main(int argc, char **argv) {
         dump_logits(&model, &state, ids, n, logits_path, experts_path);
         free(ids);
     } else {
-        Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(int))};
+        Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(ProbId))};
         if (!strcmp(mode, "chat")) chat(&model, &state, &sm, system, chat_path, steps);
         else generate(&model, &state, &sm, prompt, steps, stats, trace);
         free(sm.order);

@@ -77,6 +77,11 @@ def main():
     types = a.types.split(",")
     paths = ensure_models(types)
     engine, bw_tool = os.path.join(ROOT, "mixtral"), os.path.join(ROOT, "bench", "bandwidth")
+    peak_tool = os.path.join(ROOT, "bench", "peak")
+    # multiply-adds per prompt token: q, k, v, o; the router; top_k experts of three matrices
+    D, H, KVD = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["kv_heads"] * SHAPE["dim"] // SHAPE["heads"]
+    macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
+    peak = {n: last_json(sh([peak_tool, str(n)])[0])["int8_gmac_per_s"] for n in threads}
 
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
     V, D = SHAPE["vocab"], SHAPE["dim"]
@@ -96,19 +101,23 @@ def main():
             head = V * D * edge[t]
             per_layer = (res["bytes_per_token"] - head) / SHAPE["layers"]
             full = per_layer * FULL_LAYERS + head
+            gemm = res["prefill_tok_s"] * macs_per_token / 1e9
             rows.append((t, n, res["prefill_tok_s"], res["decode_tok_s"], res["bytes_per_token"], res["gb_per_s"], bw,
-                         100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?")))
+                         100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?"), gemm, 100 * gemm / peak[n]))
             print(f"  {t} x{n}: decode {res['decode_tok_s']:.2f} tok/s, {res['gb_per_s']:.1f} of {bw:.1f} GB/s "
                   f"({100 * ratio:.0f}%)", flush=True)
 
     print()
     print("Mixtral-8x7B layer shapes, 2 layers; 128-token prompt, 64 decoded tokens; "
           f"best of {a.repeat} runs, bandwidth measured just before each run")
-    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'decode tok/s':>12} {'MB/token':>9} {'GB/s':>6} "
-          f"{'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
-    for t, n, pf, dec, b, gbs, bw, pct, full in [r[:9] for r in rows]:
-        print(f"{t:6} {n:3d} {pf:13.2f} {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} {bw:8.1f} {pct:7.0f}% {full:14.2f}")
-    print(f"(kernels: {rows[0][9]}; '32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
+    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'% int8 peak':>11} {'decode tok/s':>12} "
+          f"{'MB/token':>9} {'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
+    for t, n, pf, dec, b, gbs, bw, pct, full, _, gemm, gpct in rows:
+        print(f"{t:6} {n:3d} {pf:13.2f} {gemm:7.1f} {gpct:10.0f}% {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} {bw:8.1f} "
+              f"{pct:7.0f}% {full:14.2f}")
+    print(f"(kernels: {rows[0][9]}; int8 peak multiply-adds measured by bench/peak: "
+          + ", ".join(f"{v:.0f} G/s with {k} thread{'s' if k > 1 else ''}" for k, v in peak.items())
+          + "; '32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
 
 
 if __name__ == "__main__":

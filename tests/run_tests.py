@@ -307,6 +307,42 @@ def simd_matches_portable(tmp):
     return ", ".join(f"{k} {v:.1g}" for k, v in worst.items())
 
 
+@test
+def neon_kernels_under_qemu(tmp):
+    """The NEON kernels, cross-compiled for aarch64 (plain, and with dot-product instructions)
+    and run under qemu, agree with this machine's build: 1e-4 for float formats, and for q8/q4
+    the 0.05 of simd_matches_portable; identical experts."""
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not cc or not qemu:
+        raise Failure("aarch64-linux-gnu-gcc or qemu-aarch64 is missing (tests/deps.sh installs them)")
+    cfg = hf.make_config(dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, cfg, dtype="bf16", seed=31)
+    ids = random_ids(10, cfg["vocab_size"], 6)
+    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    worst = 0.0
+    for arch in ("armv8-a", "armv8.2-a+dotprod"):
+        exe = os.path.join(tmp, "mixtral-" + arch.replace("+", "-"))
+        r = run([cc, "-O2", "-march=" + arch, "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE", "-static",
+                 "-o", exe, os.path.join(ROOT, "mixtral.c"), os.path.join(ROOT, "tokenizer.c"), "-lm", "-lpthread"])
+        check(r.returncode == 0, f"cross build for {arch} failed:\n{r.stderr}")
+        wrapper = exe + ".sh"
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nexec {qemu} {exe} \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        for wtype, tol in (("f32", TOL), ("bf16", TOL), ("q8", 0.05), ("q4", 0.05)):
+            model = os.path.join(tmp, f"{wtype}.bin")
+            if not os.path.exists(model):
+                export(d, model, wtype)
+            a, ea = engine_logits(model, ids, **shape)
+            b, eb = engine_logits(model, ids, engine=wrapper, **shape)
+            compare_experts(eb, ea, f"{arch} {wtype}")
+            err = float(np.abs(a - b).max())
+            check(err <= tol, f"{arch} {wtype}: NEON differs from this machine's build by {err:.3g} > {tol}")
+            worst = max(worst, err)
+    return f"armv8-a and armv8.2-a+dotprod, all formats; largest difference {worst:.2g}"
+
+
 # ----------------------------------------------------------------------------
 # the tokenizer against the sentencepiece library
 

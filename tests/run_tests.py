@@ -97,6 +97,16 @@ def random_ids(n, vocab, seed):
     return [1] + rng.integers(3, vocab, n - 1).tolist()
 
 
+def random_model(tmp, seed, n_ids, ids_seed, name="hf", **kw):
+    """A random bf16 checkpoint in tmp/name, some token ids for it, and the shape of the
+    engine's dumps: (folder, config, ids, shape keywords for engine_logits)."""
+    cfg = hf.make_config(**kw)
+    d = os.path.join(tmp, name)
+    hf.write_checkpoint(d, cfg, dtype="bf16", seed=seed)
+    shape = dict(vocab=cfg["vocab_size"], layers=cfg["num_hidden_layers"], top_k=cfg["num_experts_per_tok"])
+    return d, cfg, random_ids(n_ids, cfg["vocab_size"], ids_seed), shape
+
+
 # ----------------------------------------------------------------------------
 # equivalence with the numpy reference
 
@@ -144,11 +154,7 @@ for case in CASES:
 @test
 def threads_identical(tmp):
     """Results are bit-identical for any thread count, and under the sanitizer build."""
-    cfg = hf.make_config(dim=64, hidden_dim=128, heads=8, kv_heads=2, experts=8, top_k=2, window=4)
-    d = os.path.join(tmp, "hf")
-    hf.write_checkpoint(d, cfg, dtype="bf16", seed=3)
-    ids = random_ids(14, cfg["vocab_size"], 1)
-    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    d, cfg, ids, shape = random_model(tmp, 3, 14, 1, dim=64, hidden_dim=128, heads=8, kv_heads=2, experts=8, top_k=2, window=4)
     # the SIMD build and the portable build (the sanitizer one) each agree with themselves
     for wtype in ("f32", "bf16", "q8", "q4"):
         model = export(d, os.path.join(tmp, f"model_{wtype}.bin"), wtype)
@@ -172,10 +178,8 @@ def chunked_prompt_equals_token_by_token(tmp):
     ids = random_ids(24, 32000, 9)
     n = 0
     for window in (None, 5):
-        cfg = hf.make_config(dim=128, hidden_dim=128, heads=4, kv_heads=2, experts=8, top_k=2, window=window)
-        d = os.path.join(tmp, f"hf{window}")
-        hf.write_checkpoint(d, cfg, dtype="bf16", seed=12)
-        shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+        d, cfg, _, shape = random_model(tmp, 12, 1, 0, name=f"hf{window}", dim=128, hidden_dim=128, heads=4,
+                                        kv_heads=2, experts=8, top_k=2, window=window)
         for wtype in ("f32", "bf16", "q8", "q4"):
             model = export(d, os.path.join(tmp, f"m{window}{wtype}.bin"), wtype)
             base, base_e = engine_logits(model, ids, chunk=1, **shape)
@@ -261,11 +265,7 @@ QUANT_BOUNDS = {  # rms error / logit std, top-1 agreement, max error where rout
 @test
 def quantized_quality(tmp):
     """q8 and q4 logits against f32 over 256 positions: errors and top-1 agreement."""
-    cfg = hf.make_config(dim=256, hidden_dim=512, layers=2, heads=8, kv_heads=2, experts=8, top_k=2)
-    d = os.path.join(tmp, "hf")
-    hf.write_checkpoint(d, cfg, dtype="bf16", seed=21)
-    ids = random_ids(256, cfg["vocab_size"], 4)
-    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    d, cfg, ids, shape = random_model(tmp, 21, 256, 4, dim=256, hidden_dim=512, layers=2, heads=8, kv_heads=2, experts=8, top_k=2)
     base, base_e = engine_logits(export(d, os.path.join(tmp, "f32.bin"), "f32"), ids, **shape)
     spread = float(base.std())
     notes = []
@@ -290,11 +290,7 @@ def simd_matches_portable(tmp):
     Float formats agree to rounding (1e-4). In q8/q4 the int8 activations are rounded from slightly
     different sums, and one flipped rounding step moves a product by 1/127 of an element's share:
     a few of those give differences of order 1e-3, so quantized formats get 0.05."""
-    cfg = hf.make_config(dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
-    d = os.path.join(tmp, "hf")
-    hf.write_checkpoint(d, cfg, dtype="bf16", seed=8)
-    ids = random_ids(16, cfg["vocab_size"], 2)
-    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    d, cfg, ids, shape = random_model(tmp, 8, 16, 2, dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
     worst = {}
     for wtype, tol in (("f32", TOL), ("bf16", TOL), ("q8", 0.05), ("q4", 0.05)):
         model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
@@ -315,11 +311,7 @@ def neon_kernels_under_qemu(tmp):
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not cc or not qemu:
         raise Failure("aarch64-linux-gnu-gcc or qemu-aarch64 is missing (tests/deps.sh installs them)")
-    cfg = hf.make_config(dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
-    d = os.path.join(tmp, "hf")
-    hf.write_checkpoint(d, cfg, dtype="bf16", seed=31)
-    ids = random_ids(10, cfg["vocab_size"], 6)
-    shape = dict(vocab=cfg["vocab_size"], layers=2, top_k=2)
+    d, cfg, ids, shape = random_model(tmp, 31, 10, 6, dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
     worst = 0.0
     for arch in ("armv8-a", "armv8.2-a+dotprod"):
         exe = os.path.join(tmp, "mixtral-" + arch.replace("+", "-"))

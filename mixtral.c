@@ -8,16 +8,21 @@
 //   3. thread pool          persistent pthreads, caller is worker 0
 //   4. kernels              rmsnorm, matmul (weight formats dispatched here), softmax
 //   5. state and KV cache   the ring buffer for sliding-window attention
-//   6. forward pass         attention, then the mixture of experts
+//   6. forward pass         attention, then the mixture of experts: route() and moe()
 //   7. sampler              greedy, temperature, top-p
-//   8. generation and chat  text in, text out; Mistral's instruct format
+//   8. generation and chat  text in, text out; Mistral's instruct format; --expert-stats
 //   9. command line
+//
+// Tokens go through the model in chunks (forward_chunk): a prompt many at a
+// time, so that each expert's weights are read once per chunk, and decoding one
+// at a time, which is the same code with a chunk of one.
 //
 // Names follow Hugging Face's modeling_mixtral.py and config.json so the two can
 // be read side by side: dim = hidden_size, hidden_dim = intermediate_size,
 // wq/wk/wv/wo = q/k/v/o_proj, gate = the router, w1/w2/w3 = an expert's matrices.
 // Dimension letters: D = dim, H = hidden_dim, Q = n_heads*head_dim,
-// KV = n_kv_heads*head_dim, E = n_experts, V = vocab_size, S = KV-cache slots.
+// KV = n_kv_heads*head_dim, E = n_experts, K = top_k, V = vocab_size,
+// S = KV-cache slots, C = tokens in a chunk.
 
 #include <errno.h>
 #include <fcntl.h>

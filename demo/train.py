@@ -13,10 +13,15 @@ about 30 times slower).
 
 The corpus uses 7389 of the tokenizer's 32000 pieces, and the output layer is
 most of the cost of a step, so training scores only those 7389. The shipped
-lm_head still has all 32000 rows: each unused token's row points against the
-mean direction of the final hidden states, which every hidden state shares
-(checked on held-out text), scaled so that its logit lies far below the used
-tokens'. The log reports the probability mass left on unused tokens. Writes a Hugging Face folder (config.json, bf16 safetensors shards
+lm_head still has all 32000 rows, and unused pieces must never come out. A
+logit has no bias term, so the model keeps one: residual dimension 0 is a
+constant channel (its embedding column is fixed at CONST, and the rows of
+o_proj and of every expert's w2 that would write into it stay zero, as does
+nothing else), so every final hidden state has h[0] = CONST / rms(x) > 0 (the
+final norm's weight 0 is fixed at 1). Used pieces may learn to use it as a
+bias; each unused piece's row is -M * e_0, with M putting its logit at least
+40 below the best piece at every position of a held-out sample. The log
+reports the probability mass left on unused pieces. Writes a Hugging Face folder (config.json, bf16 safetensors shards
 with their index, tokenizer.model), demo/train_log.txt, and demo/reference.*:
 this script's own forward pass on a fixed prompt, with the bf16 weights as
 shipped, for tests/run_tests.py to hold mixtral.c against.
@@ -48,6 +53,7 @@ CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_a
               vocab_size=32000, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
               max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
 SEQ = 128
+CONST = 1.0  # the constant channel's value in the residual stream
 REFERENCE_PROMPT = "And God said unto Moses,"
 
 
@@ -223,6 +229,45 @@ def save_hf(model, out_dir, shards=2):
     shutil.copy(TOKENIZER, os.path.join(out_dir, "tokenizer.model"))
 
 
+def hold_constant_channel(model):
+    """Puts back what keeps residual dimension 0 constant (called after every step)."""
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = CONST
+        model.norm.weight[0] = 1.0
+        for layer in model.layers:
+            layer.o_proj.weight[0, :] = 0.0
+            for w2 in layer.w2:
+                w2.weight[0, :] = 0.0
+
+
+def complete_lm_head(model, used, val_batch):
+    """Replaces the trained (used-pieces) lm_head with the full one described at the
+    top; returns the largest held-out probability mass on unused pieces."""
+    model.eval()
+    V, D = CONFIG["vocab_size"], CONFIG["hidden_size"]
+    with torch.no_grad():
+        h = torch.cat([model.hidden(x).reshape(-1, D) for x, _ in (val_batch() for _ in range(32))])
+        if h[:, 0].min() <= 0:
+            raise SystemExit("the constant channel is not positive: a bug in hold_constant_channel")
+        trained = model.lm_head.weight.detach().clone()
+        top = (h @ trained.T).max(-1).values
+        big = ((top + 40.0) / h[:, 0]).max().item()
+        full = torch.nn.Linear(D, V, bias=False)
+        row = torch.zeros(D)
+        row[0] = -big
+        full.weight.copy_(row.expand(V, -1))
+        full.weight[used] = trained
+        model.lm_head = full
+        for p in model.lm_head.parameters():
+            p.copy_(torch.from_numpy((bf16_bits(p).astype(np.uint32) << 16).view(np.float32)).view(p.shape))
+        unused = torch.ones(V, dtype=torch.bool)
+        unused[used] = False
+        leak = model.lm_head(h).softmax(-1)[:, unused].sum(-1).max().item()
+    print(f"unused pieces: h[0] >= {h[:, 0].min().item():.3f}; their rows -{big:.0f} e_0; largest held-out "
+          f"probability mass on them {leak:.2e}", flush=True)
+    return leak
+
+
 # ----------------------------------------------------------------------------
 
 def main():
@@ -271,6 +316,7 @@ def main():
 
     budget = a.minutes * 60
     t0, step, tokens, log = time.time(), 0, 0, []
+    hold_constant_channel(model)
     while True:
         elapsed = time.time() - t0
         if elapsed > budget:
@@ -287,6 +333,7 @@ def main():
         (loss + 0.02 * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        hold_constant_channel(model)
         step += 1
         tokens += x.numel()
         if step % 50 == 0:
@@ -302,28 +349,7 @@ def main():
         for p in model.parameters():
             p.copy_(torch.from_numpy((bf16_bits(p).astype(np.uint32) << 16).view(np.float32)).view(p.shape))
     val_loss = evaluate(32)
-    model.eval()
-    with torch.no_grad():
-        # the full lm_head: trained rows for used pieces, "never" rows for the rest
-        h = torch.cat([model.hidden(x).reshape(-1, CONFIG["hidden_size"]) for x, _ in (batch(val) for _ in range(8))])
-        mean = h.mean(0)
-        u = mean / mean.norm()
-        proj = h @ u
-        trained = model.lm_head.weight.detach().clone()
-        top = (h @ trained.T).max().item()
-        scale = (top + 30.0) / max(proj.min().item(), 1e-3)
-        full = torch.nn.Linear(CONFIG["hidden_size"], CONFIG["vocab_size"], bias=False)
-        full.weight.copy_((-scale * u).expand(CONFIG["vocab_size"], -1))
-        full.weight[used] = trained
-        model.lm_head = full
-        for p in model.lm_head.parameters():
-            p.copy_(torch.from_numpy((bf16_bits(p).astype(np.uint32) << 16).view(np.float32)).view(p.shape))
-        unused = torch.ones(CONFIG["vocab_size"], dtype=torch.bool)
-        unused[used] = False
-        probs = model.lm_head(h).softmax(-1)
-        leak = probs[:, unused].sum(-1).max().item()
-    print(f"unused pieces: min projection {proj.min().item():.3f}, largest held-out probability mass on them "
-          f"{leak:.2e}", flush=True)
+    leak = complete_lm_head(model, used, lambda: batch(val))
     save_hf(model, a.out)
     ids = [CONFIG["bos_token_id"]] + sp.encode(REFERENCE_PROMPT)
     model.eval()

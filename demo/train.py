@@ -250,7 +250,8 @@ def complete_lm_head(model, used, val_batch):
         if h[:, 0].min() <= 0:
             raise SystemExit("the constant channel is not positive: a bug in hold_constant_channel")
         trained = model.lm_head.weight.detach().clone()
-        top = (h @ trained.T).max(-1).values
+        slices = torch.split(h, 2048)  # (rows x vocab) at once would need gigabytes
+        top = torch.cat([(hs @ trained.T).max(-1).values for hs in slices])
         big = ((top + 40.0) / h[:, 0]).max().item()
         full = torch.nn.Linear(D, V, bias=False)
         row = torch.zeros(D)
@@ -262,7 +263,7 @@ def complete_lm_head(model, used, val_batch):
             p.copy_(torch.from_numpy((bf16_bits(p).astype(np.uint32) << 16).view(np.float32)).view(p.shape))
         unused = torch.ones(V, dtype=torch.bool)
         unused[used] = False
-        leak = model.lm_head(h).softmax(-1)[:, unused].sum(-1).max().item()
+        leak = max(model.lm_head(hs).softmax(-1)[:, unused].sum(-1).max().item() for hs in slices)
     print(f"unused pieces: h[0] >= {h[:, 0].min().item():.3f}; their rows -{big:.0f} e_0; largest held-out "
           f"probability mass on them {leak:.2e}", flush=True)
     return leak

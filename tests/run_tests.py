@@ -246,6 +246,37 @@ def demo_model_matches_training(tmp):
     return f"{len(ref['ids'])} positions of {ref['prompt']!r}: max abs error {err:.2g} (logits up to {np.abs(want).max():.0f})"
 
 
+@test
+def expert_stats_and_trace(tmp):
+    """--expert-stats counts add up (top_k choices per token per layer, over prompt and generated
+    tokens) and --trace-experts has one row per generated token with top_k experts per layer."""
+    d, cfg, _, _ = random_model(tmp, 17, 1, 0, layers=3, experts=8, top_k=2)
+    model = export(d, os.path.join(tmp, "m.bin"), "bf16")
+    r = run([ENGINE, model, "-i", "Hello world", "-n", "10", "-t", "0", "--expert-stats", "--trace-experts"])
+    check(r.returncode == 0, r.stderr)
+    lines = r.stdout.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith("expert usage over"))
+    tokens = int(lines[head].split()[3])
+    rows = [l for l in lines[head + 2:] if l.strip()[:1].isdigit()]
+    check(len(rows) == 3, f"expected 3 layer rows:\n{r.stdout}")
+    for row in rows:
+        counts = [int(x) for x in row.split("|")[1].split()]
+        check(len(counts) == 8 and sum(counts) == 2 * tokens, f"counts {counts} for {tokens} tokens")
+    t0 = next(i for i, l in enumerate(lines) if l.startswith("token"))
+    trace = [l for l in lines[t0 + 1:head] if l.strip()]
+    check(tokens == 1 + len(sp_ids(d, "Hello world")) + 10, f"{tokens} tokens routed: BOS, prompt and 10 generated?")
+    check(len(trace) == 10, f"{len(trace)} trace rows for 10 generated tokens")
+    for l in trace:
+        cells = l[14:].split()
+        check(len(cells) == 6 and all("+" in c for c in cells[::2]), f"trace row {l!r}")
+    return f"{tokens} tokens routed, {len(trace)} traced"
+
+
+def sp_ids(d, text):
+    import sentencepiece
+    return sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model")).encode(text)
+
+
 # ----------------------------------------------------------------------------
 # quantized and SIMD kernels
 

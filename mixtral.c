@@ -1261,7 +1261,7 @@ static void feed(Model *m, State *s, const int *ids, int n, int *pos) {
     }
 }
 
-typedef struct { int tokens; int hit_eos; int context_full; double seconds; } Reply;
+typedef struct { int tokens; int context_full; double seconds; } Reply;
 
 // --trace-experts: the routing of each generated token, printed after generation.
 typedef struct {
@@ -1291,7 +1291,7 @@ static void trace_add(Trace *tr, const State *s, const Config *p, int token) {
 // when the conversation goes on.
 static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, Trace *trace) {
     const Config *p = &m->config;
-    Reply r = {0, 0, 0, 0};
+    Reply r = {0, 0, 0};
     char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
     TokenDecoder dec;
     decoder_init(&dec);
@@ -1299,7 +1299,7 @@ static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, Trace *
     while (r.tokens < steps) {
         int token = sample(sm, s->logits, p->vocab_size);
         r.tokens++;
-        if (token == p->eos_id) { r.hit_eos = 1; break; }
+        if (token == p->eos_id) break;
         emit(&dec, &m->tokenizer, token, buf);
         if (*pos >= s->max_pos) { r.context_full = 1; break; }
         forward(m, s, token, (*pos)++);

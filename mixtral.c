@@ -1292,7 +1292,7 @@ static void trace_add(Trace *tr, const State *s, const Config *p, int token) {
 static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, Trace *trace) {
     const Config *p = &m->config;
     Reply r = {0, 0, 0};
-    char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
+    char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
     TokenDecoder dec;
     decoder_init(&dec);
     double t0 = time_s();
@@ -1407,7 +1407,7 @@ static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int st
     if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
 
     // echo the prompt, then continue it
-    char *buf = xcalloc(4 * m->tokenizer.max_piece_len + 16, 1);
+    char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
     TokenDecoder dec;
     decoder_init(&dec);
     for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
@@ -1771,25 +1771,22 @@ static void bench(Model *m, State *s, int threads) {
            prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], SIMD_NAME);
 }
 
-// Parses "1,415,2936" into ids, checking every one against the vocabulary.
-static int parse_ids(const char *str, int vocab_size, int **out) {
-    int cap = 16, n = 0;
-    int *ids = xcalloc(cap, sizeof(int));
+// Parses "1,415,2936" (commas or spaces) into ids, checking every one against
+// the vocabulary; `flag` names the option in error messages.
+static IdList parse_ids(const char *flag, const char *str, int vocab_size) {
+    IdList ids = {0};
     const char *c = str;
     while (*c) {
         char *end;
         errno = 0;
         long v = strtol(c, &end, 10);
-        if (end == c || errno) die("--ids: expected comma-separated token ids, got \"%s\"", c);
-        if (v < 0 || v >= vocab_size) die("--ids: token id %ld is outside the vocabulary 0..%d", v, vocab_size - 1);
-        if (n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
-        ids[n++] = (int)v;
+        if (end == c || errno) die("%s: expected token ids separated by commas or spaces, got \"%s\"", flag, c);
+        if (v < 0 || v >= vocab_size) die("%s: token id %ld is outside the vocabulary 0..%d", flag, v, vocab_size - 1);
+        ids_push(&ids, (int)v);
         c = end;
         while (*c == ',' || *c == ' ') c++;
     }
-    if (n == 0) die("--ids: no token ids given");
-    *out = ids;
-    return n;
+    return ids;
 }
 
 // Test hooks for the tokenizer: the ids of a file's exact bytes (no BOS), and
@@ -1807,23 +1804,15 @@ static void tokenize_file(const Tokenizer *t, const char *path) {
 }
 
 static void detokenize(const Tokenizer *t, const char *list) {
-    char *buf = xcalloc(4 * t->max_piece_len + 16, 1);
+    IdList ids = parse_ids("--detokenize", list, t->vocab_size);
+    char *buf = xcalloc(decoder_max_bytes(t), 1);
     TokenDecoder dec;
     decoder_init(&dec);
-    for (const char *c = list; *c;) {
-        while (*c == ' ' || *c == ',') c++;
-        if (!*c) break;
-        char *end;
-        errno = 0;
-        long id = strtol(c, &end, 10);
-        if (end == c || errno) die("--detokenize: expected token ids, got \"%s\"", c);
-        if (id < 0 || id >= t->vocab_size) die("--detokenize: token id %ld is outside the vocabulary 0..%d", id, t->vocab_size - 1);
-        fwrite(buf, 1, decoder_put(&dec, t, (int)id, buf), stdout);
-        c = end;
-    }
+    for (int i = 0; i < ids.n; i++) fwrite(buf, 1, decoder_put(&dec, t, ids.ids[i], buf), stdout);
     fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
     printf("\n");
     free(buf);
+    free(ids.ids);
 }
 
 // The test hook: logits after every input position, raw little-endian f32 (n, V);
@@ -1975,11 +1964,11 @@ int main(int argc, char **argv) {
     if (do_bench) {
         bench(&model, &state, threads);
     } else if (ids_arg) {
-        int *ids;
-        int n = parse_ids(ids_arg, p->vocab_size, &ids);
+        IdList ids = parse_ids("--ids", ids_arg, p->vocab_size);
+        if (ids.n == 0) die("--ids: no token ids given");
         if (!logits_path) die("--ids needs --dump-logits");
-        dump_logits(&model, &state, ids, n, logits_path, experts_path);
-        free(ids);
+        dump_logits(&model, &state, ids.ids, ids.n, logits_path, experts_path);
+        free(ids.ids);
     } else {
         Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(ProbId))};
         if (!strcmp(mode, "chat")) chat(&model, &state, &sm, system, chat_path, steps);

@@ -299,6 +299,13 @@ static int drain(TokenDecoder *d, char *out, int final) {
 
 int decoder_flush(TokenDecoder *d, char *out) { return drain(d, out, 1); }
 
+// A piece's text is never longer than the piece ("\xE2\x96\x81" becomes one
+// space), " ⁇ " for <unk> is 5 bytes, and before either up to 4 held bytes may
+// come out as U+FFFD (3 bytes each).
+int decoder_max_bytes(const Tokenizer *t) {
+    return (t->max_piece_len > 5 ? t->max_piece_len : 5) + 4 * 3;
+}
+
 int decoder_put(TokenDecoder *d, const Tokenizer *t, int id, char *out) {
     if (id < 0 || id >= t->vocab_size) return 0;
     int ty = t->type[id];

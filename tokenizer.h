@@ -52,9 +52,11 @@ typedef struct {
 } TokenDecoder;
 
 void decoder_init(TokenDecoder *d);
-// Appends the text of `id` to out (at most 4*max_piece_len+16 bytes); returns
+// Appends the text of `id` to out (at most decoder_max_bytes(t) bytes); returns
 // the number of bytes written.
 int decoder_put(TokenDecoder *d, const Tokenizer *t, int id, char *out);
+// The most bytes one decoder_put or decoder_flush call writes.
+int decoder_max_bytes(const Tokenizer *t);
 // Flushes held bytes at the end of a stream (as U+FFFD each); returns bytes written.
 int decoder_flush(TokenDecoder *d, char *out);
 

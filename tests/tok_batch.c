@@ -36,8 +36,7 @@ int main(int argc, char **argv) {
             at += n;
         } else {
             if ((len - at) / 4 < n) die("truncated record");
-            // every id adds at most one piece's text (4 bytes per byte: U+FFFD) plus a little
-            char *text = xcalloc((size_t)n + 1, 4 * t->max_piece_len + 16);
+            char *text = xcalloc((size_t)n + 1, decoder_max_bytes(t)); // one call's worth per id, and the flush
             size_t o = 0;
             TokenDecoder d;
             decoder_init(&d);
@@ -55,6 +54,7 @@ int main(int argc, char **argv) {
         }
     }
     fclose(out);
+    free(in);
     model_free(&m);
     return 0;
 }

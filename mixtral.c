@@ -515,9 +515,23 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
     qx->x = x;
 }
 
+// Quantized products work on tiles of up to TILE_R weight rows by TILE_T
+// tokens: each weight vector loaded serves every token of the tile and each
+// input vector every row, which is what makes a chunk of prompt cheaper than
+// its tokens one by one. Every (row, token) sum is added in the same order
+// whatever the tile's shape, so a token gets the same logits alone or in a
+// chunk, on any number of threads.
+#define TILE_R 2
+#define TILE_T 4
+#ifndef DECODE_R
+#define DECODE_R 1
+#endif
+#define TILE_G 32 // groups whose scale products a tile computes ahead
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD_NAME "avx2"
+#define SIMD_TILES // q8_tile and q4_tile below
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -574,64 +588,96 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
 #define PREFETCH 6144
 #endif
 
-// q8: maddubs multiplies unsigned by signed bytes, so multiply |w| by x with
-// w's sign moved onto x; pairs of products fit in int16 (2*127*127 < 32768).
-// A group of 64 int8 weights is one cache line; two groups per step, each with
-// its own float accumulator, keep the FMA latency out of the way.
-static inline __m256i q8_group(const int8_t *w, const int8_t *x) {
+// q8: maddubs multiplies unsigned by signed bytes, so multiply |x| by w with
+// x's sign moved onto w; pairs of products fit in int16 (2*127*127 < 32768).
+// Each group of 64 gives 8 int32 partial sums, converted to float and added
+// with the weight's and the input's scales multiplied.
+static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
     __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
-    __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
-    __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
-    return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones);
+    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones);
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
 }
 
-static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int ng = n / QGROUP, g = 0;
-    for (; g + 2 <= ng; g += 2) {
-        _mm_prefetch((const char *)(w + g * QGROUP) + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + g * QGROUP) + PREFETCH + 64, _MM_HINT_T0);
-        __m256i i0 = q8_group(w + g * QGROUP, x->q + g * QGROUP);
-        __m256i i1 = q8_group(w + (g + 1) * QGROUP, x->q + (g + 1) * QGROUP);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
+// A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
+// against tokens t < nt of x; out[t * ldo + r] = row r . token t. nr and nt
+// are constants where this is inlined (TILE_R, TILE_T at most), so the
+// accumulators live in registers. The weights of a group are loaded once for
+// all tokens, each token's inputs once for all rows.
+static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, size_t row_bytes, int nr,
+                                                          const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
+    int G = K / QGROUP;
+    __m256 acc[TILE_R][TILE_T];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i w0[TILE_R], w1[TILE_R];
+        __m256 ws[TILE_R];
+        for (int r = 0; r < nr; r++) {
+            const int8_t *row = w + r * row_bytes;
+            if (fetch) _mm_prefetch((const char *)(row + g * QGROUP) + PREFETCH, _MM_HINT_T0);
+            w0[r] = _mm256_loadu_si256((const __m256i *)(row + g * QGROUP));
+            w1[r] = _mm256_loadu_si256((const __m256i *)(row + g * QGROUP + 32));
+            ws[r] = _mm256_set1_ps(((const float *)(row + K))[g]);
+        }
+        for (int t = 0; t < nt; t++) {
+            const int8_t *xq = x->q + (size_t)t * K + g * QGROUP;
+            __m256 xs = _mm256_set1_ps(x->scale[(size_t)t * G + g]);
+            for (int r = 0; r < nr; r++)
+                acc[r][t] = _mm256_fmadd_ps(q8_group(w0[r], w1[r], xq), _mm256_mul_ps(ws[r], xs), acc[r][t]);
+        }
     }
-    if (g < ng)
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_group(w + g * QGROUP, x->q + g * QGROUP)),
-                               _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) out[t * ldo + r] = hsum_ps(acc[r][t]);
 }
 
 // q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is
 // (15*127*2 fits in int16 with room to add the two halves), and
 // sum((u - 8) x) = sum(u x) - 8 sum(x): the second term, over all groups, is
 // one short dot product of the row's scales with the groups' sums of x.
-static inline __m256i q4_group(const uint8_t *w, const int8_t *x) {
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
-    __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-    __m256i lo = _mm256_and_si256(raw, low);                        // weights 0..31
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
+static inline __m256 q4_group(__m256i lo, __m256i hi, const int8_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
                                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
-    return _mm256_madd_epi16(p, ones);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
-static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int ng = n / QGROUP, g = 0;
-    for (; g + 2 <= ng; g += 2) { // two groups: one cache line of weights
-        _mm_prefetch((const char *)(w + g * QGROUP / 2) + PREFETCH, _MM_HINT_T0);
-        __m256i i0 = q4_group(w + g * QGROUP / 2, x->q + g * QGROUP);
-        __m256i i1 = q4_group(w + (g + 1) * QGROUP / 2, x->q + (g + 1) * QGROUP);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size_t row_bytes, int nr,
+                                                          const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    int G = K / QGROUP;
+    __m256 acc[TILE_R][TILE_T];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < G; g0 += TILE_G) {
+        int gn = G - g0 < TILE_G ? G - g0 : TILE_G;
+        float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < nt; t++)
+                for (int g = 0; g < gn; g++)
+                    S[r][t][g] = ((const float *)(w + r * row_bytes + K / 2))[g0 + g] * x->scale[(size_t)t * G + g0 + g];
+        for (int g = 0; g < gn; g++) {
+            __m256i lo[TILE_R], hi[TILE_R];
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *row = w + r * row_bytes + (g0 + g) * QGROUP / 2;
+                if (fetch && g % 2 == 0) _mm_prefetch((const char *)row + PREFETCH, _MM_HINT_T0);
+                __m256i raw = _mm256_loadu_si256((const __m256i *)row);
+                lo[r] = _mm256_and_si256(raw, low);                        // weights 0..31 of the group
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
+            }
+            for (int t = 0; t < nt; t++) {
+                const int8_t *xq = x->q + (size_t)t * K + (g0 + g) * QGROUP;
+                for (int r = 0; r < nr; r++)
+                    acc[r][t] = _mm256_fmadd_ps(q4_group(lo[r], hi[r], xq), _mm256_broadcast_ss(&S[r][t][g]), acc[r][t]);
+            }
+        }
     }
-    if (g < ng)
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_group(w + g * QGROUP / 2, x->q + g * QGROUP)),
-                               _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, ng);
+    for (int r = 0; r < nr; r++) {
+        const float *ws = (const float *)(w + r * row_bytes + K / 2);
+        for (int t = 0; t < nt; t++)
+            out[t * ldo + r] = hsum_ps(acc[r][t]) - 8.0f * dot_f32(ws, x->sum + (size_t)t * G, G);
+    }
 }
 
 #elif defined(__ARM_NEON)
@@ -757,6 +803,29 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
 }
 #endif
 
+#ifndef SIMD_TILES
+// Without tile kernels a tile is its dot products, token by token.
+static void q8_tile(const int8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
+    (void)fetch; // the hardware prefetcher on its own
+    int G = K / QGROUP;
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            QuantX xt = {x->q + (size_t)t * K, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
+            out[t * ldo + r] = dot_q8(w + r * row_bytes, (const float *)(w + r * row_bytes + K), &xt, K);
+        }
+}
+
+static void q4_tile(const uint8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
+    (void)fetch; // the hardware prefetcher on its own
+    int G = K / QGROUP;
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            QuantX xt = {x->q + (size_t)t * K, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
+            out[t * ldo + r] = dot_q4(w + r * row_bytes, (const float *)(w + r * row_bytes + K / 2), &xt, K);
+        }
+}
+#endif
+
 // One row of W as f32: the embedding lookup.
 static void matrix_row(float *out, const Matrix *W, int row) {
     const uint8_t *r = (const uint8_t *)W->data + (size_t)row * W->row_bytes;
@@ -787,24 +856,42 @@ typedef struct {
     const QuantX *xq;  // x quantized, for q8/q4 weights
 } MatVec;
 
+// Calls TILE(nr, nt) with the tile's shape as constants, so that each shape
+// is compiled with its accumulators in registers.
+#define TILE_SHAPES(nr, nt, TILE)                                                           \
+    switch ((nr) * 10 + (nt)) {                                                             \
+    case 11: TILE(1, 1); break; case 12: TILE(1, 2); break; case 13: TILE(1, 3); break;     \
+    case 14: TILE(1, 4); break; case 21: TILE(2, 1); break; case 22: TILE(2, 2); break;     \
+    case 23: TILE(2, 3); break; case 24: TILE(2, 4); break;                                 \
+    }
+
 // Rows [r0, r1) of one product: the one place weight formats are dispatched.
 static void matvec_rows(const MatVec *m, int r0, int r1) {
     const Matrix *W = m->W;
     int n = W->cols, rows = W->rows, groups = n / QGROUP;
+    if (W->type == WEIGHT_Q8 || W->type == WEIGHT_Q4) {
+        int tile_r = m->n == 1 ? DECODE_R : TILE_R;
+        for (int r = r0; r < r1; r += tile_r) {
+            const uint8_t *w = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
+            int nr = r1 - r < tile_r ? r1 - r : tile_r;
+            for (int t = 0; t < m->n; t += TILE_T) {
+                int nt = m->n - t < TILE_T ? m->n - t : TILE_T;
+                QuantX x = {m->xq->q + (size_t)t * n, m->xq->scale + (size_t)t * groups, m->xq->sum + (size_t)t * groups, NULL};
+                float *out = m->out + (size_t)t * rows + r;
+#define Q8_TILE(R, T) q8_tile((const int8_t *)w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
+#define Q4_TILE(R, T) q4_tile(w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
+                if (W->type == WEIGHT_Q8) TILE_SHAPES(nr, nt, Q8_TILE)
+                else TILE_SHAPES(nr, nt, Q4_TILE)
+            }
+        }
+        return;
+    }
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
+        const void *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
         for (int i = 0; i < m->n; i++) {
             const float *x = m->x + (size_t)i * n;
             float *out = m->out + (size_t)i * rows + r;
-            QuantX xi = {NULL, NULL, NULL, NULL};
-            if (m->xq) xi = (QuantX){m->xq->q + (size_t)i * n, m->xq->scale + (size_t)i * groups,
-                                     m->xq->sum + (size_t)i * groups, NULL};
-            switch (W->type) {
-            case WEIGHT_F32: *out = dot_f32((const float *)row, x, n); break;
-            case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, n); break;
-            case WEIGHT_Q8: *out = dot_q8((const int8_t *)row, (const float *)(row + n), &xi, n); break;
-            case WEIGHT_Q4: *out = dot_q4(row, (const float *)(row + n / 2), &xi, n); break;
-            }
+            *out = W->type == WEIGHT_F32 ? dot_f32(row, x, n) : dot_bf16(row, x, n);
         }
     }
 }

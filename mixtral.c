@@ -611,21 +611,26 @@ static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, size_
     __m256 acc[TILE_R][TILE_T];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m256i w0[TILE_R], w1[TILE_R];
-        __m256 ws[TILE_R];
-        for (int r = 0; r < nr; r++) {
-            const int8_t *row = w + r * row_bytes;
-            if (fetch) _mm_prefetch((const char *)(row + g * QGROUP) + PREFETCH, _MM_HINT_T0);
-            w0[r] = _mm256_loadu_si256((const __m256i *)(row + g * QGROUP));
-            w1[r] = _mm256_loadu_si256((const __m256i *)(row + g * QGROUP + 32));
-            ws[r] = _mm256_set1_ps(((const float *)(row + K))[g]);
-        }
-        for (int t = 0; t < nt; t++) {
-            const int8_t *xq = x->q + (size_t)t * K + g * QGROUP;
-            __m256 xs = _mm256_set1_ps(x->scale[(size_t)t * G + g]);
-            for (int r = 0; r < nr; r++)
-                acc[r][t] = _mm256_fmadd_ps(q8_group(w0[r], w1[r], xq), _mm256_mul_ps(ws[r], xs), acc[r][t]);
+    for (int g0 = 0; g0 < G; g0 += TILE_G) {
+        int gn = G - g0 < TILE_G ? G - g0 : TILE_G;
+        float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < nt; t++)
+                for (int g = 0; g < gn; g++)
+                    S[r][t][g] = ((const float *)(w + r * row_bytes + K))[g0 + g] * x->scale[(size_t)t * G + g0 + g];
+        for (int g = 0; g < gn; g++) {
+            __m256i w0[TILE_R], w1[TILE_R];
+            for (int r = 0; r < nr; r++) {
+                const int8_t *row = w + r * row_bytes + (g0 + g) * QGROUP;
+                if (fetch) _mm_prefetch((const char *)row + PREFETCH, _MM_HINT_T0);
+                w0[r] = _mm256_loadu_si256((const __m256i *)row);
+                w1[r] = _mm256_loadu_si256((const __m256i *)(row + 32));
+            }
+            for (int t = 0; t < nt; t++) {
+                const int8_t *xq = x->q + (size_t)t * K + (g0 + g) * QGROUP;
+                for (int r = 0; r < nr; r++)
+                    acc[r][t] = _mm256_fmadd_ps(q8_group(w0[r], w1[r], xq), _mm256_broadcast_ss(&S[r][t][g]), acc[r][t]);
+            }
         }
     }
     for (int r = 0; r < nr; r++)

@@ -4,10 +4,11 @@ make bench: decode and prefill speed against the machine's memory bandwidth.
 
 Makes once (cached in .cache/bench, outside git) a random checkpoint with
 Mixtral-8x7B layer shapes and 2 layers (6.3 GB in bf16, streamed to disk),
-exports it to bf16, q8 and q4, measures read bandwidth with bench/bandwidth,
-and runs `mixtral --bench` for each format and thread count. The bandwidth is
-measured right before each run, so every percentage compares two numbers
-taken under the same load on this shared machine.
+exports it to bf16, q8 and q4, and runs `mixtral --bench` for each format and
+thread count, each run between two measurements of the sustained read
+bandwidth (bench/bandwidth, same thread count): the run's GB/s is compared with
+their mean, two numbers taken under the same load on this shared machine.
+Each row is the median of --repeat runs, column by column.
 
     python3 bench/bench.py [--threads 1,2] [--types bf16,q8,q4] [--repeat 3]
 """
@@ -60,6 +61,11 @@ def ensure_models(types):
     return paths
 
 
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
 def export_version():
     for line in open(os.path.join(ROOT, "export.py")):
         if line.startswith("VERSION = "):
@@ -71,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--types", default="bf16,q8,q4")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the best is shown")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
@@ -90,14 +96,17 @@ def main():
     rows = []
     for t in types:
         for n in threads:
-            best = None
+            runs = []
             for _ in range(a.repeat):
-                bw = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
+                before = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
                 res = last_json(sh([engine, paths[t], "--bench", "--threads", str(n)])[0])
-                ratio = res["gb_per_s"] / bw
-                if best is None or ratio > best[2]:
-                    best = (res, bw, ratio)
-            res, bw, ratio = best
+                after = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
+                bw = (before + after) / 2
+                runs.append(dict(res, bw=bw, ratio=res["gb_per_s"] / bw))
+            res = {k: median([r[k] for r in runs]) for k in ("prefill_tok_s", "decode_tok_s", "bytes_per_token",
+                                                               "gb_per_s", "bw", "ratio")}
+            res["kernels"] = runs[0].get("kernels", "?")
+            bw, ratio = res["bw"], res["ratio"]
             head = V * D * edge[t]
             per_layer = (res["bytes_per_token"] - head) / SHAPE["layers"]
             full = per_layer * FULL_LAYERS + head
@@ -109,7 +118,7 @@ def main():
 
     print()
     print("Mixtral-8x7B layer shapes, 2 layers; 128-token prompt, 64 decoded tokens; "
-          f"best of {a.repeat} runs, bandwidth measured just before each run")
+          f"median of {a.repeat} runs; mem GB/s: sustained read bandwidth measured just before and after each run")
     print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'% int8 peak':>11} {'decode tok/s':>12} "
           f"{'MB/token':>9} {'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
     for t, n, pf, dec, b, gbs, bw, pct, full, _, gemm, gpct in rows:

@@ -3,8 +3,8 @@
 //   peak [THREADS]
 //
 // Each thread runs independent chains of multiply-adds on registers only:
-// int8 products summed in pairs (vpmaddubsw, what the q8/q4 kernels use) and
-// f32 FMAs. Reports G multiply-adds per second for both, then a JSON line.
+// int8 products summed in pairs (vpmaddubsw, the instruction the q8/q4
+// kernels multiply with) and f32 FMAs. Reports G multiply-adds per second for both, then a JSON line.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -27,18 +27,20 @@ static double now(void) {
 static volatile float sink_f;
 static volatile int sink_i;
 
-// Returns multiply-adds done. 8 independent accumulators hide the latency.
+// Returns multiply-adds done. 12 independent chains cover the latency, and
+// the empty asm keeps the compiler from hoisting the products out of the loop.
 static double run_int8(void) {
 #if defined(__AVX2__)
-    __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-    __m256i c[8];
-    for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_si256();
-    for (long it = 0; it < ITERS; it++)
-        for (int i = 0; i < 8; i++) c[i] = _mm256_add_epi16(c[i], _mm256_maddubs_epi16(a, b));
+    __m256i b = _mm256_set1_epi8(-2), c[12];
+    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_epi8((char)(i + 1));
+    for (long it = 0; it < ITERS; it++) {
+        __asm__ volatile("" : "+x"(b));
+        for (int i = 0; i < 12; i++) c[i] = _mm256_maddubs_epi16(c[i], b);
+    }
     __m256i s = c[0];
-    for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, c[i]);
-    sink_i = _mm256_extract_epi32(_mm256_madd_epi16(s, ones), 0);
-    return (double)ITERS * 8 * 32; // 32 int8 products per instruction
+    for (int i = 1; i < 12; i++) s = _mm256_xor_si256(s, c[i]);
+    sink_i = _mm256_extract_epi32(s, 0);
+    return (double)ITERS * 12 * 32; // 32 int8 products per instruction
 #else
     return 0;
 #endif
@@ -46,14 +48,16 @@ static double run_int8(void) {
 
 static double run_f32(void) {
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 a = _mm256_set1_ps(1.0001f), b = _mm256_set1_ps(0.9999f), c[8];
-    for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_ps();
-    for (long it = 0; it < ITERS; it++)
-        for (int i = 0; i < 8; i++) c[i] = _mm256_fmadd_ps(a, b, c[i]);
+    __m256 a = _mm256_set1_ps(1.0001f), c[12];
+    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_ps((float)i);
+    for (long it = 0; it < ITERS; it++) {
+        __asm__ volatile("" : "+x"(a));
+        for (int i = 0; i < 12; i++) c[i] = _mm256_fmadd_ps(c[i], a, a);
+    }
     __m256 s = c[0];
-    for (int i = 1; i < 8; i++) s = _mm256_add_ps(s, c[i]);
+    for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, c[i]);
     sink_f = _mm256_cvtss_f32(s);
-    return (double)ITERS * 8 * 8;
+    return (double)ITERS * 12 * 8;
 #else
     return 0;
 #endif

@@ -515,17 +515,16 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
     qx->x = x;
 }
 
-// Quantized products work on tiles of up to TILE_R weight rows by TILE_T
-// tokens: each weight vector loaded serves every token of the tile and each
-// input vector every row, which is what makes a chunk of prompt cheaper than
-// its tokens one by one. Every (row, token) sum is added in the same order
-// whatever the tile's shape, so a token gets the same logits alone or in a
-// chunk, on any number of threads.
+// Quantized products of several tokens (a chunk of prompt) work on tiles of up
+// to TILE_R weight rows by TILE_T tokens: each weight vector loaded serves
+// every token of the tile and each input vector every row, which is what
+// makes a chunk of prompt cheaper than its tokens one by one. Decoding (one
+// token) uses dot products instead, which keep two accumulators per row for
+// speed; the tile, short of registers, keeps one, so the two round
+// differently (by about 1e-7 of the logits' range, tested). Within each kernel
+// every sum is added in one fixed order, the same on any number of threads.
 #define TILE_R 2
 #define TILE_T 4
-#ifndef DECODE_R
-#define DECODE_R 1
-#endif
 #define TILE_G 32 // groups whose scale products a tile computes ahead
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -600,11 +599,38 @@ static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
 }
 
+// One row by one token (decoding): two accumulators, even and odd groups,
+// keep the FMA latency out of the way of the weight stream.
+static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int G = n / QGROUP, g = 0;
+    for (; g + 2 <= G; g += 2) {
+        const int8_t *wg = w + g * QGROUP;
+        _mm_prefetch((const char *)wg + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)wg + PREFETCH + 64, _MM_HINT_T0);
+        __m256 f0 = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
+                             x->q + g * QGROUP);
+        __m256 f1 = q8_group(_mm256_loadu_si256((const __m256i *)(wg + 64)),
+                             _mm256_loadu_si256((const __m256i *)(wg + 96)), x->q + (g + 1) * QGROUP);
+        acc0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+        acc1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
+    }
+    if (g < G) {
+        const int8_t *wg = w + g * QGROUP;
+        __m256 f = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
+                            x->q + g * QGROUP);
+        acc0 = _mm256_fmadd_ps(f, _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
 // A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
 // against tokens t < nt of x; out[t * ldo + r] = row r . token t. nr and nt
 // are constants where this is inlined (TILE_R, TILE_T at most), so the
 // accumulators live in registers. The weights of a group are loaded once for
-// all tokens, each token's inputs once for all rows.
+// all tokens, each token's inputs once for all rows, and the products of the
+// scales come from a small table made ahead (loads, not multiplies, in the
+// inner loop). `fetch`: the first tile of these rows prefetches their weights.
 static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, size_t row_bytes, int nr,
                                                           const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
     int G = K / QGROUP;
@@ -648,9 +674,33 @@ static inline __m256 q4_group(__m256i lo, __m256i hi, const int8_t *x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
+static inline void q4_unpack(const uint8_t *w, __m256i *lo, __m256i *hi) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+    *lo = _mm256_and_si256(raw, low);                        // weights 0..31 of the group
+    *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
+}
+
+static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256i lo, hi;
+    int G = n / QGROUP, g = 0;
+    for (; g + 2 <= G; g += 2) { // two groups: one cache line of weights
+        _mm_prefetch((const char *)(w + g * QGROUP / 2) + PREFETCH, _MM_HINT_T0);
+        q4_unpack(w + g * QGROUP / 2, &lo, &hi);
+        acc0 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + g * QGROUP), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+        q4_unpack(w + (g + 1) * QGROUP / 2, &lo, &hi);
+        acc1 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + (g + 1) * QGROUP), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
+    }
+    if (g < G) {
+        q4_unpack(w + g * QGROUP / 2, &lo, &hi);
+        acc0 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + g * QGROUP), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, G);
+}
+
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size_t row_bytes, int nr,
                                                           const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
     int G = K / QGROUP;
     __m256 acc[TILE_R][TILE_T];
     for (int r = 0; r < nr; r++)
@@ -667,9 +717,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size
             for (int r = 0; r < nr; r++) {
                 const uint8_t *row = w + r * row_bytes + (g0 + g) * QGROUP / 2;
                 if (fetch && g % 2 == 0) _mm_prefetch((const char *)row + PREFETCH, _MM_HINT_T0);
-                __m256i raw = _mm256_loadu_si256((const __m256i *)row);
-                lo[r] = _mm256_and_si256(raw, low);                        // weights 0..31 of the group
-                hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
+                q4_unpack(row, &lo[r], &hi[r]);
             }
             for (int t = 0; t < nt; t++) {
                 const int8_t *xq = x->q + (size_t)t * K + (g0 + g) * QGROUP;
@@ -874,11 +922,10 @@ typedef struct {
 static void matvec_rows(const MatVec *m, int r0, int r1) {
     const Matrix *W = m->W;
     int n = W->cols, rows = W->rows, groups = n / QGROUP;
-    if (W->type == WEIGHT_Q8 || W->type == WEIGHT_Q4) {
-        int tile_r = m->n == 1 ? DECODE_R : TILE_R;
-        for (int r = r0; r < r1; r += tile_r) {
+    if (m->n > 1 && (W->type == WEIGHT_Q8 || W->type == WEIGHT_Q4)) {
+        for (int r = r0; r < r1; r += TILE_R) {
             const uint8_t *w = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
-            int nr = r1 - r < tile_r ? r1 - r : tile_r;
+            int nr = r1 - r < TILE_R ? r1 - r : TILE_R;
             for (int t = 0; t < m->n; t += TILE_T) {
                 int nt = m->n - t < TILE_T ? m->n - t : TILE_T;
                 QuantX x = {m->xq->q + (size_t)t * n, m->xq->scale + (size_t)t * groups, m->xq->sum + (size_t)t * groups, NULL};
@@ -891,12 +938,21 @@ static void matvec_rows(const MatVec *m, int r0, int r1) {
         }
         return;
     }
+    // one token (decoding), or float weights: a dot product per (row, token)
     for (int r = r0; r < r1; r++) {
-        const void *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
+        const uint8_t *row = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
         for (int i = 0; i < m->n; i++) {
             const float *x = m->x + (size_t)i * n;
             float *out = m->out + (size_t)i * rows + r;
-            *out = W->type == WEIGHT_F32 ? dot_f32(row, x, n) : dot_bf16(row, x, n);
+            QuantX xi = {NULL, NULL, NULL, NULL};
+            if (m->xq) xi = (QuantX){m->xq->q + (size_t)i * n, m->xq->scale + (size_t)i * groups,
+                                     m->xq->sum + (size_t)i * groups, NULL};
+            switch (W->type) {
+            case WEIGHT_F32: *out = dot_f32((const float *)row, x, n); break;
+            case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, n); break;
+            case WEIGHT_Q8: *out = dot_q8((const int8_t *)row, (const float *)(row + n), &xi, n); break;
+            case WEIGHT_Q4: *out = dot_q4(row, (const float *)(row + n / 2), &xi, n); break;
+            }
         }
     }
 }

@@ -501,7 +501,7 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
     for (int g = 0; g < rows * n / G; g++) {
         const float *xg = x + (size_t)g * G;
         float amax = 0.0f;
-        for (int i = 0; i < G; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        for (int i = 0; i < G; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // (fmaxf: a libm call)
         float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         for (int i = 0; i < G; i++) {

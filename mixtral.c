@@ -598,6 +598,14 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
+// S[g] = ws[g] * xs[g]: the products of a weight row's and a token's group
+// scales, made ahead so that the inner loops broadcast them from memory.
+static inline void scale_products(float *S, const float *ws, const float *xs, int n) {
+    int g = 0;
+    for (; g + 8 <= n; g += 8) _mm256_storeu_ps(S + g, _mm256_mul_ps(_mm256_loadu_ps(ws + g), _mm256_loadu_ps(xs + g)));
+    for (; g < n; g++) S[g] = ws[g] * xs[g];
+}
+
 // q8: maddubs multiplies unsigned by signed bytes, so multiply |x| by w with
 // x's sign moved onto w; pairs of products fit in int16 (2*127*127 < 32768).
 // Each group of 64 gives 8 int32 partial sums, converted to float and added
@@ -614,23 +622,29 @@ static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
 // keep the FMA latency out of the way of the weight stream.
 static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int G = n / QGROUP, g = 0;
-    for (; g + 2 <= G; g += 2) {
-        const int8_t *wg = w + g * QGROUP;
-        prefetch(wg);
-        prefetch(wg + 64);
-        __m256 f0 = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
-                             x->q + g * QGROUP);
-        __m256 f1 = q8_group(_mm256_loadu_si256((const __m256i *)(wg + 64)),
-                             _mm256_loadu_si256((const __m256i *)(wg + 96)), x->q + (g + 1) * QGROUP);
-        acc0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-        acc1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
-    }
-    if (g < G) {
-        const int8_t *wg = w + g * QGROUP;
-        __m256 f = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
-                            x->q + g * QGROUP);
-        acc0 = _mm256_fmadd_ps(f, _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    int G = n / QGROUP;
+    for (int g0 = 0; g0 < G; g0 += TILE_G) {
+        int gn = G - g0 < TILE_G ? G - g0 : TILE_G, g = 0;
+        float S[TILE_G];
+        scale_products(S, ws + g0, x->scale + g0, gn);
+        const int8_t *wb = w + g0 * QGROUP, *xb = x->q + g0 * QGROUP;
+        for (; g + 2 <= gn; g += 2) {
+            const int8_t *wg = wb + g * QGROUP;
+            prefetch(wg);
+            prefetch(wg + 64);
+            __m256 f0 = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
+                                 xb + g * QGROUP);
+            __m256 f1 = q8_group(_mm256_loadu_si256((const __m256i *)(wg + 64)),
+                                 _mm256_loadu_si256((const __m256i *)(wg + 96)), xb + (g + 1) * QGROUP);
+            acc0 = _mm256_fmadd_ps(f0, _mm256_broadcast_ss(&S[g]), acc0);
+            acc1 = _mm256_fmadd_ps(f1, _mm256_broadcast_ss(&S[g + 1]), acc1);
+        }
+        if (g < gn) {
+            const int8_t *wg = wb + g * QGROUP;
+            __m256 f = q8_group(_mm256_loadu_si256((const __m256i *)wg), _mm256_loadu_si256((const __m256i *)(wg + 32)),
+                                xb + g * QGROUP);
+            acc0 = _mm256_fmadd_ps(f, _mm256_broadcast_ss(&S[g]), acc0);
+        }
     }
     return hsum_ps(_mm256_add_ps(acc0, acc1));
 }
@@ -653,8 +667,7 @@ static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, size_
         float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < nt; t++)
-                for (int g = 0; g < gn; g++)
-                    S[r][t][g] = ((const float *)(w + r * row_bytes + K))[g0 + g] * x->scale[(size_t)t * G + g0 + g];
+                scale_products(S[r][t], (const float *)(w + r * row_bytes + K) + g0, x->scale + (size_t)t * G + g0, gn);
         for (int g = 0; g < gn; g++) {
             __m256i w0[TILE_R], w1[TILE_R];
             for (int r = 0; r < nr; r++) {
@@ -695,17 +708,24 @@ static inline void q4_unpack(const uint8_t *w, __m256i *lo, __m256i *hi) {
 static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256i lo, hi;
-    int G = n / QGROUP, g = 0;
-    for (; g + 2 <= G; g += 2) { // two groups: one cache line of weights
-        prefetch(w + g * QGROUP / 2);
-        q4_unpack(w + g * QGROUP / 2, &lo, &hi);
-        acc0 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + g * QGROUP), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
-        q4_unpack(w + (g + 1) * QGROUP / 2, &lo, &hi);
-        acc1 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + (g + 1) * QGROUP), _mm256_set1_ps(ws[g + 1] * x->scale[g + 1]), acc1);
-    }
-    if (g < G) {
-        q4_unpack(w + g * QGROUP / 2, &lo, &hi);
-        acc0 = _mm256_fmadd_ps(q4_group(lo, hi, x->q + g * QGROUP), _mm256_set1_ps(ws[g] * x->scale[g]), acc0);
+    int G = n / QGROUP;
+    for (int g0 = 0; g0 < G; g0 += TILE_G) {
+        int gn = G - g0 < TILE_G ? G - g0 : TILE_G, g = 0;
+        float S[TILE_G];
+        scale_products(S, ws + g0, x->scale + g0, gn);
+        const uint8_t *wb = w + g0 * QGROUP / 2;
+        const int8_t *xb = x->q + g0 * QGROUP;
+        for (; g + 2 <= gn; g += 2) { // two groups: one cache line of weights
+            prefetch(wb + g * QGROUP / 2);
+            q4_unpack(wb + g * QGROUP / 2, &lo, &hi);
+            acc0 = _mm256_fmadd_ps(q4_group(lo, hi, xb + g * QGROUP), _mm256_broadcast_ss(&S[g]), acc0);
+            q4_unpack(wb + (g + 1) * QGROUP / 2, &lo, &hi);
+            acc1 = _mm256_fmadd_ps(q4_group(lo, hi, xb + (g + 1) * QGROUP), _mm256_broadcast_ss(&S[g + 1]), acc1);
+        }
+        if (g < gn) {
+            q4_unpack(wb + g * QGROUP / 2, &lo, &hi);
+            acc0 = _mm256_fmadd_ps(q4_group(lo, hi, xb + g * QGROUP), _mm256_broadcast_ss(&S[g]), acc0);
+        }
     }
     return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, G);
 }
@@ -721,8 +741,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size
         float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < nt; t++)
-                for (int g = 0; g < gn; g++)
-                    S[r][t][g] = ((const float *)(w + r * row_bytes + K / 2))[g0 + g] * x->scale[(size_t)t * G + g0 + g];
+                scale_products(S[r][t], (const float *)(w + r * row_bytes + K / 2) + g0, x->scale + (size_t)t * G + g0, gn);
         for (int g = 0; g < gn; g++) {
             __m256i lo[TILE_R], hi[TILE_R];
             for (int r = 0; r < nr; r++) {

@@ -525,7 +525,7 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
 // every sum is added in one fixed order, the same on any number of threads.
 #define TILE_R 2
 #define TILE_T 4
-#define TILE_G 32 // groups whose scale products a tile computes ahead
+#define TILE_G 32 // groups whose scale products are made ahead at a time
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

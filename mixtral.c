@@ -530,7 +530,7 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD_NAME "avx2"
-#define SIMD_TILES // q8_tile and q4_tile below
+#define SIMD_TILES // quant_tile below
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -651,44 +651,6 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
     return hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
-// A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
-// against tokens t < nt of x; out[t * ldo + r] = row r . token t. nr and nt
-// are constants where this is inlined (TILE_R, TILE_T at most), so the
-// accumulators live in registers. The weights of a group are loaded once for
-// all tokens, each token's inputs once for all rows, and the products of the
-// scales come from a small table made ahead (loads, not multiplies, in the
-// inner loop). `fetch`: the first tile of these rows prefetches their weights.
-static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, size_t row_bytes, int nr,
-                                                          const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
-    int G = K / QGROUP;
-    __m256 acc[TILE_R][TILE_T];
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int g0 = 0; g0 < G; g0 += TILE_G) {
-        int gn = G - g0 < TILE_G ? G - g0 : TILE_G;
-        float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
-        for (int r = 0; r < nr; r++)
-            for (int t = 0; t < nt; t++)
-                scale_products(S[r][t], (const float *)(w + r * row_bytes + K) + g0, x->scale + (size_t)t * G + g0, gn);
-        for (int g = 0; g < gn; g++) {
-            __m256i w0[TILE_R], w1[TILE_R];
-            for (int r = 0; r < nr; r++) {
-                const int8_t *row = w + r * row_bytes + (g0 + g) * QGROUP;
-                if (fetch) prefetch(row);
-                w0[r] = _mm256_loadu_si256((const __m256i *)row);
-                w1[r] = _mm256_loadu_si256((const __m256i *)(row + 32));
-            }
-            for (int t = 0; t < nt; t++) {
-                const int8_t *xq = x->q + (size_t)t * K + (g0 + g) * QGROUP;
-                for (int r = 0; r < nr; r++)
-                    acc[r][t] = _mm256_fmadd_ps(q8_group(w0[r], w1[r], xq), _mm256_broadcast_ss(&S[r][t][g]), acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) out[t * ldo + r] = hsum_ps(acc[r][t]);
-}
-
 // q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is
 // (15*127*2 fits in int16 with room to add the two halves), and
 // sum((u - 8) x) = sum(u x) - 8 sum(x): the second term, over all groups, is
@@ -732,9 +694,19 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
     return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, G);
 }
 
-static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size_t row_bytes, int nr,
-                                                          const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
-    int G = K / QGROUP;
+// A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
+// against tokens t < nt of x; out[t * ldo + r] = row r . token t, for q8 or q4
+// weights (`type`). type, nr and nt are constants where this is inlined (nr,
+// nt at most TILE_R, TILE_T), so the accumulators live in registers. The
+// weights of a group are loaded once for all tokens, each token's inputs once
+// for all rows, and the products of the scales come from a small table made
+// ahead (loads, not multiplies, in the inner loop). `fetch`: the first tile of
+// these rows prefetches their weights.
+static inline __attribute__((always_inline)) void quant_tile(int type, const uint8_t *w, size_t row_bytes, int nr,
+                                                             const QuantX *x, int nt, int K, float *out, size_t ldo,
+                                                             int fetch) {
+    int G = K / QGROUP, q4 = type == WEIGHT_Q4;
+    size_t group_bytes = q4 ? QGROUP / 2 : QGROUP, scales_at = (size_t)G * group_bytes;
     __m256 acc[TILE_R][TILE_T];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
@@ -743,25 +715,31 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, size
         float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < nt; t++)
-                scale_products(S[r][t], (const float *)(w + r * row_bytes + K / 2) + g0, x->scale + (size_t)t * G + g0, gn);
+                scale_products(S[r][t], (const float *)(w + r * row_bytes + scales_at) + g0, x->scale + (size_t)t * G + g0, gn);
         for (int g = 0; g < gn; g++) {
-            __m256i lo[TILE_R], hi[TILE_R];
+            __m256i a[TILE_R], b[TILE_R]; // the group's weights: q8 as two halves, q4 unpacked (low, high)
             for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w + r * row_bytes + (g0 + g) * QGROUP / 2;
-                if (fetch && g % 2 == 0) prefetch(row);
-                q4_unpack(row, &lo[r], &hi[r]);
+                const uint8_t *row = w + r * row_bytes + (g0 + g) * group_bytes;
+                if (fetch && (!q4 || g % 2 == 0)) prefetch(row);
+                if (q4) q4_unpack(row, &a[r], &b[r]);
+                else {
+                    a[r] = _mm256_loadu_si256((const __m256i *)row);
+                    b[r] = _mm256_loadu_si256((const __m256i *)(row + 32));
+                }
             }
             for (int t = 0; t < nt; t++) {
                 const int8_t *xq = x->q + (size_t)t * K + (g0 + g) * QGROUP;
-                for (int r = 0; r < nr; r++)
-                    acc[r][t] = _mm256_fmadd_ps(q4_group(lo[r], hi[r], xq), _mm256_broadcast_ss(&S[r][t][g]), acc[r][t]);
+                for (int r = 0; r < nr; r++) {
+                    __m256 f = q4 ? q4_group(a[r], b[r], xq) : q8_group(a[r], b[r], xq);
+                    acc[r][t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(&S[r][t][g]), acc[r][t]);
+                }
             }
         }
     }
     for (int r = 0; r < nr; r++) {
-        const float *ws = (const float *)(w + r * row_bytes + K / 2);
+        const float *ws = (const float *)(w + r * row_bytes + scales_at);
         for (int t = 0; t < nt; t++)
-            out[t * ldo + r] = hsum_ps(acc[r][t]) - 8.0f * dot_f32(ws, x->sum + (size_t)t * G, G);
+            out[t * ldo + r] = hsum_ps(acc[r][t]) - (q4 ? 8.0f * dot_f32(ws, x->sum + (size_t)t * G, G) : 0.0f);
     }
 }
 
@@ -890,23 +868,16 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
 
 #ifndef SIMD_TILES
 // Without tile kernels a tile is its dot products, token by token.
-static void q8_tile(const int8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
+static void quant_tile(int type, const uint8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out,
+                       size_t ldo, int fetch) {
     (void)fetch; // the hardware prefetcher on its own
     int G = K / QGROUP;
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) {
             QuantX xt = {x->q + (size_t)t * K, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
-            out[t * ldo + r] = dot_q8(w + r * row_bytes, (const float *)(w + r * row_bytes + K), &xt, K);
-        }
-}
-
-static void q4_tile(const uint8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out, size_t ldo, int fetch) {
-    (void)fetch; // the hardware prefetcher on its own
-    int G = K / QGROUP;
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) {
-            QuantX xt = {x->q + (size_t)t * K, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
-            out[t * ldo + r] = dot_q4(w + r * row_bytes, (const float *)(w + r * row_bytes + K / 2), &xt, K);
+            const uint8_t *row = w + r * row_bytes;
+            out[t * ldo + r] = type == WEIGHT_Q8 ? dot_q8((const int8_t *)row, (const float *)(row + K), &xt, K)
+                                                 : dot_q4(row, (const float *)(row + K / 2), &xt, K);
         }
 }
 #endif
@@ -962,8 +933,8 @@ static void matvec_rows(const MatVec *m, int r0, int r1) {
                 int nt = m->n - t < TILE_T ? m->n - t : TILE_T;
                 QuantX x = {m->xq->q + (size_t)t * n, m->xq->scale + (size_t)t * groups, m->xq->sum + (size_t)t * groups, NULL};
                 float *out = m->out + (size_t)t * rows + r;
-#define Q8_TILE(R, T) q8_tile((const int8_t *)w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
-#define Q4_TILE(R, T) q4_tile(w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
+#define Q8_TILE(R, T) quant_tile(WEIGHT_Q8, w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
+#define Q4_TILE(R, T) quant_tile(WEIGHT_Q4, w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
                 if (W->type == WEIGHT_Q8) TILE_SHAPES(nr, nt, Q8_TILE)
                 else TILE_SHAPES(nr, nt, Q4_TILE)
             }

@@ -515,6 +515,12 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
     qx->x = x;
 }
 
+// Token t of a quantized batch of vectors of n values each.
+static inline QuantX quant_token(const QuantX *x, int t, int n) {
+    int G = n / QGROUP;
+    return (QuantX){x->q + (size_t)t * n, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
+}
+
 // Quantized products of several tokens (a chunk of prompt) work on tiles of up
 // to TILE_R weight rows by TILE_T tokens: each weight vector loaded serves
 // every token of the tile and each input vector every row, which is what
@@ -871,10 +877,9 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
 static void quant_tile(int type, const uint8_t *w, size_t row_bytes, int nr, const QuantX *x, int nt, int K, float *out,
                        size_t ldo, int fetch) {
     (void)fetch; // the hardware prefetcher on its own
-    int G = K / QGROUP;
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) {
-            QuantX xt = {x->q + (size_t)t * K, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
+            QuantX xt = quant_token(x, t, K);
             const uint8_t *row = w + r * row_bytes;
             out[t * ldo + r] = type == WEIGHT_Q8 ? dot_q8((const int8_t *)row, (const float *)(row + K), &xt, K)
                                                  : dot_q4(row, (const float *)(row + K / 2), &xt, K);
@@ -924,14 +929,14 @@ typedef struct {
 // Rows [r0, r1) of one product: the one place weight formats are dispatched.
 static void matvec_rows(const MatVec *m, int r0, int r1) {
     const Matrix *W = m->W;
-    int n = W->cols, rows = W->rows, groups = n / QGROUP;
+    int n = W->cols, rows = W->rows;
     if (m->n > 1 && (W->type == WEIGHT_Q8 || W->type == WEIGHT_Q4)) {
         for (int r = r0; r < r1; r += TILE_R) {
             const uint8_t *w = (const uint8_t *)W->data + (size_t)r * W->row_bytes;
             int nr = r1 - r < TILE_R ? r1 - r : TILE_R;
             for (int t = 0; t < m->n; t += TILE_T) {
                 int nt = m->n - t < TILE_T ? m->n - t : TILE_T;
-                QuantX x = {m->xq->q + (size_t)t * n, m->xq->scale + (size_t)t * groups, m->xq->sum + (size_t)t * groups, NULL};
+                QuantX x = quant_token(m->xq, t, n);
                 float *out = m->out + (size_t)t * rows + r;
 #define Q8_TILE(R, T) quant_tile(WEIGHT_Q8, w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
 #define Q4_TILE(R, T) quant_tile(WEIGHT_Q4, w, W->row_bytes, R, &x, T, n, out, rows, t == 0)
@@ -947,9 +952,7 @@ static void matvec_rows(const MatVec *m, int r0, int r1) {
         for (int i = 0; i < m->n; i++) {
             const float *x = m->x + (size_t)i * n;
             float *out = m->out + (size_t)i * rows + r;
-            QuantX xi = {NULL, NULL, NULL, NULL};
-            if (m->xq) xi = (QuantX){m->xq->q + (size_t)i * n, m->xq->scale + (size_t)i * groups,
-                                     m->xq->sum + (size_t)i * groups, NULL};
+            QuantX xi = m->xq ? quant_token(m->xq, i, n) : (QuantX){NULL, NULL, NULL, NULL};
             switch (W->type) {
             case WEIGHT_F32: *out = dot_f32((const float *)row, x, n); break;
             case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, n); break;

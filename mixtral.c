@@ -605,11 +605,25 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
 }
 
 // S[g] = ws[g] * xs[g]: the products of a weight row's and a token's group
-// scales, made ahead so that the inner loops broadcast them from memory.
-static inline void scale_products(float *S, const float *ws, const float *xs, int n) {
+// scales, made ahead so that the inner loops broadcast them from memory. For
+// q4 (xsum given) the same pass adds sum(ws[g] * xsum[g]) into corr, for the
+// offset correction below.
+static inline __m256 scale_products(float *S, const float *ws, const float *xs, const float *xsum, int n, __m256 corr) {
     int g = 0;
-    for (; g + 8 <= n; g += 8) _mm256_storeu_ps(S + g, _mm256_mul_ps(_mm256_loadu_ps(ws + g), _mm256_loadu_ps(xs + g)));
-    for (; g < n; g++) S[g] = ws[g] * xs[g];
+    for (; g + 8 <= n; g += 8) {
+        __m256 w = _mm256_loadu_ps(ws + g);
+        _mm256_storeu_ps(S + g, _mm256_mul_ps(w, _mm256_loadu_ps(xs + g)));
+        if (xsum) corr = _mm256_fmadd_ps(w, _mm256_loadu_ps(xsum + g), corr);
+    }
+    if (g < n) {
+        float c = 0.0f;
+        for (; g < n; g++) {
+            S[g] = ws[g] * xs[g];
+            if (xsum) c += ws[g] * xsum[g];
+        }
+        corr = _mm256_add_ps(corr, _mm256_setr_ps(c, 0, 0, 0, 0, 0, 0, 0));
+    }
+    return corr;
 }
 
 // q8: maddubs multiplies unsigned by signed bytes, so multiply |x| by w with
@@ -634,7 +648,7 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
     for (int g0 = 0; g0 < G; g0 += TILE_G) {
         int gn = G - g0 < TILE_G ? G - g0 : TILE_G, g = 0;
         float S[TILE_G];
-        scale_products(S, ws + g0, x->scale + g0, gn);
+        scale_products(S, ws + g0, x->scale + g0, NULL, gn, _mm256_setzero_ps());
         const int8_t *wb = w + g0 * QGROUP, *xb = x->q + g0 * QGROUP;
         for (; g + 2 <= gn; g += 2) {
             const int8_t *wg = wb + g * QGROUP;
@@ -660,7 +674,8 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
 // q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is
 // (15*127*2 fits in int16 with room to add the two halves), and
 // sum((u - 8) x) = sum(u x) - 8 sum(x): the second term, over all groups, is
-// one short dot product of the row's scales with the groups' sums of x.
+// a short dot product of the row's scales with the groups' sums of x, which
+// scale_products accumulates as it goes.
 static inline __m256 q4_group(__m256i lo, __m256i hi, const int8_t *x) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
@@ -676,13 +691,13 @@ static inline void q4_unpack(const uint8_t *w, __m256i *lo, __m256i *hi) {
 }
 
 static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
     __m256i lo, hi;
     int G = n / QGROUP;
     for (int g0 = 0; g0 < G; g0 += TILE_G) {
         int gn = G - g0 < TILE_G ? G - g0 : TILE_G, g = 0;
         float S[TILE_G];
-        scale_products(S, ws + g0, x->scale + g0, gn);
+        corr = scale_products(S, ws + g0, x->scale + g0, x->sum + g0, gn, corr);
         const uint8_t *wb = w + g0 * QGROUP / 2;
         const int8_t *xb = x->q + g0 * QGROUP;
         for (; g + 2 <= gn; g += 2) { // two groups: one cache line of weights
@@ -697,7 +712,7 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
             acc0 = _mm256_fmadd_ps(q4_group(lo, hi, xb + g * QGROUP), _mm256_broadcast_ss(&S[g]), acc0);
         }
     }
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, x->sum, G);
+    return hsum_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr, _mm256_add_ps(acc0, acc1)));
 }
 
 // A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
@@ -713,15 +728,17 @@ static inline __attribute__((always_inline)) void quant_tile(int type, const uin
                                                              int fetch) {
     int G = K / QGROUP, q4 = type == WEIGHT_Q4;
     size_t group_bytes = q4 ? QGROUP / 2 : QGROUP, scales_at = (size_t)G * group_bytes;
-    __m256 acc[TILE_R][TILE_T];
+    __m256 acc[TILE_R][TILE_T], corr[TILE_R][TILE_T]; // corr: q4's offset correction
     for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < nt; t++) acc[r][t] = corr[r][t] = _mm256_setzero_ps();
     for (int g0 = 0; g0 < G; g0 += TILE_G) {
         int gn = G - g0 < TILE_G ? G - g0 : TILE_G;
         float S[TILE_R][TILE_T][TILE_G]; // the scales' products, per (row, token, group)
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < nt; t++)
-                scale_products(S[r][t], (const float *)(w + r * row_bytes + scales_at) + g0, x->scale + (size_t)t * G + g0, gn);
+                corr[r][t] = scale_products(S[r][t], (const float *)(w + r * row_bytes + scales_at) + g0,
+                                            x->scale + (size_t)t * G + g0, q4 ? x->sum + (size_t)t * G + g0 : NULL, gn,
+                                            corr[r][t]);
         for (int g = 0; g < gn; g++) {
             __m256i a[TILE_R], b[TILE_R]; // the group's weights: q8 as two halves, q4 unpacked (low, high)
             for (int r = 0; r < nr; r++) {
@@ -742,11 +759,9 @@ static inline __attribute__((always_inline)) void quant_tile(int type, const uin
             }
         }
     }
-    for (int r = 0; r < nr; r++) {
-        const float *ws = (const float *)(w + r * row_bytes + scales_at);
+    for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
-            out[t * ldo + r] = hsum_ps(acc[r][t]) - (q4 ? 8.0f * dot_f32(ws, x->sum + (size_t)t * G, G) : 0.0f);
-    }
+            out[t * ldo + r] = hsum_ps(q4 ? _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr[r][t], acc[r][t]) : acc[r][t]);
 }
 
 #elif defined(__ARM_NEON)

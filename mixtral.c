@@ -493,12 +493,13 @@ typedef struct {
     float *scale;    // (tokens, n/QGROUP)
     float *sum;      // (tokens, n/QGROUP)
     const float *x;  // the vectors quantized, to reuse the result for the same input
+    int64_t groups;  // how many groups of QGROUP values they hold
 } QuantX;
 
-// Quantizes `rows` vectors of n values each (contiguous) into qx.
-static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
+// Quantizes groups [g0, g1) of x, vectors of QGROUP values each, into qx.
+static void quantize_groups(QuantX *qx, const float *x, int64_t g0, int64_t g1) {
     const int G = QGROUP;
-    for (int g = 0; g < rows * n / G; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         const float *xg = x + (size_t)g * G;
         float amax = 0.0f;
         for (int i = 0; i < G; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // (fmaxf: a libm call)
@@ -512,13 +513,12 @@ static void quantize_x(QuantX *qx, const float *x, int rows, int n) {
         qx->scale[g] = scale;
         qx->sum[g] = (float)sum * scale;
     }
-    qx->x = x;
 }
 
 // Token t of a quantized batch of vectors of n values each.
 static inline QuantX quant_token(const QuantX *x, int t, int n) {
     int G = n / QGROUP;
-    return (QuantX){x->q + (size_t)t * n, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL};
+    return (QuantX){x->q + (size_t)t * n, x->scale + (size_t)t * G, x->sum + (size_t)t * G, NULL, G};
 }
 
 // Quantized products of several tokens (a chunk of prompt) work on tiles of up
@@ -967,7 +967,7 @@ static void matvec_rows(const MatVec *m, int r0, int r1) {
         for (int i = 0; i < m->n; i++) {
             const float *x = m->x + (size_t)i * n;
             float *out = m->out + (size_t)i * rows + r;
-            QuantX xi = m->xq ? quant_token(m->xq, i, n) : (QuantX){NULL, NULL, NULL, NULL};
+            QuantX xi = m->xq ? quant_token(m->xq, i, n) : (QuantX){NULL, NULL, NULL, NULL, 0};
             switch (W->type) {
             case WEIGHT_F32: *out = dot_f32((const float *)row, x, n); break;
             case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, n); break;
@@ -978,24 +978,44 @@ static void matvec_rows(const MatVec *m, int r0, int r1) {
     }
 }
 
-typedef struct { const MatVec *mv; int n; int64_t total_work; } MatmulJob;
+typedef struct {
+    const MatVec *mv;
+    int n;
+    int64_t total_work;
+    int pieces;         // the work is cut into this many equal pieces
+    atomic_int next;    // the next piece nobody has taken
+} MatmulJob;
 
-// The batch's rows, stacked, are split into one contiguous range per worker
-// with an equal share of work (a row of an n-token product counts n): experts
-// that took many tokens and experts that took few still split evenly.
-static void matmul_job(void *arg, int tid, int nthreads) {
-    const MatmulJob *j = arg;
-    int64_t lo = j->total_work * tid / nthreads, hi = j->total_work * (tid + 1) / nthreads, base = 0;
+// Units [lo, hi) of a batch's work: its rows, stacked, a row of an n-token
+// product counting n units; each product gets the rows whose first unit falls
+// in [lo, hi).
+static void matmul_range(const MatmulJob *j, int64_t lo, int64_t hi) {
+    int64_t base = 0;
     for (int i = 0; i < j->n; i++) {
         const MatVec *m = &j->mv[i];
         int64_t rows = m->W->rows, n = m->n;
-        // rows whose first unit of work falls in [lo, hi)
         int64_t r0 = lo <= base ? 0 : (lo - base + n - 1) / n, r1 = hi <= base ? 0 : (hi - base + n - 1) / n;
         if (r0 > rows) r0 = rows;
         if (r1 > rows) r1 = rows;
         if (r0 < r1) matvec_rows(m, (int)r0, (int)r1);
         base += rows * n;
     }
+}
+
+// Decoding (one token: pieces == threads) gives each worker one contiguous
+// range, one sequential stream through the weights, which memory serves best.
+// Batches are bound by arithmetic instead, and a worker slowed down (by
+// another process on its core) would hold up the rest, so their work is cut
+// into more pieces than workers and each takes the next free piece. Which
+// worker computes a row never changes the row's result.
+static void matmul_job(void *arg, int tid, int nthreads) {
+    MatmulJob *j = arg;
+    if (j->pieces == nthreads) {
+        matmul_range(j, j->total_work * tid / nthreads, j->total_work * (tid + 1) / nthreads);
+        return;
+    }
+    for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->pieces;)
+        matmul_range(j, j->total_work * c / j->pieces, j->total_work * (c + 1) / j->pieces);
 }
 
 // ----------------------------------------------------------------------------
@@ -1108,21 +1128,44 @@ static void state_free(State *s, const Config *p) {
     free(s->router_entropy);
 }
 
+// Quantizes the inputs qx[0..n) (qx[i].x, qx[i].groups), cut into equal
+// shares of groups.
+typedef struct { QuantX *qx; int n; int64_t total; } QuantizeJob;
+
+static void quantize_job(void *arg, int tid, int nthreads) {
+    const QuantizeJob *j = arg;
+    int64_t lo = j->total * tid / nthreads, hi = j->total * (tid + 1) / nthreads, base = 0;
+    for (int i = 0; i < j->n; base += j->qx[i++].groups) {
+        int64_t g0 = lo > base ? lo - base : 0, g1 = hi - base < j->qx[i].groups ? hi - base : j->qx[i].groups;
+        if (g0 < g1) quantize_groups(&j->qx[i], j->qx[i].x, g0, g1);
+    }
+}
+
 // A batch of products in one round of the pool: mv[i].out = mv[i].x @ mv[i].W^T.
-// Inputs of quantized matrices are quantized first, once per distinct input
-// (products sharing an input come together in the batch).
+// Inputs of quantized matrices are quantized first (on the pool too, when
+// there are many), once per distinct input (products sharing an input come
+// together in the batch).
 static void matmul(State *s, MatVec *mv, int n) {
     int64_t work = 0;
-    int nq = 0;
+    int tokens = 0;
+    QuantizeJob qj = {s->xq, 0, 0};
     for (int i = 0; i < n; i++) {
         const Matrix *W = mv[i].W;
         work += (int64_t)W->rows * mv[i].n;
+        if (mv[i].n > tokens) tokens = mv[i].n;
         s->bytes_read += (uint64_t)W->rows * W->row_bytes;
         if (W->type != WEIGHT_Q8 && W->type != WEIGHT_Q4) continue;
-        if (nq == 0 || s->xq[nq - 1].x != mv[i].x) quantize_x(&s->xq[nq++], mv[i].x, mv[i].n, W->cols);
-        mv[i].xq = &s->xq[nq - 1];
+        if (qj.n == 0 || s->xq[qj.n - 1].x != mv[i].x) {
+            QuantX *qx = &s->xq[qj.n++];
+            qx->x = mv[i].x;
+            qx->groups = (int64_t)mv[i].n * W->cols / QGROUP;
+            qj.total += qx->groups;
+        }
+        mv[i].xq = &s->xq[qj.n - 1];
     }
-    MatmulJob job = {mv, n, work};
+    if (tokens > 1) pool_run(s->pool, quantize_job, &qj); // (one token's vector: quicker than a round of the pool)
+    else if (qj.total) quantize_job(&qj, 0, 1);
+    MatmulJob job = {mv, n, work, tokens > 1 ? 8 * s->pool->n : s->pool->n, 0};
     pool_run(s->pool, matmul_job, &job);
 }
 
@@ -1256,6 +1299,18 @@ static void route(const Config *p, const Layer *L, State *s, int l, const float 
 // The mixture of experts of one layer for the chunk; adds its output to x.
 // Step 4, the expert loop, runs each chosen expert once over all the tokens
 // that chose it: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb).
+// h = silu(h) * h2, elementwise: the gate of the experts' hidden layer, in
+// equal shares on the pool.
+typedef struct { float *h; const float *h2; int64_t n; } SwiGLU;
+
+static void swiglu_job(void *arg, int tid, int nthreads) {
+    const SwiGLU *a = arg;
+    for (int64_t i = a->n * tid / nthreads; i < a->n * (tid + 1) / nthreads; i++) {
+        float g = a->h[i];
+        a->h[i] = g / (1.0f + expf(-g)) * a->h2[i]; // silu(w1 x) * (w3 x)
+    }
+}
+
 static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
     int D = p->dim, H = p->hidden_dim, E = p->n_experts, K = p->top_k, NL = p->n_layers;
     s->bytes_read += (uint64_t)n * E * D * sizeof(float); // the router
@@ -1292,10 +1347,9 @@ static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
         down[active++] = (MatVec){s->moe_out + j * D, s->hb + j * H, &ex->w2, count[e], NULL};
     }
     matmul(s, up, 2 * active);
-    for (size_t i = 0; i < (size_t)n * K * H; i++) {
-        float g = s->hb[i];
-        s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i]; // silu(w1 x) * (w3 x)
-    }
+    SwiGLU act = {s->hb, s->hb2, (int64_t)n * K * H};
+    if (n > 1) pool_run(s->pool, swiglu_job, &act);
+    else swiglu_job(&act, 0, 1);
     matmul(s, down, active);
     for (int j = 0; j < n * K; j++) { // weighted sum into the residual, expert by expert
         float *x = s->x + (size_t)s->pair_token[j] * D, w = s->pair_weight[j];

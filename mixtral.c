@@ -2081,7 +2081,7 @@ static void print_usage(void) {
         "                        {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}]}\n"
         "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --threads N       threads (default: all online CPUs)\n"
-        "      --chunk N         prompt tokens processed together, each expert once per chunk (default 64)\n"
+        "      --chunk N         prompt tokens processed together, each expert once per chunk (default 128)\n"
         "      --info            print the model's configuration and exit\n"
         "      --expert-stats    after generating, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after generating, print each token's experts and weights per layer\n"
@@ -2116,7 +2116,7 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0, chunk = 64;
+    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0, chunk = 128;
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = (uint64_t)time(NULL);
     for (int i = 2; i < argc; i++) {

@@ -325,10 +325,11 @@ static void model_free(Model *m) {
 // 3. thread pool
 //
 // Persistent workers; the calling thread is worker 0, so n threads means n-1
-// pthreads. A job is a function called as fn(arg, tid, n) on every worker; each
-// worker takes a fixed share of the work by tid, so results never depend on
-// timing, and since every output element is computed by exactly one worker
-// with the same arithmetic, they do not depend on the thread count either.
+// pthreads. A job is a function called as fn(arg, tid, n) on every worker,
+// which takes a share of the work: a fixed one by tid, or (for batches of
+// products) the next free piece. Every output element is computed by exactly
+// one worker with the same arithmetic whichever worker it is, so results
+// depend neither on timing nor on the thread count.
 //
 // Jobs come in quick succession while a token is computed (a few per layer),
 // so a waiting thread first spins briefly on an atomic counter, then sleeps on

@@ -1143,9 +1143,8 @@ static void quantize_job(void *arg, int tid, int nthreads) {
 }
 
 // A batch of products in one round of the pool: mv[i].out = mv[i].x @ mv[i].W^T.
-// Inputs of quantized matrices are quantized first (on the pool too, when
-// there are many), once per distinct input (products sharing an input come
-// together in the batch).
+// Inputs of quantized matrices are quantized first (on the pool too), once
+// per distinct input (products sharing an input come together in the batch).
 static void matmul(State *s, MatVec *mv, int n) {
     int64_t work = 0;
     int tokens = 0;
@@ -1164,8 +1163,7 @@ static void matmul(State *s, MatVec *mv, int n) {
         }
         mv[i].xq = &s->xq[qj.n - 1];
     }
-    if (tokens > 1) pool_run(s->pool, quantize_job, &qj); // (one token's vector: quicker than a round of the pool)
-    else if (qj.total) quantize_job(&qj, 0, 1);
+    if (qj.total) pool_run(s->pool, quantize_job, &qj);
     MatmulJob job = {mv, n, work, tokens > 1 ? 8 * s->pool->n : s->pool->n, 0};
     pool_run(s->pool, matmul_job, &job);
 }
@@ -1349,8 +1347,7 @@ static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
     }
     matmul(s, up, 2 * active);
     SwiGLU act = {s->hb, s->hb2, (int64_t)n * K * H};
-    if (n > 1) pool_run(s->pool, swiglu_job, &act);
-    else swiglu_job(&act, 0, 1);
+    pool_run(s->pool, swiglu_job, &act);
     matmul(s, down, active);
     for (int j = 0; j < n * K; j++) { // weighted sum into the residual, expert by expert
         float *x = s->x + (size_t)s->pair_token[j] * D, w = s->pair_weight[j];

@@ -294,15 +294,6 @@ static void model_load(Model *m, const char *path) {
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
-#ifdef MADV_HUGEPAGE
-    // The weights are read in long sequential streams, and with 4 KB pages
-    // every 4 KB costs a TLB miss. Advise 2 MB pages: Linux then reads the file
-    // into 2 MB page-cache folios through this mapping and maps each with one
-    // entry. Measured on the bench model, 2 threads: decode about 20% faster
-    // (q4: 27.7 against 23.2 GB/s, alternating runs). Only advice: where it is
-    // not supported nothing changes.
-    madvise(map, size, MADV_HUGEPAGE);
-#endif
     m->map = map;
     m->map_size = size;
     memcpy(&m->config, map, sizeof(Config));

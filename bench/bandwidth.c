@@ -20,7 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <sys/mman.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -72,9 +71,6 @@ int main(int argc, char **argv) {
     size_t bytes = mib << 20, share = bytes / threads / 128 * 128;
     uint8_t *buf = aligned_alloc(4096, bytes);
     if (!buf) { fprintf(stderr, "bandwidth: cannot allocate %zu MiB\n", mib); return 1; }
-#ifdef MADV_HUGEPAGE
-    madvise(buf, bytes, MADV_HUGEPAGE); // 2 MB pages, as mixtral asks for its weights
-#endif
     memset(buf, 1, bytes); // touch every page
     enum { PASSES = 20 };
     int passes = PASSES;

@@ -61,19 +61,6 @@ def ensure_models(types):
     return paths
 
 
-def drop_from_page_cache(path):
-    """mixtral maps its weights asking for 2 MB pages, and Linux reads a file into 2 MB page-cache
-    folios through such a mapping; a file just written by export.py sits in the cache in whatever
-    pieces its writes left. Dropping it first makes every run see the weights as mixtral itself
-    reads them from disk (the first run's warm-up, untimed, reads them back)."""
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def median(values):
     v = sorted(values)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
@@ -108,7 +95,6 @@ def main():
 
     rows = []
     for t in types:
-        drop_from_page_cache(paths[t])
         for n in threads:
             runs = []
             for _ in range(a.repeat):

@@ -526,8 +526,8 @@ static inline QuantX quant_token(const QuantX *x, int t, int n) {
 // to TILE_R weight rows by TILE_T tokens: each weight vector loaded serves
 // every token of the tile and each input vector every row, which is what
 // makes a chunk of prompt cheaper than its tokens one by one. Decoding (one
-// token) uses dot products instead, which keep two accumulators per row for
-// speed; the tile, short of registers, keeps one, so the two round
+// token) uses dot products instead, which keep several accumulators per row
+// for speed; the tile, short of registers, keeps one, so the two round
 // differently (by about 1e-7 of the logits' range, tested). Within each kernel
 // every sum is added in one fixed order, the same on any number of threads.
 #define TILE_R 2

@@ -1297,9 +1297,6 @@ static void route(const Config *p, const Layer *L, State *s, int l, const float 
     for (int k = 0; k < K; k++) weight[k] /= sum;
 }
 
-// The mixture of experts of one layer for the chunk; adds its output to x.
-// Step 4, the expert loop, runs each chosen expert once over all the tokens
-// that chose it: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb).
 // h = silu(h) * h2, elementwise: the gate of the experts' hidden layer, in
 // equal shares on the pool.
 typedef struct { float *h; const float *h2; int64_t n; } SwiGLU;
@@ -1312,6 +1309,9 @@ static void swiglu_job(void *arg, int tid, int nthreads) {
     }
 }
 
+// The mixture of experts of one layer for the chunk; adds its output to x.
+// Step 4, the expert loop, runs each chosen expert once over all the tokens
+// that chose it: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb).
 static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
     int D = p->dim, H = p->hidden_dim, E = p->n_experts, K = p->top_k, NL = p->n_layers;
     s->bytes_read += (uint64_t)n * E * D * sizeof(float); // the router

@@ -15,6 +15,7 @@ Each row is the median of --repeat runs, column by column.
 import argparse
 import json
 import os
+from statistics import median
 import subprocess
 import sys
 
@@ -59,11 +60,6 @@ def ensure_models(types):
             sh([sys.executable, os.path.join(ROOT, "export.py"), hf_dir, path, "--type", t])
         paths[t] = path
     return paths
-
-
-def median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def export_version():

@@ -83,7 +83,10 @@ def main():
     # multiply-adds per prompt token: q, k, v, o; the router; top_k experts of three matrices
     D, H, KVD = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["kv_heads"] * SHAPE["dim"] // SHAPE["heads"]
     macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
-    peak = {n: last_json(sh([peak_tool, str(n)])[0])["int8_gmac_per_s"] for n in threads}
+    # each format's ceiling for prompts: the rate of its kernels' multiply instructions alone
+    # (bench/peak; f32 FMAs for the float formats)
+    peaks = {n: last_json(sh([peak_tool, str(n)])[0]) for n in threads}
+    peak_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_gmac_per_s", "q4": "q4_gmac_per_s"}
 
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
     V, D = SHAPE["vocab"], SHAPE["dim"]
@@ -107,22 +110,27 @@ def main():
             per_layer = (res["bytes_per_token"] - head) / SHAPE["layers"]
             full = per_layer * FULL_LAYERS + head
             gemm = res["prefill_tok_s"] * macs_per_token / 1e9
+            peak = peaks[n][peak_key[t]]
             rows.append((t, n, res["prefill_tok_s"], res["decode_tok_s"], res["bytes_per_token"], res["gb_per_s"], bw,
-                         100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?"), gemm, 100 * gemm / peak[n]))
+                         100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?"), gemm, 100 * gemm / peak,
+                         peak * 1e9 / macs_per_token))
             print(f"  {t} x{n}: decode {res['decode_tok_s']:.2f} tok/s, {res['gb_per_s']:.1f} of {bw:.1f} GB/s "
                   f"({100 * ratio:.0f}%)", flush=True)
 
     print()
     print("Mixtral-8x7B layer shapes, 2 layers; 128-token prompt, 64 decoded tokens; "
           f"median of {a.repeat} runs; mem GB/s: sustained read bandwidth measured just before and after each run")
-    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'% int8 peak':>11} {'decode tok/s':>12} "
-          f"{'MB/token':>9} {'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
-    for t, n, pf, dec, b, gbs, bw, pct, full, _, gemm, gpct in rows:
-        print(f"{t:6} {n:3d} {pf:13.2f} {gemm:7.1f} {gpct:10.0f}% {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} {bw:8.1f} "
-              f"{pct:7.0f}% {full:14.2f}")
-    print(f"(kernels: {rows[0][9]}; int8 peak multiply-adds measured by bench/peak: "
-          + ", ".join(f"{v:.0f} G/s with {k} thread{'s' if k > 1 else ''}" for k, v in peak.items())
-          + "; '32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
+    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'% of peak':>9} {'ceiling':>7} "
+          f"{'decode tok/s':>12} {'MB/token':>9} {'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
+    for t, n, pf, dec, b, gbs, bw, pct, full, _, gemm, gpct, ceiling in rows:
+        print(f"{t:6} {n:3d} {pf:13.2f} {gemm:7.1f} {gpct:8.0f}% {ceiling:7.0f} {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} "
+              f"{bw:8.1f} {pct:7.0f}% {full:14.2f}")
+    print(f"(kernels: {rows[0][9]}; 'peak': the rate of the format's multiply instructions alone, measured by "
+          "bench/peak (G multiply-adds/s; q8: " + ", ".join(f"{p['q8_gmac_per_s']:.0f}" for p in peaks.values())
+          + ", q4: " + ", ".join(f"{p['q4_gmac_per_s']:.0f}" for p in peaks.values())
+          + ", f32 FMA for bf16: " + ", ".join(f"{p['f32_gmac_per_s']:.0f}" for p in peaks.values())
+          + f" with {', '.join(str(n) for n in threads)} threads), and 'ceiling' the prompt tok/s that rate would give; "
+          "'32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
 
 
 if __name__ == "__main__":

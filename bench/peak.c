@@ -35,23 +35,34 @@ static double now(void) {
 static volatile float sink_f;
 static volatile int sink_i;
 
-// Returns multiply-adds done. 12 independent chains cover the latency, and
-// the empty asm keeps the compiler from hoisting the products out of the loop.
-static double run_int8(void) {
+// Each returns the multiply-adds done. 12 independent chains cover the
+// latency, and the empty asm keeps the compiler from hoisting the products out
+// of the loop. INT_CHAINS(STEP, MACS): c[i] = STEP, MACS products per step.
 #if defined(__AVX2__)
-    __m256i b = _mm256_set1_epi8(-2), c[12];
-    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_epi8((char)(i + 1));
-    for (long it = 0; it < ITERS; it++) {
-        __asm__ volatile("" : "+x"(b));
-        for (int i = 0; i < 12; i++) c[i] = _mm256_maddubs_epi16(c[i], b);
-    }
-    __m256i s = c[0];
-    for (int i = 1; i < 12; i++) s = _mm256_xor_si256(s, c[i]);
-    sink_i = _mm256_extract_epi32(s, 0);
-    return (double)ITERS * 12 * 32; // 32 int8 products per instruction
+#define INT_CHAINS(STEP, MACS)                                                      \
+    __m256i b = _mm256_set1_epi8(-2), c[12];                                        \
+    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_epi8((char)(i + 1));            \
+    for (long it = 0; it < ITERS; it++) {                                           \
+        __asm__ volatile("" : "+x"(b));                                             \
+        for (int i = 0; i < 12; i++) c[i] = STEP;                                   \
+    }                                                                               \
+    __m256i s = c[0];                                                               \
+    for (int i = 1; i < 12; i++) s = _mm256_xor_si256(s, c[i]);                     \
+    sink_i = _mm256_extract_epi32(s, 0);                                            \
+    return (double)ITERS * 12 * (MACS);
 #else
-    return 0;
+#define INT_CHAINS(STEP, MACS) return 0;
 #endif
+
+// int8 products summed in pairs: 32 per instruction.
+static double run_int8(void) { INT_CHAINS(_mm256_maddubs_epi16(c[i], b), 32) }
+
+// The q8 product's multiplies: 32 products per maddubs + madd pair.
+static double run_q8(void) { INT_CHAINS(_mm256_madd_epi16(_mm256_maddubs_epi16(c[i], b), b), 32) }
+
+// The q4 product's multiplies: 64 products per two maddubs and one madd.
+static double run_q4(void) {
+    INT_CHAINS(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[i], b), _mm256_maddubs_epi16(b, c[i])), b), 64)
 }
 
 static double run_f32(void) {
@@ -66,43 +77,6 @@ static double run_f32(void) {
     for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, c[i]);
     sink_f = _mm256_cvtss_f32(s);
     return (double)ITERS * 12 * 8;
-#else
-    return 0;
-#endif
-}
-
-// The q8 product's multiplies: 32 products per maddubs + madd pair.
-static double run_q8(void) {
-#if defined(__AVX2__)
-    __m256i b = _mm256_set1_epi8(-2), c[12];
-    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_epi8((char)(i + 1));
-    for (long it = 0; it < ITERS; it++) {
-        __asm__ volatile("" : "+x"(b));
-        for (int i = 0; i < 12; i++) c[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], b), b);
-    }
-    __m256i s = c[0];
-    for (int i = 1; i < 12; i++) s = _mm256_xor_si256(s, c[i]);
-    sink_i = _mm256_extract_epi32(s, 0);
-    return (double)ITERS * 12 * 32;
-#else
-    return 0;
-#endif
-}
-
-// The q4 product's multiplies: 64 products per two maddubs and one madd.
-static double run_q4(void) {
-#if defined(__AVX2__)
-    __m256i b = _mm256_set1_epi8(-2), c[12];
-    for (int i = 0; i < 12; i++) c[i] = _mm256_set1_epi8((char)(i + 1));
-    for (long it = 0; it < ITERS; it++) {
-        __asm__ volatile("" : "+x"(b));
-        for (int i = 0; i < 12; i++)
-            c[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[i], b), _mm256_maddubs_epi16(b, c[i])), b);
-    }
-    __m256i s = c[0];
-    for (int i = 1; i < 12; i++) s = _mm256_xor_si256(s, c[i]);
-    sink_i = _mm256_extract_epi32(s, 0);
-    return (double)ITERS * 12 * 64;
 #else
     return 0;
 #endif

@@ -10,9 +10,10 @@
 //       the pairs' sums to int32; two of them cannot share one, they could
 //       overflow int16);
 //   q4: per 64 two vpmaddubsw, added in int16, and one vpmaddwd.
-// Where vpmaddwd shares a unit with vpmaddubsw (as on Zen 3) these run at
-// 1/2 and 2/3 of the int8 rate. Reports G multiply-adds per second for each,
-// then a JSON line.
+// How these compare with vpmaddubsw alone depends on how the core shares its
+// multiply units (measured on this Zen 3: q8 about 2/3 of the int8 rate, q4
+// about the same as it). Reports G multiply-adds per second for each, then a
+// JSON line.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif

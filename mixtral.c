@@ -340,6 +340,9 @@ static void model_free(Model *m) {
 
 typedef void (*PoolFn)(void *arg, int tid, int n);
 
+// A worker's share of a job's blocks, [front, back) in one atomic word (pool_share)
+struct Share { _Alignas(64) _Atomic uint64_t span; }; // front << 32 | back
+
 typedef struct {
     int n;                      // threads, the caller included
     pthread_t *threads;         // (n-1,)
@@ -352,6 +355,7 @@ typedef struct {
     int sleepers;               // workers asleep on `wake`
     int caller_asleep;          // the caller asleep on `done`
     _Atomic int quit;           // set before the last bump of round: workers exit
+    struct Share *shares;       // (n,) one per worker
 } ThreadPool;
 
 typedef struct { ThreadPool *pool; int tid; } WorkerArg;
@@ -404,6 +408,8 @@ static void pool_init(ThreadPool *pool, int n) {
     pthread_cond_init(&pool->wake, NULL);
     pthread_cond_init(&pool->done, NULL);
     pool->threads = xcalloc(n, sizeof(pthread_t));
+    pool->shares = aligned_alloc(64, n * sizeof(struct Share));
+    if (!pool->shares) die("out of memory");
     for (int i = 1; i < n; i++) {
         WorkerArg *wa = xcalloc(1, sizeof(WorkerArg));
         wa->pool = pool;
@@ -442,6 +448,7 @@ static void pool_free(ThreadPool *pool) {
     pthread_mutex_unlock(&pool->mu);
     for (int i = 1; i < pool->n; i++) pthread_join(pool->threads[i - 1], NULL);
     free(pool->threads);
+    free(pool->shares);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->wake);
     pthread_cond_destroy(&pool->done);
@@ -451,6 +458,40 @@ static void pool_free(ThreadPool *pool) {
 static void split_range(int total, int tid, int n, int *start, int *end) {
     *start = (int)((int64_t)total * tid / n);
     *end = (int)((int64_t)total * (tid + 1) / n);
+}
+
+// Shares with stealing: `blocks` items are dealt out as n contiguous shares,
+// one per worker, which each worker takes from the front, one block at a
+// time, in order. A worker whose share is done takes blocks from the back of
+// the others'. So each worker reads memory in one sequential stream, as with
+// fixed shares, yet a worker slowed down (another process on its core) does
+// not leave the others waiting for it. A share's [front, back) is one atomic
+// word, so that each block is taken by exactly one worker.
+
+// Called before the job is run (pool_run publishes the shares to the workers).
+static void pool_share(ThreadPool *pool, int64_t blocks) {
+    for (int t = 0; t < pool->n; t++) {
+        uint64_t front = (uint64_t)(blocks * t / pool->n), back = (uint64_t)(blocks * (t + 1) / pool->n);
+        atomic_store_explicit(&pool->shares[t].span, front << 32 | back, memory_order_relaxed);
+    }
+}
+
+static int64_t share_take(struct Share *sh, int from_back) {
+    uint64_t v = atomic_load_explicit(&sh->span, memory_order_relaxed);
+    for (;;) {
+        uint64_t front = v >> 32, back = v & 0xFFFFFFFFu;
+        if (front >= back) return -1;
+        uint64_t next = from_back ? v - 1 : v + (1ull << 32);
+        if (atomic_compare_exchange_weak_explicit(&sh->span, &v, next, memory_order_relaxed, memory_order_relaxed))
+            return (int64_t)(from_back ? back - 1 : front);
+    }
+}
+
+// The next block for worker tid: from its own share, else stolen; -1: all taken.
+static int64_t pool_next_block(ThreadPool *pool, int tid) {
+    int64_t b = share_take(&pool->shares[tid], 0);
+    for (int k = 1; b < 0 && k < pool->n; k++) b = share_take(&pool->shares[(tid + k) % pool->n], 1);
+    return b;
 }
 
 // ----------------------------------------------------------------------------
@@ -985,8 +1026,9 @@ typedef struct {
     const MatVec *mv;
     int n;
     int64_t total_work;
-    int pieces;         // the work is cut into this many equal pieces
+    int pieces;         // batches: the work is cut into this many equal pieces
     atomic_int next;    // the next piece nobody has taken
+    ThreadPool *pool;   // decoding: blocks shared out by the pool instead
 } MatmulJob;
 
 // Units [lo, hi) of a batch's work: its rows, stacked, a row of an n-token
@@ -1005,16 +1047,19 @@ static void matmul_range(const MatmulJob *j, int64_t lo, int64_t hi) {
     }
 }
 
-// Decoding (one token: pieces == threads) gives each worker one contiguous
-// range, one sequential stream through the weights, which memory serves best.
-// Batches are bound by arithmetic instead, and a worker slowed down (by
-// another process on its core) would hold up the rest, so their work is cut
-// into more pieces than workers and each takes the next free piece. Which
-// worker computes a row never changes the row's result.
+// Decoding (one token) is bound by memory: blocks of DECODE_BLOCK rows are
+// shared out with stealing (pool_share), so that each worker streams through
+// one contiguous range of the weights, which memory serves best. Batches are
+// bound by arithmetic instead, and their work is cut into more pieces than
+// workers, each taking the next free piece. Which worker computes a row never
+// changes the row's result.
+#define DECODE_BLOCK 16
 static void matmul_job(void *arg, int tid, int nthreads) {
+    (void)nthreads;
     MatmulJob *j = arg;
-    if (j->pieces == nthreads) {
-        matmul_range(j, j->total_work * tid / nthreads, j->total_work * (tid + 1) / nthreads);
+    if (j->pool) {
+        for (int64_t b; (b = pool_next_block(j->pool, tid)) >= 0;)
+            matmul_range(j, b * DECODE_BLOCK, (b + 1) * DECODE_BLOCK < j->total_work ? (b + 1) * DECODE_BLOCK : j->total_work);
         return;
     }
     for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->pieces;)
@@ -1166,7 +1211,11 @@ static void matmul(State *s, MatVec *mv, int n) {
         mv[i].xq = &s->xq[qj.n - 1];
     }
     if (qj.total) pool_run(s->pool, quantize_job, &qj);
-    MatmulJob job = {mv, n, work, tokens > 1 ? 8 * s->pool->n : s->pool->n, 0};
+    MatmulJob job = {mv, n, work, 8 * s->pool->n, 0, NULL};
+    if (tokens == 1) {
+        job.pool = s->pool;
+        pool_share(s->pool, (work + DECODE_BLOCK - 1) / DECODE_BLOCK);
+    }
     pool_run(s->pool, matmul_job, &job);
 }
 

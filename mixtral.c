@@ -42,6 +42,12 @@
 
 #include "tokenizer.h"
 
+#if defined(__AVX2__) && defined(__FMA__) // the kernels' instruction sets, chosen at build time
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
 // ----------------------------------------------------------------------------
 // 1. utilities
 
@@ -538,20 +544,44 @@ typedef struct {
     int64_t groups;  // how many groups of QGROUP values they hold
 } QuantX;
 
-// Quantizes groups [g0, g1) of x, vectors of QGROUP values each, into qx.
+// Quantizes groups [g0, g1) of x, vectors of QGROUP values each, into qx:
+// q = round(x * 127 / max|x|), to nearest, ties to even, as lrintf does. The
+// AVX2 version computes the same numbers, 8 at a time.
 static void quantize_groups(QuantX *qx, const float *x, int64_t g0, int64_t g1) {
     const int G = QGROUP;
     for (int64_t g = g0; g < g1; g++) {
         const float *xg = x + (size_t)g * G;
+        int8_t *q = qx->q + (size_t)g * G;
         float amax = 0.0f;
-        for (int i = 0; i < G; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // (fmaxf: a libm call)
-        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
-        for (int i = 0; i < G; i++) {
-            int8_t q = (int8_t)lrintf(xg[i] * inv);
-            qx->q[(size_t)g * G + i] = q;
-            sum += q;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 v[QGROUP / 8], m = _mm256_setzero_ps();
+        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        for (int k = 0; k < G / 8; k++) m = _mm256_max_ps(m, _mm256_and_ps(v[k] = _mm256_loadu_ps(xg + 8 * k), abs_mask));
+        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+        amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1))));
+        __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        __m256i total = _mm256_setzero_si256();
+        for (int k = 0; k < G / 32; k++) { // 32 values: four vectors of int32 packed into 32 bytes
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 1], inv));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 3], inv));
+            total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+            __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)); // lanes interleaved
+            _mm256_storeu_si256((__m256i *)(q + 32 * k), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
         }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+#else
+        for (int i = 0; i < G; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // (fmaxf: a libm call)
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < G; i++) {
+            q[i] = (int8_t)lrintf(xg[i] * inv);
+            sum += q[i];
+        }
+#endif
+        float scale = amax / 127.0f;
         qx->scale[g] = scale;
         qx->sum[g] = (float)sum * scale;
     }
@@ -576,7 +606,6 @@ static inline QuantX quant_token(const QuantX *x, int t, int n) {
 #define TILE_G 32 // groups whose scale products are made ahead at a time
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define SIMD_NAME "avx2"
 #define SIMD_TILES // quant_tile below
 
@@ -809,7 +838,6 @@ static inline __attribute__((always_inline)) void quant_tile(int type, const uin
 }
 
 #elif defined(__ARM_NEON)
-#include <arm_neon.h>
 #define SIMD_NAME "neon"
 
 static float dot_f32(const float *w, const float *x, int n) {
@@ -1074,7 +1102,9 @@ static void matmul_job(void *arg, int tid, int nthreads) {
 // With a window W (and W <= context), S = W and position p lives in slot p % W:
 // a ring buffer. The query at p needs keys p-W+1..p, exactly the W slots, so
 // the slot being overwritten (p-W) is the one that just fell out of the window,
-// and memory stays bounded however long generation runs.
+// and memory stays bounded however long generation runs. The slots of each kv
+// head lie one after another, so that attention reads a head's keys (and
+// values) as one sequential stream.
 
 typedef struct {
     int chunk;         // C: most tokens run through the model together (1 when decoding)
@@ -1095,8 +1125,8 @@ typedef struct {
     float *router;     // (E,) router logits, then probabilities
     float *rope_inv_freq; // (head_dim/2,)
     float *logits;     // (C, V)
-    float *key_cache;   // (n_layers, S, KV)
-    float *value_cache; // (n_layers, S, KV)
+    float *key_cache;   // (n_layers, n_kv_heads, S, head_dim)
+    float *value_cache; // (n_layers, n_kv_heads, S, head_dim)
     int n_slots;        // S
     int max_pos;        // positions 0..max_pos-1 may be computed
     int *chosen;        // (C, n_layers, top_k) experts picked for each token of the last chunk
@@ -1243,19 +1273,28 @@ static void rope(float *vec, int n_heads, int head_dim, int pos, const float *in
 typedef struct {
     const Config *p;
     State *s;
-    const float *kc, *vc; // this layer's caches, (S, KV)
+    const float *kc, *vc; // this layer's caches, (n_kv_heads, S, head_dim)
     int pos0, n;          // the chunk: positions pos0 .. pos0+n-1
 } AttentionJob;
 
+// Key or value of position t for kv head kvh: from the chunk's own (C, KV) if
+// t is in the chunk, else from the cache, slot t % S.
+static inline const float *kv_at(const AttentionJob *j, const float *cache, const float *chunk, int kvh, int t, int slot) {
+    int hd = j->p->head_dim, S = j->s->n_slots;
+    return t >= j->pos0 ? chunk + (size_t)(t - j->pos0) * j->p->n_kv_heads * hd + (size_t)kvh * hd
+                        : cache + ((size_t)kvh * S + slot) * hd;
+}
+
 // Scaled dot-product attention for a share of the heads, for every query of
 // the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
-// query attention (repeat_kv). Keys before the chunk come from the cache, the
-// chunk's own from s->k and s->v.
+// query attention (repeat_kv); the heads of a group are neighbours, so a
+// worker reads a kv head's cache once from memory and then from its own cache.
+// Keys before the chunk come from the KV cache, the chunk's own from s->k, s->v.
 static void attention_job(void *arg, int tid, int nthreads) {
     AttentionJob *j = arg;
     const Config *p = j->p;
     State *s = j->s;
-    int hd = p->head_dim, Q = p->n_heads * hd, KV = p->n_kv_heads * hd, group = p->n_heads / p->n_kv_heads;
+    int hd = p->head_dim, Q = p->n_heads * hd, group = p->n_heads / p->n_kv_heads;
     float scale = 1.0f / sqrtf((float)hd);
     int h0, h1;
     split_range(p->n_heads, tid, nthreads, &h0, &h1);
@@ -1267,17 +1306,14 @@ static void attention_job(void *arg, int tid, int nthreads) {
             // keys in view: the last W positions with a window, else all of 0..pos
             int first = p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
             const float *q = s->q + (size_t)i * Q + h * hd;
-            for (int t = first; t <= pos; t++) {
-                const float *k = t < j->pos0 ? j->kc + (size_t)(t % s->n_slots) * KV : s->k + (size_t)(t - j->pos0) * KV;
-                att[t - first] = dot_f32(q, k + kvh * hd, hd) * scale;
-            }
+            for (int t = first, slot = first % s->n_slots; t <= pos; t++, slot = slot + 1 == s->n_slots ? 0 : slot + 1)
+                att[t - first] = dot_f32(q, kv_at(j, j->kc, s->k, kvh, t, slot), hd) * scale;
             softmax(att, pos - first + 1);
             float *out = s->att_out + (size_t)i * Q + h * hd;
             memset(out, 0, hd * sizeof(float));
-            for (int t = first; t <= pos; t++) {
-                const float *v = t < j->pos0 ? j->vc + (size_t)(t % s->n_slots) * KV : s->v + (size_t)(t - j->pos0) * KV;
-                float a = att[t - first];
-                for (int d = 0; d < hd; d++) out[d] += a * v[kvh * hd + d];
+            for (int t = first, slot = first % s->n_slots; t <= pos; t++, slot = slot + 1 == s->n_slots ? 0 : slot + 1) {
+                const float *v = kv_at(j, j->vc, s->v, kvh, t, slot), a = att[t - first];
+                for (int d = 0; d < hd; d++) out[d] += a * v[d];
             }
         }
     }
@@ -1286,9 +1322,9 @@ static void attention_job(void *arg, int tid, int nthreads) {
 // Self-attention of one layer for the chunk; adds its output to x.
 // modeling_mixtral.py: MixtralAttention.forward
 static void attention(const Config *p, const Layer *L, State *s, int l, int pos0, int n) {
-    int D = p->dim, Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
-    float *kc = s->key_cache + (size_t)l * s->n_slots * KV;
-    float *vc = s->value_cache + (size_t)l * s->n_slots * KV;
+    int D = p->dim, Q = p->n_heads * p->head_dim, hd = p->head_dim, KV = p->n_kv_heads * hd, S = s->n_slots;
+    float *kc = s->key_cache + (size_t)l * S * KV;
+    float *vc = s->value_cache + (size_t)l * S * KV;
 
     for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * D, s->x + (size_t)i * D, L->attn_norm, D, p->rms_norm_eps);
     MatVec qkv[3] = {{s->q, s->xb, &L->wq, n, NULL}, {s->k, s->xb, &L->wk, n, NULL}, {s->v, s->xb, &L->wv, n, NULL}};
@@ -1304,10 +1340,12 @@ static void attention(const Config *p, const Layer *L, State *s, int l, int pos0
     // chunk longer than one step would otherwise overwrite keys its own earlier
     // queries still need. Position t goes to slot t % S (the ring).
     for (int i = 0; i < n; i++) {
-        size_t slot = (size_t)((pos0 + i) % s->n_slots);
-        memcpy(kc + slot * KV, s->k + (size_t)i * KV, KV * sizeof(float));
-        memcpy(vc + slot * KV, s->v + (size_t)i * KV, KV * sizeof(float));
-        int seen = pos0 + i + 1 < s->n_slots ? pos0 + i + 1 : s->n_slots;
+        size_t slot = (size_t)((pos0 + i) % S);
+        for (int h = 0; h < p->n_kv_heads; h++) {
+            memcpy(kc + ((size_t)h * S + slot) * hd, s->k + (size_t)i * KV + h * hd, hd * sizeof(float));
+            memcpy(vc + ((size_t)h * S + slot) * hd, s->v + (size_t)i * KV + h * hd, hd * sizeof(float));
+        }
+        int seen = pos0 + i + 1 < S ? pos0 + i + 1 : S;
         s->bytes_read += (uint64_t)2 * seen * KV * sizeof(float);
     }
     MatVec o = {s->xb2, s->att_out, &L->wo, n, NULL};

@@ -608,6 +608,7 @@ static inline QuantX quant_token(const QuantX *x, int t, int n) {
 #if defined(__AVX2__) && defined(__FMA__)
 #define SIMD_NAME "avx2"
 #define SIMD_TILES // quant_tile below
+#define SIMD_SWIGLU // swiglu below
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -837,6 +838,36 @@ static inline __attribute__((always_inline)) void quant_tile(int type, const uin
             out[t * ldo + r] = hsum_ps(q4 ? _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr[r][t], acc[r][t]) : acc[r][t]);
 }
 
+// e^x, 8 at a time, to within 2 units in the last place: x = n ln2 + r with
+// |r| <= ln2/2, e^x = 2^n e^r, e^r by a polynomial (Cephes' expf, whose
+// constants these are), 2^n put straight into the exponent bits.
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f)); // 2^n stays a normal float
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); // ln2 in two parts, so r is exact
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// h[i] = silu(h[i]) * h2[i], the gate of the experts' hidden layer.
+static void swiglu(float *h, const float *h2, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(h + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(silu, _mm256_loadu_ps(h2 + i)));
+    }
+    for (; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
+}
+
 #elif defined(__ARM_NEON)
 #define SIMD_NAME "neon"
 
@@ -956,6 +987,13 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
         s += (float)isum * (ws[g] * x->scale[g]);
     }
     return s;
+}
+#endif
+
+#ifndef SIMD_SWIGLU
+// h[i] = silu(h[i]) * h2[i], the gate of the experts' hidden layer.
+static void swiglu(float *h, const float *h2, int64_t n) {
+    for (int64_t i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
 }
 #endif
 
@@ -1384,16 +1422,14 @@ static void route(const Config *p, const Layer *L, State *s, int l, const float 
     for (int k = 0; k < K; k++) weight[k] /= sum;
 }
 
-// h = silu(h) * h2, elementwise: the gate of the experts' hidden layer, in
-// equal shares on the pool.
+// h = silu(h) * h2, elementwise (swiglu): the gate of the experts' hidden
+// layer, in equal shares on the pool.
 typedef struct { float *h; const float *h2; int64_t n; } SwiGLU;
 
 static void swiglu_job(void *arg, int tid, int nthreads) {
     const SwiGLU *a = arg;
-    for (int64_t i = a->n * tid / nthreads; i < a->n * (tid + 1) / nthreads; i++) {
-        float g = a->h[i];
-        a->h[i] = g / (1.0f + expf(-g)) * a->h2[i]; // silu(w1 x) * (w3 x)
-    }
+    int64_t i0 = a->n * tid / nthreads / 8 * 8, i1 = tid + 1 == nthreads ? a->n : a->n * (tid + 1) / nthreads / 8 * 8;
+    swiglu(a->h + i0, a->h2 + i0, i1 - i0); // (shares are whole vectors: the same result on any number of threads)
 }
 
 // The mixture of experts of one layer for the chunk; adds its output to x.

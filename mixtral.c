@@ -332,8 +332,9 @@ static void model_free(Model *m) {
 //
 // Persistent workers; the calling thread is worker 0, so n threads means n-1
 // pthreads. A job is a function called as fn(arg, tid, n) on every worker,
-// which takes a share of the work: a fixed one by tid, or (for batches of
-// products) the next free piece. Every output element is computed by exactly
+// which takes a share of the work: a fixed one by tid, its own contiguous
+// share with stealing at the end (pool_share, for decoding), or (for batches
+// of products) the next free piece. Every output element is computed by exactly
 // one worker with the same arithmetic whichever worker it is, so results
 // depend neither on timing nor on the thread count.
 //

@@ -4,8 +4,8 @@ ARCH ?= -march=native
 CFLAGS ?= -O3 $(ARCH) -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE
 LDLIBS = -lm -lpthread
 PYTHON ?= /usr/bin/python3
-SRC = mixtral.c tokenizer.c
-HDR = tokenizer.h
+SRC = mixtral.c kernels.c pool.c chat.c tokenizer.c
+HDR = kernels.h pool.h chat.h tokenizer.h
 
 all: mixtral
 
@@ -20,7 +20,7 @@ debug: mixtral-debug
 
 # test drivers #include mixtral.c, so functions they do not call are expected
 tests/tok_batch: tests/tok_batch.c $(SRC) $(HDR)
-	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/tok_batch.c tokenizer.c $(LDLIBS)
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/tok_batch.c kernels.c pool.c chat.c tokenizer.c $(LDLIBS)
 
 test: mixtral mixtral-debug tests/tok_batch
 	tests/deps.sh

@@ -26,11 +26,17 @@ test: mixtral mixtral-debug tests/tok_batch
 	tests/deps.sh
 	$(PYTHON) tests/run_tests.py
 
+# the NEON kernels cross-compiled for aarch64 and run under qemu (installs both with apt)
+test-cross: mixtral mixtral-debug tests/tok_batch
+	tests/deps.sh
+	tests/deps.sh --cross
+	$(PYTHON) tests/run_tests.py --cross
+
 # The demo: the small Mixtral trained by demo/train.py (shipped in demo/model),
 # exported on first use and whenever export.py or the model changes.
 DEMO_BIN = .cache/demo-bf16.bin
 $(DEMO_BIN): export.py demo/model/config.json demo/model/model.safetensors.index.json
-	tests/deps.sh
+	@$(PYTHON) -c "import numpy" 2>/dev/null || { echo "make run: $(PYTHON) has no numpy, which export.py needs: install it (Debian: apt-get install python3-numpy) or name a Python that has it: make run PYTHON=..." >&2; exit 1; }
 	@mkdir -p .cache
 	$(PYTHON) export.py demo/model $@ --type bf16
 
@@ -51,4 +57,4 @@ bench: mixtral bench/bandwidth bench/peak
 clean:
 	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/peak
 
-.PHONY: all debug test run bench clean
+.PHONY: all debug test test-cross run bench clean

@@ -1,8 +1,8 @@
-// avx512_emulation.h: the few AVX-512 instructions mixtral.c uses, as plain C,
+// avx512_emulation.h: the few AVX-512 instructions kernels.c uses, as plain C,
 // so that its AVX-512 code can be run and tested on a machine without them
-// (this one has AVX2 only, and qemu does not emulate AVX-512).
+// (qemu does not emulate AVX-512).
 //
-// Include after <immintrin.h> and before mixtral.c (tests/avx512_emulated.c
+// Include after <immintrin.h> and before kernels.c (tests/avx512_emulated.c
 // does); define EMULATE_VNNI for the AVX512-VNNI path. Each function follows
 // the operation described for its instruction in Intel's Intrinsics Guide.
 #include <stdint.h>

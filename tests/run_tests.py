@@ -3,10 +3,13 @@
 The test suite (make test). Every check compares mixtral.c against something
 independent: tests/reference.py (a numpy forward pass from the math) for
 logits and expert choices, and expectations about errors for bad input.
-Prints the first differences on a mismatch; ends with 'N passed, N failed'
-and exits non-zero if anything failed.
+Prints the first differences on a mismatch; ends with 'N passed, N failed,
+N skipped' and exits non-zero if anything failed. A test that needs a tool
+this machine lacks is skipped with its reason, never failed for it. Tests of
+other architectures under emulation (cross tests) run with --cross, which
+`make test-cross` gives after installing their toolchain.
 
-    python3 tests/run_tests.py [-k SUBSTRING]
+    python3 tests/run_tests.py [-k SUBSTRING] [--cross]
 """
 import argparse
 import json
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import zlib
 
 import numpy as np
 
@@ -41,8 +45,33 @@ def test(fn):
     return fn
 
 
+def cross_test(fn):
+    """A test that runs another architecture's build under emulation: make test-cross."""
+    fn.cross = True
+    return test(fn)
+
+
 class Failure(Exception):
     pass
+
+
+class Skip(Exception):
+    """The test cannot run on this machine; the message says why."""
+
+
+def stable_seed(name):
+    """A seed from a name, the same in every run (Python's hash() is randomised per process)."""
+    return zlib.crc32(name.encode()) % 1000
+
+
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def check(cond, msg):
@@ -134,7 +163,7 @@ def make_case_test(name, kw, dtype, shards, wtype, n, context):
         cfg = hf.make_config(**kw)
         d = os.path.join(tmp, "hf")
         tok = "mistral-v3.model" if cfg["vocab_size"] == 32768 else "mistral-v1.model"
-        hf.write_checkpoint(d, cfg, dtype=dtype, shards=shards, seed=hash(name) % 1000, tokenizer=tok)
+        hf.write_checkpoint(d, cfg, dtype=dtype, shards=shards, seed=stable_seed(name), tokenizer=tok)
         model = export(d, os.path.join(tmp, "model.bin"), wtype)
         ids = random_ids(n, cfg["vocab_size"], 7)
         # an f32 source exported as bf16 is rounded: the reference rounds the same way
@@ -351,54 +380,121 @@ def simd_matches_portable(tmp):
     return ", ".join(f"{k} {v:.1g}" for k, v in worst.items())
 
 
+SOURCES = [os.path.join(ROOT, f) for f in ("mixtral.c", "kernels.c", "pool.c", "chat.c", "tokenizer.c")]
+BUILD_FLAGS = ["-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE"]
+AVX2 = ["-mavx2", "-mfma"]
+AVX512BW = AVX2 + ["-mavx512f", "-mavx512bw"]
+AVX512VNNI = AVX512BW + ["-mavx512vnni"]
+
+
+def x86_builds():
+    """The x86-64 kernel builds to test, each (name, compiler flags, kernels source, cpu flags it needs):
+    AVX2, AVX512-BW and AVX512-VNNI. An AVX-512 build runs for real where the CPU has it and
+    otherwise with those instructions emulated in C (tests/avx512_emulation.h)."""
+    have = cpu_flags()
+    kernels, emulated = os.path.join(ROOT, "kernels.c"), os.path.join(HERE, "avx512_emulated.c")
+    builds = [("avx2", AVX2, kernels, {"avx2", "fma"})]
+    if {"avx512f", "avx512bw"} <= have:
+        builds.append(("avx512bw", AVX512BW, kernels, {"avx512bw"}))
+    else:
+        builds.append(("avx512bw (emulated)", AVX2 + ["-I" + HERE], emulated, {"avx2", "fma"}))
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= have:
+        builds.append(("avx512-vnni", AVX512VNNI, kernels, {"avx512_vnni"}))
+    else:
+        builds.append(("avx512-vnni (emulated)", AVX2 + ["-I" + HERE, "-DEMULATE_VNNI"], emulated, {"avx2", "fma"}))
+    return builds
+
+
 @test
-def avx512_kernels_emulated(tmp):
-    """The AVX-512 code (a q8/q4 group's products in one register, with or without VNNI) builds for
-    real AVX-512 targets, and, run with those instructions emulated in C (tests/avx512_emulation.h;
-    this machine has none and qemu does not emulate them), gives exactly the AVX2 build's logits:
-    the same integer sums, bit for bit, in prompts (tiles) and decoding (dot products)."""
+def kernels_match_reference(tmp):
+    """Every SIMD kernel against its portable reference, directly (tests/kernels_test.c: random data with
+    odd sizes, bit for bit where the arithmetic is exact, within float rounding elsewhere), for every
+    kernel build this machine can run: this build's flags, the portable C build, and on x86-64 AVX2,
+    AVX512-BW and AVX512-VNNI (emulated where the CPU lacks them). NEON: make test-cross."""
+    test_src = os.path.join(HERE, "kernels_test.c")
+    builds = [("native (-march=native)", ["-march=native"], os.path.join(ROOT, "kernels.c"), set()),
+              ("portable", [], os.path.join(ROOT, "kernels.c"), set())]
+    notes = []
+    if platform.machine() in ("x86_64", "AMD64"):
+        have = cpu_flags()
+        for name, flags, src, needs in x86_builds():
+            if not needs <= have:
+                notes.append(f"{name} not run (the CPU lacks {' '.join(sorted(needs - have))})")
+                continue
+            builds.append((name, flags, src, needs))
+    else:
+        notes.append("x86-64 builds not run on " + platform.machine())
+    ran = []
+    for name, flags, src, _ in builds:
+        exe = os.path.join(tmp, "kernels_test")
+        r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-o", exe, test_src, src, "-lm"])
+        check(r.returncode == 0, f"kernels_test build {name} failed:\n{r.stderr}")
+        r = run([exe, str(stable_seed(name))])
+        check(r.returncode == 0, f"{name}: kernels differ from the reference:\n{r.stderr}{r.stdout}")
+        ran.append(f"{name}: {r.stdout.split(': ', 1)[1].split(',')[0]}")
+    return "; ".join(ran + notes)
+
+
+@test
+def avx512_identical_to_avx2(tmp):
+    """Whole-model logits of the AVX512-BW and AVX512-VNNI builds equal the AVX2 build's bit for bit
+    (the same integer sums added in the same order), q8 and q4, prompt tiles and one-token decoding.
+    Real AVX-512 where the CPU has it, else emulated in C (tests/avx512_emulation.h); the real
+    builds also always compile."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return "not run: the AVX-512 code is for x86-64 and this machine is " + platform.machine()
-    for flags in (["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"], ["-march=icelake-server"]):
-        r = run([CC, "-O2", *flags, "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE", "-c", "-o",
-                 os.path.join(tmp, "avx512.o"), os.path.join(ROOT, "mixtral.c")])
+        raise Skip("the AVX-512 code is for x86-64 and this machine is " + platform.machine())
+    if not {"avx2", "fma"} <= cpu_flags():
+        raise Skip("this CPU has no AVX2, which the x86 kernel builds need")
+    for flags in (AVX512BW, ["-march=icelake-server"]):
+        r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-c", "-o", os.path.join(tmp, "k.o"), os.path.join(ROOT, "kernels.c")])
         check(r.returncode == 0, f"build with {' '.join(flags)} failed:\n{r.stderr}")
     d, cfg, ids, shape = random_model(tmp, 41, 12, 7, dim=192, hidden_dim=256, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
     models = {w: export(d, os.path.join(tmp, f"{w}.bin"), w) for w in ("q8", "q4")}
-    for vnni in (False, True):
-        exe = os.path.join(tmp, "mixtral-avx512" + ("-vnni" if vnni else ""))
-        r = run([CC, "-O2", "-mavx2", "-mfma", "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE",
-                 *(["-DEMULATE_VNNI"] if vnni else []), "-I" + os.path.join(ROOT, "tests"), "-o", exe,
-                 os.path.join(ROOT, "tests", "avx512_emulated.c"), os.path.join(ROOT, "tokenizer.c"), "-lm", "-lpthread"])
-        check(r.returncode == 0, f"emulated AVX-512 build failed:\n{r.stderr}")
+    exes = {}
+    for name, flags, src, _ in x86_builds():
+        exe = os.path.join(tmp, "mixtral-" + name.split()[0])
+        others = [f for f in SOURCES if not f.endswith("kernels.c")]
+        r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-o", exe, src, *others, "-lm", "-lpthread"])
+        check(r.returncode == 0, f"{name} build failed:\n{r.stderr}")
+        exes[name] = exe
+    base = exes.pop("avx2")
+    for name, exe in exes.items():
         for wtype, model in models.items():
             for chunk in (None, 1):  # tiles of several tokens, and one token at a time (dot products)
-                a, ea = engine_logits(model, ids, chunk=chunk, **shape)
+                a, ea = engine_logits(model, ids, engine=base, chunk=chunk, **shape)
                 b, eb = engine_logits(model, ids, engine=exe, chunk=chunk, **shape)
-                what = f"{'VNNI' if vnni else 'AVX512-BW'} {wtype} chunk {chunk or 'default'}"
+                what = f"{name} {wtype} chunk {chunk or 'default'}"
                 compare_experts(eb, ea, what)
                 if not np.array_equal(a, b):
                     p, v = np.argwhere(a != b)[0]
                     raise Failure(f"{what}: logits differ from the AVX2 build, first at position {p} token {v}: "
                                   f"{b[p, v]!r} vs {a[p, v]!r} (max {float(np.abs(a - b).max()):.3g})")
-    return "real AVX-512 builds compile; emulated AVX512-BW and VNNI: q8, q4 identical to AVX2, prompt and decode"
+    return ", ".join(exes) + ": identical to AVX2, q8 and q4, prompt and decode"
 
 
-@test
+@cross_test
 def neon_kernels_under_qemu(tmp):
     """The NEON kernels, cross-compiled for aarch64 (plain, and with dot-product instructions)
-    and run under qemu, agree with this machine's build: 1e-4 for float formats, and for q8/q4
-    the 0.05 of simd_matches_portable; identical experts."""
+    and run under qemu: directly against the portable references (tests/kernels_test.c), and whole
+    models against this machine's build: 1e-4 for float formats, and for q8/q4 the 0.05 of
+    simd_matches_portable; identical experts."""
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not cc or not qemu:
-        raise Failure("aarch64-linux-gnu-gcc or qemu-aarch64 is missing (tests/deps.sh installs them)")
+        raise Skip("aarch64-linux-gnu-gcc or qemu-aarch64 is missing (make test-cross installs them with apt)")
     d, cfg, ids, shape = random_model(tmp, 31, 10, 6, dim=128, hidden_dim=192, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
     worst = 0.0
     for arch in ("armv8-a", "armv8.2-a+dotprod"):
         exe = os.path.join(tmp, "mixtral-" + arch.replace("+", "-"))
         r = run([cc, "-O2", "-march=" + arch, "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE", "-static",
-                 "-o", exe, os.path.join(ROOT, "mixtral.c"), os.path.join(ROOT, "tokenizer.c"), "-lm", "-lpthread"])
+                 "-o", exe, *SOURCES, "-lm", "-lpthread"])
         check(r.returncode == 0, f"cross build for {arch} failed:\n{r.stderr}")
+        # the kernels directly against their references (tests/kernels_test.c)
+        kt = exe + "-kernels_test"
+        r = run([cc, "-O2", "-march=" + arch, *BUILD_FLAGS, "-static", "-o", kt, os.path.join(HERE, "kernels_test.c"),
+                 os.path.join(ROOT, "kernels.c"), "-lm"])
+        check(r.returncode == 0, f"kernels_test cross build for {arch} failed:\n{r.stderr}")
+        r = run([qemu, kt, str(stable_seed(arch))])
+        check(r.returncode == 0, f"{arch}: NEON kernels differ from the reference:\n{r.stderr}{r.stdout}")
         wrapper = exe + ".sh"
         with open(wrapper, "w") as f:
             f.write(f"#!/bin/sh\nexec {qemu} {exe} \"$@\"\n")
@@ -413,7 +509,7 @@ def neon_kernels_under_qemu(tmp):
             err = float(np.abs(a - b).max())
             check(err <= tol, f"{arch} {wtype}: NEON differs from this machine's build by {err:.3g} > {tol}")
             worst = max(worst, err)
-    return f"armv8-a and armv8.2-a+dotprod, all formats; largest difference {worst:.2g}"
+    return f"armv8-a and armv8.2-a+dotprod: kernels match the references; all formats; largest difference {worst:.2g}"
 
 
 # ----------------------------------------------------------------------------
@@ -770,19 +866,28 @@ def export_errors(tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    ap.add_argument("--cross", action="store_true", help="run the cross tests (make test-cross) instead of the others")
     a = ap.parse_args()
     for exe in (ENGINE, DEBUG_ENGINE, compare_tokenizer.TOK_BATCH):
         if not os.path.exists(exe):
             sys.exit(f"run_tests.py: {exe} is missing; run 'make test', which builds it")
-    passed = failed = 0
+    passed = failed = skipped = 0
     for t in TESTS:
         if a.k not in t.__name__:
+            continue
+        if getattr(t, "cross", False) != a.cross:
+            if not a.cross:
+                skipped += 1
+                print(f"SKIP {t.__name__}: a cross test; make test-cross runs it", flush=True)
             continue
         with tempfile.TemporaryDirectory(prefix="mixtral_test_") as tmp:
             try:
                 detail = t(tmp)
                 passed += 1
                 print(f"PASS {t.__name__}: {detail or ''}", flush=True)
+            except Skip as e:
+                skipped += 1
+                print(f"SKIP {t.__name__}: {e}", flush=True)
             except Failure as e:
                 failed += 1
                 print(f"FAIL {t.__name__}: {e}", flush=True)
@@ -792,7 +897,7 @@ def main():
     for base in [_small.get("base")] + [b for b, _ in _tok_models.values()]:
         if base:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
     sys.exit(1 if failed or not passed else 0)
 
 

@@ -1,0 +1,259 @@
+// kernels_test: every kernel of this build (kernels.h) against its portable
+// reference (ref_*), directly, on random data with odd sizes.
+//
+//   kernels_test [SEED]
+//
+// Two kinds of data for each kernel:
+//   exact:  small integers and power-of-two scales, so that every product and
+//           every partial sum is exact in float: whatever order a kernel adds
+//           in, it must give the reference's result bit for bit (this is where
+//           "integer sums are exact" is checked);
+//   random: general values; the results must agree within the rounding of
+//           float sums in another order: (terms + 8) * 2^-23 of the sum of the
+//           terms' absolute values.
+// quantize_blocks must equal its reference bit for bit on any data.
+// Prints the first differences and exits 1 on any mismatch.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels.h"
+
+static uint64_t rng_state;
+static uint32_t rnd(void) { // xorshift64*
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (rnd() >> 8) / 16777216.0f; }
+static int irange(int lo, int hi) { return lo + (int)(rnd() % (uint32_t)(hi - lo + 1)); } // lo..hi
+
+static int failures, checks;
+
+// Compares got with want: bit for bit (tol < 0) or within tol.
+static void expect(const char *what, int index, float got, float want, double tol) {
+    checks++;
+    int ok = tol < 0 ? memcmp(&got, &want, sizeof(float)) == 0 : fabs((double)got - want) <= tol;
+    if (ok) return;
+    if (failures++ < 10)
+        fprintf(stderr, "FAIL %s [%d]: kernel %.9g, reference %.9g (difference %.3g, allowed %s%.3g)\n", what, index,
+                got, want, (double)got - want, tol < 0 ? "exactly " : "", tol < 0 ? 0.0 : tol);
+}
+
+static double tolerance(int terms, double abs_sum) { return (terms + 8) * ldexp(1.0, -23) * abs_sum + 1e-30; }
+
+// A random quantized activation of M tokens of K values: int8 values in -lim..lim,
+// scales 2^-0..2^-max_shift when exact, else random.
+static QuantX make_quantx(int M, int K, int lim, int exact, int max_shift) {
+    int nb = K / QBLOCK;
+    QuantX x = {malloc((size_t)M * K), malloc((size_t)M * nb * sizeof(float)), malloc((size_t)M * nb * sizeof(float))};
+    for (int i = 0; i < M * K; i++) x.q[i] = (int8_t)irange(-lim, lim);
+    for (int b = 0; b < M * nb; b++) {
+        x.scale[b] = exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.1f);
+        int s = 0;
+        for (int i = 0; i < QBLOCK; i++) s += x.q[(size_t)b * QBLOCK + i];
+        x.sum[b] = (float)s * x.scale[b];
+    }
+    return x;
+}
+
+static void free_quantx(QuantX *x) { free(x->q); free(x->scale); free(x->sum); }
+
+// N rows of q8 or q4 weights, each followed by its scales.
+static uint8_t *make_rows(int type, int N, int K, int exact, int max_shift, size_t *row_bytes) {
+    *row_bytes = weight_row_bytes(type, K);
+    uint8_t *w = malloc(*row_bytes * N);
+    int nb = K / QBLOCK;
+    for (int r = 0; r < N; r++) {
+        uint8_t *row = w + *row_bytes * r;
+        size_t at = type == WEIGHT_Q8 ? (size_t)K : (size_t)K / 2;
+        if (type == WEIGHT_Q8)
+            for (int i = 0; i < K; i++) ((int8_t *)row)[i] = (int8_t)(exact ? irange(-5, 5) : irange(-127, 127));
+        else
+            for (int i = 0; i < K / 2; i++) {
+                int lo = exact ? irange(4, 12) : irange(0, 15), hi = exact ? irange(4, 12) : irange(0, 15);
+                row[i] = (uint8_t)(lo | hi << 4);
+            }
+        float *scale = (float *)(row + at);
+        for (int b = 0; b < nb; b++) {
+            float s = exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.05f);
+            memcpy(scale + b, &s, sizeof(float)); // (rows of q4 with odd K/2 leave scales unaligned)
+        }
+    }
+    return w;
+}
+
+// The sum of the absolute values of the terms a row . token adds up, for the tolerance.
+static double quant_abs_sum(int type, const uint8_t *row, const QuantX *x, int K) {
+    double s = 0;
+    const float *scale = (const float *)(row + (type == WEIGHT_Q8 ? K : K / 2));
+    for (int b = 0; b < K / QBLOCK; b++) {
+        double blk = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            int j = b * QBLOCK + i, xq = x->q[j];
+            if (type == WEIGHT_Q8) blk += fabs((double)((const int8_t *)row)[j] * xq);
+            else {
+                uint8_t v = row[b * 32 + i % 32];
+                int u = i < 32 ? v & 15 : v >> 4;
+                blk += fabs((double)u * xq) + 8.0 * fabs((double)xq); // sum(u x) - 8 sum(x), both formed
+            }
+        }
+        float ws;
+        memcpy(&ws, scale + b, sizeof(float));
+        s += blk * fabs((double)ws * x->scale[b]);
+    }
+    return s;
+}
+
+static void test_dot_float(void) {
+    static const int sizes[] = {1, 3, 7, 8, 9, 31, 33, 64, 127, 1000, 4099};
+    for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
+        for (int exact = 0; exact < 2; exact++) {
+            int n = sizes[si];
+            float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+            uint16_t *h = malloc(n * sizeof(uint16_t));
+            double abs_sum = 0, abs_sum_h = 0;
+            for (int i = 0; i < n; i++) {
+                a[i] = exact ? (float)irange(-8, 8) : uniform(-1, 1);
+                b[i] = exact ? (float)irange(-8, 8) : uniform(-1, 1);
+                union { float f; uint32_t u; } v = {a[i]};
+                h[i] = (uint16_t)(v.u >> 16); // exact for small integers; truncation otherwise
+                abs_sum += fabs((double)a[i] * b[i]);
+                abs_sum_h += fabs((double)bf16_to_f32(h[i]) * b[i]);
+            }
+            expect(exact ? "dot_f32 exact" : "dot_f32", n, dot_f32(a, b, n), ref_dot_f32(a, b, n),
+                   exact ? -1 : tolerance(n, abs_sum));
+            expect(exact ? "dot_bf16 exact" : "dot_bf16", n, dot_bf16(h, b, n), ref_dot_bf16(h, b, n),
+                   exact ? -1 : tolerance(n, abs_sum_h));
+            free(a);
+            free(b);
+            free(h);
+        }
+}
+
+// dot_q8, dot_q4 and gemm_quant against their references.
+static void test_quant_products(void) {
+    static const int blocks[] = {1, 2, 3, 5, 7, 31, 32, 33, 65, 70};
+    static const int rows[] = {1, 2, 3, 5, 17}, tokens[] = {1, 2, 3, 4, 5, 7, 9};
+    for (int type = WEIGHT_Q8; type <= WEIGHT_Q4; type++) {
+        const char *name = type == WEIGHT_Q8 ? "q8" : "q4";
+        for (int exact = 0; exact < 2; exact++) {
+            int max_shift = type == WEIGHT_Q8 ? 3 : 1;
+            char what[64];
+            // one row, one token: the dot kernels
+            for (size_t bi = 0; bi < sizeof(blocks) / sizeof(blocks[0]); bi++) {
+                int K = blocks[bi] * QBLOCK;
+                size_t rb;
+                uint8_t *w = make_rows(type, 3, K, exact, max_shift, &rb);
+                QuantX x = make_quantx(1, K, exact ? 5 : 127, exact, max_shift);
+                for (int r = 0; r < 3; r++) {
+                    const uint8_t *row = w + rb * r;
+                    const float *ws = (const float *)(row + (type == WEIGHT_Q8 ? K : K / 2));
+                    float got = type == WEIGHT_Q8 ? dot_q8((const int8_t *)row, ws, &x, K) : dot_q4(row, ws, &x, K);
+                    float want = type == WEIGHT_Q8 ? ref_dot_q8((const int8_t *)row, ws, &x, K) : ref_dot_q4(row, ws, &x, K);
+                    snprintf(what, sizeof(what), "dot_%s%s K=%d", name, exact ? " exact" : "", K);
+                    expect(what, r, got, want, exact ? -1 : tolerance(blocks[bi], quant_abs_sum(type, row, &x, K)));
+                }
+                free(w);
+                free_quantx(&x);
+            }
+            // several rows by several tokens: the GEMM kernel, with ldo > N
+            static const int gemm_blocks[] = {1, 3, 33};
+            for (int ki = 0; ki < 3; ki++)
+                for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
+                    for (size_t ti = 0; ti < sizeof(tokens) / sizeof(tokens[0]); ti++) {
+                        int K = gemm_blocks[ki] * QBLOCK, N = rows[ri], M = tokens[ti];
+                        size_t rb, ldo = (size_t)N + 3;
+                        uint8_t *w = make_rows(type, N, K, exact, max_shift, &rb);
+                        QuantX x = make_quantx(M, K, exact ? 5 : 127, exact, max_shift);
+                        float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
+                        gemm_quant(type, w, rb, N, &x, M, K, got, ldo);
+                        ref_gemm_quant(type, w, rb, N, &x, M, K, want, ldo);
+                        for (int m = 0; m < M; m++)
+                            for (int r = 0; r < N; r++) {
+                                QuantX xm = quantx_token(&x, m, K);
+                                snprintf(what, sizeof(what), "gemm_quant %s%s K=%d N=%d M=%d m=%d", name,
+                                         exact ? " exact" : "", K, N, M, m);
+                                expect(what, r, got[m * ldo + r], want[m * ldo + r],
+                                       exact ? -1 : tolerance(gemm_blocks[ki], quant_abs_sum(type, w + rb * r, &xm, K)));
+                            }
+                        for (int m = 0; m < M; m++) // the columns past N are not written
+                            for (size_t r = N; r < ldo; r++) expect("gemm_quant padding", (int)r, got[m * ldo + r], 0.0f, -1);
+                        free(got);
+                        free(want);
+                        free(w);
+                        free_quantx(&x);
+                    }
+        }
+    }
+}
+
+static void test_quantize(void) {
+    for (int trial = 0; trial < 40; trial++) {
+        int nb = irange(1, 40);
+        float *x = malloc((size_t)nb * QBLOCK * sizeof(float));
+        for (int b = 0; b < nb; b++) {
+            float *xb = x + (size_t)b * QBLOCK;
+            int kind = irange(0, 4);
+            for (int i = 0; i < QBLOCK; i++) {
+                switch (kind) {
+                case 0: xb[i] = uniform(-3, 3); break;
+                case 1: xb[i] = 0.0f; break;                                     // an all-zero block
+                case 2: xb[i] = (float)irange(-254, 254) / 2.0f; break;          // ties at max 127: x * 1.0 = k + 0.5
+                case 3: xb[i] = uniform(-1e-30f, 1e-30f); break;                 // tiny values
+                default: xb[i] = i == 5 ? 1e4f : uniform(-1, 1); break;          // one outlier
+                }
+            }
+            if (kind == 2) xb[0] = 127.0f; // so that 127 / max|x| is 1
+        }
+        int b0 = irange(0, nb - 1), b1 = irange(b0 + 1, nb);
+        QuantX a = make_quantx(1, nb * QBLOCK, 1, 0, 0), r = make_quantx(1, nb * QBLOCK, 1, 0, 0);
+        memcpy(r.q, a.q, (size_t)nb * QBLOCK);
+        memcpy(r.scale, a.scale, nb * sizeof(float));
+        memcpy(r.sum, a.sum, nb * sizeof(float));
+        quantize_blocks(&a, x, b0, b1);
+        ref_quantize_blocks(&r, x, b0, b1);
+        for (int i = 0; i < nb * QBLOCK; i++) expect("quantize_blocks q", i, (float)a.q[i], (float)r.q[i], -1);
+        for (int b = 0; b < nb; b++) {
+            expect("quantize_blocks scale", b, a.scale[b], r.scale[b], -1);
+            expect("quantize_blocks sum", b, a.sum[b], r.sum[b], -1);
+        }
+        free(x);
+        free_quantx(&a);
+        free_quantx(&r);
+    }
+}
+
+static void test_swiglu(void) {
+    static const int sizes[] = {1, 7, 8, 9, 100, 1001};
+    for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+        int n = sizes[si];
+        float *h = malloc(n * sizeof(float)), *h2 = malloc(n * sizeof(float)), *r = malloc(n * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            h[i] = i % 17 == 3 ? uniform(-100, 100) : uniform(-12, 12);
+            h2[i] = uniform(-2, 2);
+        }
+        memcpy(r, h, n * sizeof(float));
+        swiglu(h, h2, n);
+        ref_swiglu(r, h2, n);
+        // e^x within an ulp or two, then a division and a product: 4e-7 relative
+        for (int i = 0; i < n; i++) expect("swiglu", i, h[i], r[i], 4e-7 * fabs(r[i]) + 1e-30);
+        free(h);
+        free(h2);
+        free(r);
+    }
+}
+
+int main(int argc, char **argv) {
+    uint64_t seed = argc > 1 ? strtoull(argv[1], NULL, 10) : 1;
+    rng_state = seed * 0x9E3779B97F4A7C15ULL + 1;
+    test_dot_float();
+    test_quant_products();
+    test_quantize();
+    test_swiglu();
+    printf("kernels_test (%s): %d checks, %d failed, seed %llu\n", kernels_simd_name, checks, failures,
+           (unsigned long long)seed);
+    return failures ? 1 : 0;
+}

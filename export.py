@@ -23,9 +23,9 @@ and the router (gate) are always f32. In a q4 file the embedding and lm_head
 are q8: they are a small share of the bytes read per token, and the logits are
 sensitive to them.
 
-Quantized matrices (rows, cols) keep one f32 scale per group of G = 64
-consecutive weights of a row (group_size in the header). Each row is its
-quantized weights followed by its cols/G scales, so a row, and a run of rows,
+Quantized matrices (rows, cols) keep one f32 scale per block of B = 64
+consecutive weights of a row (block_size in the header). Each row is its
+quantized weights followed by its cols/B scales, so a row, and a run of rows,
 is read as one sequential stream.
     q8: int8 q in -127..127, w = q * scale; cols bytes per row
     q4: w = (u - 8) * scale with u in 0..15; each 64 weights of a row are 32
@@ -44,7 +44,7 @@ import numpy as np
 MAGIC = b"MIXTRALC"
 VERSION = 3
 HEADER_SIZE = 256
-# magic, version, header_size, weight_type, group_size,
+# magic, version, header_size, weight_type, block_size,
 # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, n_experts, top_k,
 # vocab_size, max_seq_len, sliding_window (0 = none), bos_id, eos_id, reserved,
 # rope_theta, rms_norm_eps, tokenizer_offset, tokenizer_size, weights_offset, file_size
@@ -54,7 +54,7 @@ TENSOR_ALIGN = 64
 WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
 CHUNK_ELEMS = 1 << 24
-GROUP = 64  # q8/q4 weights per scale  # elements converted per slice: bounds peak memory
+BLOCK = 64  # q8/q4 weights per scale  # elements converted per slice: bounds peak memory
 
 # sentencepiece piece types (sentencepiece_model.proto)
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
@@ -392,13 +392,13 @@ def matrix_type(name, wtype):
     return Q8 if wtype == Q4 and edge else wtype
 
 
-def tensor_bytes(shape, wtype, group):
+def tensor_bytes(shape, wtype, block):
     n = int(np.prod(shape, dtype=np.int64))
     if wtype == F32:
         return 4 * n
     if wtype == BF16:
         return 2 * n
-    scales = 4 * (n // group)
+    scales = 4 * (n // block)
     return (n if wtype == Q8 else n // 2) + scales
 
 
@@ -424,10 +424,10 @@ def check_tensors(c, tensors):
 
 # ----------------------------------------------------------------------------
 
-def quantize(x, wtype, group):
-    """x (rows, cols) f32 -> (quantized rows (rows, bytes) uint8, scales (rows, cols/group) f32)."""
+def quantize(x, wtype, block):
+    """x (rows, cols) f32 -> (quantized rows (rows, bytes) uint8, scales (rows, cols/block) f32)."""
     rows, cols = x.shape
-    g = x.reshape(rows, cols // group, group).astype(np.float64)
+    g = x.reshape(rows, cols // block, block).astype(np.float64)
     if wtype == Q8:
         scale = np.abs(g).max(-1) / 127.0
         q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
@@ -441,7 +441,7 @@ def quantize(x, wtype, group):
     return packed.reshape(rows, cols // 2), scale.astype("<f4")
 
 
-def write_tensor(out, files, t, shape, wtype, group):
+def write_tensor(out, files, t, shape, wtype, block):
     """Streams one tensor into `out`, converting a slice of rows at a time."""
     f = files.get(t.path)
     if f is None:
@@ -451,7 +451,7 @@ def write_tensor(out, files, t, shape, wtype, group):
     if wtype in (Q8, Q4):
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
-            q, sc = quantize(read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols), wtype, group)
+            q, sc = quantize(read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols), wtype, block)
             # each row: its quantized weights, then its scales
             out.write(np.hstack([q, sc.view(np.uint8).reshape(nr, -1)]).tobytes())
         return
@@ -471,12 +471,12 @@ def write_tensor(out, files, t, shape, wtype, group):
 def export(model_dir, out_path, type_name):
     wtype = WEIGHT_TYPES[type_name]
     c = read_config(model_dir)
-    group = GROUP if wtype in (Q8, Q4) else 0
-    if group:
+    block = BLOCK if wtype in (Q8, Q4) else 0
+    if block:
         for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),
                        ("num_attention_heads * head_dim", c["n_heads"] * c["head_dim"])):
-            if v % group:
-                die(f"config.json: {key} = {v} is not a multiple of {group}, which --type {type_name} needs; "
+            if v % block:
+                die(f"config.json: {key} = {v} is not a multiple of {block}, which --type {type_name} needs; "
                     f"use --type bf16")
     pieces, flags, unk_id = read_tokenizer(model_dir)
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], os.path.join(model_dir, "tokenizer.model"))
@@ -488,8 +488,8 @@ def export(model_dir, out_path, type_name):
     size = w_off
     types = [F32 if f32 else matrix_type(name, wtype) for name, _, f32 in plan]
     for (_, shape, _), ty in zip(plan, types):
-        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, ty, group)
-    header = struct.pack(HEADER_FORMAT, MAGIC, VERSION, HEADER_SIZE, wtype, group,
+        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, ty, block)
+    header = struct.pack(HEADER_FORMAT, MAGIC, VERSION, HEADER_SIZE, wtype, block,
                          c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"],
                          c["head_dim"], c["n_experts"], c["top_k"], c["vocab_size"], c["max_seq_len"],
                          c["sliding_window"], c["bos_id"], c["eos_id"], 0,
@@ -507,7 +507,7 @@ def export(model_dir, out_path, type_name):
             out.write(b"\0" * (w_off - out.tell()))
             for i, ((name, shape, _), ty) in enumerate(zip(plan, types)):
                 out.write(b"\0" * (align(out.tell(), TENSOR_ALIGN) - out.tell()))
-                write_tensor(out, files, tensors[name], shape, ty, group)
+                write_tensor(out, files, tensors[name], shape, ty, block)
                 done = out.tell()
                 now = time.time()
                 if now - last > (0.2 if tty else 10) or i == len(plan) - 1:

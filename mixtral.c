@@ -244,7 +244,7 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
     if (p->weight_type >= WEIGHT_NTYPES) die("%s: unknown weight type %u; %s", path, p->weight_type, hint);
     int quantized = p->weight_type == WEIGHT_Q8 || p->weight_type == WEIGHT_Q4;
     if (quantized ? p->block_size != QBLOCK : p->block_size != 0)
-        die("%s: corrupt header: group size %u for weight type %s; %s", path, p->block_size,
+        die("%s: corrupt header: block size %u for weight type %s; %s", path, p->block_size,
             weight_type_name[p->weight_type], hint);
     // Bounds keep every product below 2^62: no overflow in the size arithmetic.
     struct { const char *name; int32_t v, max; } dims[] = {
@@ -260,7 +260,7 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
     if (p->n_heads % p->n_kv_heads)
         die("%s: corrupt header: n_heads %d is not a multiple of n_kv_heads %d; %s", path, p->n_heads, p->n_kv_heads, hint);
     if (quantized && (p->dim % p->block_size || p->hidden_dim % p->block_size || (p->n_heads * p->head_dim) % p->block_size))
-        die("%s: corrupt header: dimensions are not multiples of the group size %u; %s", path, p->block_size, hint);
+        die("%s: corrupt header: dimensions are not multiples of the block size %u; %s", path, p->block_size, hint);
     if (p->head_dim % 2) die("%s: corrupt header: head_dim %d is odd (RoPE needs pairs); %s", path, p->head_dim, hint);
     if (p->top_k > p->n_experts)
         die("%s: corrupt header: top_k %d > n_experts %d; %s", path, p->top_k, p->n_experts, hint);

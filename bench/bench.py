@@ -84,12 +84,12 @@ def main():
     D, H, KVD = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["kv_heads"] * SHAPE["dim"] // SHAPE["heads"]
     macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
     # each format's peak for prompts: the rate of its kernels' multiply instructions alone, and
-    # its ceiling: all the arithmetic of a group of the prompt tile, on registers (bench/peak;
+    # its ceiling: all the arithmetic of a block of the prompt tile, on registers (bench/peak;
     # f32 FMAs for the float formats, for both)
     peaks = {n: last_json(sh([peak_tool, str(n)])[0]) for n in threads}
     peak_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_gmac_per_s", "q4": "q4_gmac_per_s"}
-    ceiling_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_group_gmac_per_s",
-                   "q4": "q4_group_gmac_per_s"}
+    ceiling_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_block_gmac_per_s",
+                   "q4": "q4_block_gmac_per_s"}
 
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
     V, D = SHAPE["vocab"], SHAPE["dim"]
@@ -133,9 +133,9 @@ def main():
           + ", q4: " + ", ".join(f"{p['q4_gmac_per_s']:.0f}" for p in peaks.values())
           + ", f32 FMA for bf16: " + ", ".join(f"{p['f32_gmac_per_s']:.0f}" for p in peaks.values())
           + f" with {', '.join(str(n) for n in threads)} threads); 'ceiling': the prompt tok/s that all the arithmetic "
-          "of the prompt tile's groups, on registers alone, would give (q8: "
-          + ", ".join(f"{p['q8_group_gmac_per_s']:.0f}" for p in peaks.values()) + ", q4: "
-          + ", ".join(f"{p['q4_group_gmac_per_s']:.0f}" for p in peaks.values()) + " G/s); "
+          "of the prompt tile's blocks, on registers alone, would give (q8: "
+          + ", ".join(f"{p['q8_block_gmac_per_s']:.0f}" for p in peaks.values()) + ", q4: "
+          + ", ".join(f"{p['q4_block_gmac_per_s']:.0f}" for p in peaks.values()) + " G/s); "
           "'32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
 
 

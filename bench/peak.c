@@ -5,16 +5,16 @@
 // Each thread runs independent chains of multiply-adds on registers only:
 // int8 products summed in pairs (vpmaddubsw, the instruction the q8/q4
 // kernels multiply with), f32 FMAs, the multiply instructions alone of a
-// q8 and of a q4 product, and all the arithmetic of a group of the engine's
-// prompt tile (run_group below). The multiplies alone:
+// q8 and of a q4 product, and all the arithmetic of a block of the engine's
+// prompt tile (run_block below). The multiplies alone:
 //   q8: per 32 int8 products one vpmaddubsw and one vpmaddwd (which widens
 //       the pairs' sums to int32; two of them cannot share one, they could
 //       overflow int16);
 //   q4: per 64 two vpmaddubsw, added in int16, and one vpmaddwd.
 // How these compare with vpmaddubsw alone depends on how the core shares its
 // multiply units (measured on this Zen 3: q8 about 2/3 of the int8 rate, q4
-// about the same as it). The whole group adds q8's sign changes and, for
-// both, the conversion and FMA of each group's scales. Reports G
+// about the same as it). The whole block adds q8's sign changes and, for
+// both, the conversion and FMA of each block's scales. Reports G
 // multiply-adds per second for each, then a JSON line.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -68,7 +68,7 @@ static double run_q4(void) {
     INT_CHAINS(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[i], b), _mm256_maddubs_epi16(b, c[i])), b), 64)
 }
 
-// All the arithmetic of one group of 64 weights in the engine's 2x4 tile
+// All the arithmetic of one block of 64 weights in the engine's 2x4 tile
 // (2 weight rows by 4 tokens), on registers: for q8 per (row, token) two
 // vpsignb, two vpmaddubsw, two vpmaddwd, an add, then for each format the
 // conversion to float and one FMA with the scales (q4: two vpmaddubsw, an add,
@@ -78,7 +78,7 @@ static double run_q4(void) {
 // So this is the most a kernel built from these instructions can do: the
 // ceiling of a prompt.
 #if defined(__AVX2__) && defined(__FMA__)
-static double run_group(int q4) {
+static double run_block(int q4) {
     __m256i w[2][2], x[4][2];
     __m256 acc[8], S = _mm256_set1_ps(1e-9f);
     for (int i = 0; i < 2; i++)
@@ -108,10 +108,10 @@ static double run_group(int q4) {
     return (double)iters * 8 * 64;
 }
 #else
-static double run_group(int q4) { (void)q4; return 0; }
+static double run_block(int q4) { (void)q4; return 0; }
 #endif
-static double run_q8_group(void) { return run_group(0); }
-static double run_q4_group(void) { return run_group(1); }
+static double run_q8_block(void) { return run_block(0); }
+static double run_q4_block(void) { return run_block(1); }
 
 static double run_f32(void) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -136,7 +136,7 @@ typedef struct { int kind; double macs, secs; } Arg;
 static void *worker(void *v) {
     Arg *a = v;
     double t0 = now();
-    double (*run[KINDS])(void) = {run_int8, run_f32, run_q8, run_q4, run_q8_group, run_q4_group};
+    double (*run[KINDS])(void) = {run_int8, run_f32, run_q8, run_q4, run_q8_block, run_q4_block};
     a->macs = run[a->kind]();
     a->secs = now() - t0;
     return NULL;
@@ -160,10 +160,10 @@ int main(int argc, char **argv) {
     }
     if (rate[0] == 0) { fprintf(stderr, "peak: built without AVX2/FMA, nothing measured\n"); return 1; }
     printf("peak multiply-add rate with %d thread%s: int8 %.0f G/s, f32 %.0f G/s; multiplies of a q8 product %.0f G/s, "
-           "of a q4 product %.0f G/s; all the arithmetic of a 2x4 tile's group: q8 %.0f G/s, q4 %.0f G/s\n", threads,
+           "of a q4 product %.0f G/s; all the arithmetic of a 2x4 tile's block: q8 %.0f G/s, q4 %.0f G/s\n", threads,
            threads > 1 ? "s" : "", rate[0], rate[1], rate[2], rate[3], rate[4], rate[5]);
     printf("{\"threads\": %d, \"int8_gmac_per_s\": %.1f, \"f32_gmac_per_s\": %.1f, \"q8_gmac_per_s\": %.1f, "
-           "\"q4_gmac_per_s\": %.1f, \"q8_group_gmac_per_s\": %.1f, \"q4_group_gmac_per_s\": %.1f}\n", threads, rate[0],
+           "\"q4_gmac_per_s\": %.1f, \"q8_block_gmac_per_s\": %.1f, \"q4_block_gmac_per_s\": %.1f}\n", threads, rate[0],
            rate[1], rate[2], rate[3], rate[4], rate[5]);
     return 0;
 }

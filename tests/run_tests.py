@@ -209,8 +209,8 @@ def chunked_prompt_equals_token_by_token(tmp):
     chunks), in every weight format. With f32 and bf16 weights every (row, token) product is
     the same dot product as in token-by-token decoding and each token's expert outputs are
     added in the same order, so the logits must be identical, not just close. q8 and q4
-    products of several tokens use the tile kernels, which add a row's 64-weight groups in
-    one sequence where the one-token kernel keeps two (even and odd groups): float rounding
+    products of several tokens use the tile kernels, which add a row's 64-weight blocks in
+    one sequence where the one-token kernel keeps two (even and odd blocks): float rounding
     differs, so there the logits must agree to 1e-4 of their range, with the same experts."""
     ids = random_ids(24, 32000, 9)
     n, worst = 0, 0.0
@@ -326,8 +326,8 @@ def sp_ids(d, text):
 # ----------------------------------------------------------------------------
 # quantized and SIMD kernels
 
-# Bounds for q8/q4 against f32, from what group quantization costs: one matrix-vector
-# product with 64-weight groups and int8 activations errs by 0.8% (q8) and 9% (q4) of its
+# Bounds for q8/q4 against f32, from what block quantization costs: one matrix-vector
+# product with 64-weight blocks and int8 activations errs by 0.8% (q8) and 9% (q4) of its
 # output norm (measured in numpy on random matrices). Compounded over the ~11 products a
 # token goes through here, the logits' RMS error should be a few percent of their spread
 # for q8 and roughly 10-25% for q4; the bounds allow about twice the measured values.

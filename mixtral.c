@@ -919,26 +919,25 @@ static void trace_add(Trace *tr, const State *s, const Config *p, int token) {
     tr->n++;
 }
 
-// Samples up to `steps` tokens after what has been fed, streaming their text,
-// until EOS or a full context. The sampled EOS is not fed: the caller does that
-// when the conversation goes on.
-static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, Trace *trace) {
+// Samples up to `steps` tokens after what has been fed, streaming their text
+// through dec (which may already hold the prompt's, so that the text printed is
+// the whole sequence decoded as one stream), until EOS or a full context. The
+// sampled EOS is not fed: the caller does that when the conversation goes on.
+static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, TokenDecoder *dec, Trace *trace) {
     const Config *p = &m->config;
     Reply r = {0, 0, 0};
     char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
-    TokenDecoder dec;
-    decoder_init(&dec);
     double t0 = time_s();
     while (r.tokens < steps) {
         int token = sample(sm, s->logits, p->vocab_size);
         r.tokens++;
         if (token == p->eos_id) break;
-        emit(&dec, &m->tokenizer, token, buf);
+        emit(dec, &m->tokenizer, token, buf);
         if (*pos >= s->max_pos) { r.context_full = 1; break; }
         forward(m, s, token, (*pos)++);
         if (trace) trace_add(trace, s, p, token); // the experts that processed this token
     }
-    fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
+    fwrite(buf, 1, decoder_flush(dec, buf), stdout);
     fflush(stdout);
     r.seconds = time_s() - t0;
     free(buf);
@@ -1039,12 +1038,11 @@ static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int st
     int n = prompt_ids.n;
     if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
 
-    // echo the prompt, then continue it
+    // echo the prompt, then continue it with the same decoder: one stream of text
     char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
     TokenDecoder dec;
     decoder_init(&dec);
     for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
-    fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
     free(buf);
 
     double t0 = time_s();
@@ -1052,7 +1050,7 @@ static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int st
     feed(m, s, prompt_ids.ids, n, &pos);
     double t_prompt = time_s() - t0;
     Trace tr = {0};
-    Reply r = reply(m, s, sm, steps, &pos, trace ? &tr : NULL);
+    Reply r = reply(m, s, sm, steps, &pos, &dec, trace ? &tr : NULL);
     printf("\n");
     if (trace) print_trace(m, &tr);
     if (stats) print_expert_stats(p, s);
@@ -1116,7 +1114,9 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         feed(m, s, turn.ids, turn.n, &pos);
         if (last_is_user) {
             printf("Assistant: ");
-            Reply r = reply(m, s, sm, steps, &pos, NULL);
+            TokenDecoder dec;
+            decoder_init(&dec);
+            Reply r = reply(m, s, sm, steps, &pos, &dec, NULL);
             printf("\n");
             if (r.context_full) print_context_full(s);
             replied = 1;
@@ -1146,7 +1146,9 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         feed(m, s, turn.ids, turn.n, &pos);
         double t_in = time_s() - t0;
         printf("Assistant: ");
-        Reply r = reply(m, s, sm, steps, &pos, NULL);
+        TokenDecoder dec;
+        decoder_init(&dec);
+        Reply r = reply(m, s, sm, steps, &pos, &dec, NULL);
         printf("\n");
         replied = 1;
         if (r.context_full) print_context_full(s);

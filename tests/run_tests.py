@@ -266,7 +266,21 @@ def generate_runs(tmp):
     check(r.returncode == 0, r.stderr)
     want = sp.decode(ids) + "\n"
     check(r.stdout == want, f"greedy output {r.stdout!r}, reference {want!r} (ids {ids})")
-    return "seeded sampling repeats; greedy text equals the reference's argmax"
+    # the printed text is the whole sequence decoded as one stream: a reply whose first piece
+    # starts with a space ("▁in") keeps it ("came to pass in", never "came to passin")
+    for prompt in ("And it came to pass", "Hello", "The cat", "One two three", "x", "Once upon a time"):
+        ids = [1] + sp.encode(prompt)
+        logits, _ = reference.forward(W, cfg, ids)
+        first = int(np.argmax(logits[-1]))
+        if sp.id_to_piece(first).startswith("\u2581") and not sp.is_control(first):
+            break
+    else:
+        raise Failure("no prompt found whose greedy continuation starts with a space")
+    r = run([ENGINE, model, "-i", prompt, "-n", "1", "-t", "0"])
+    want = sp.decode(ids + [first]) + "\n"
+    check(r.returncode == 0 and r.stdout == want,
+          f"prompt and reply are not one stream: printed {r.stdout!r}, the sequence decodes to {want!r}")
+    return "seeded sampling repeats; greedy text equals the reference's argmax; prompt and reply one stream"
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ MODEL_DIR is an unmodified Hugging Face folder: config.json, model.safetensors
 Needs only Python's standard library and numpy. Tensors are streamed a slice
 at a time, so peak memory stays near one slice whatever the model size.
 
-File layout (version 3, all little-endian). mixtral.c mirrors this once, in
+File layout (version 4, all little-endian). mixtral.c mirrors this once, in
 its "model file" section; change both together and bump VERSION.
 
     header      256 bytes: HEADER_FORMAT below, zero padded
@@ -18,19 +18,26 @@ its "model file" section; change both together and bump VERSION.
     weights     starts at a 4096-byte boundary; every tensor starts at a
                 64-byte boundary, in exactly the order of tensor_plan()
 
-Weight types of the matrices: f32 (0), bf16 (1), q8 (2), q4 (3). Norm weights
-and the router (gate) are always f32. In a q4 file the embedding and lm_head
-are q8: they are a small share of the bytes read per token, and the logits are
-sensitive to them.
+Weight types: f32 (0), bf16 (1), q8 (2), q4 (3). Norm weights and the router
+(gate) are always f32. Each kind of matrix has its type in the header (the
+same in every layer); --type picks them (see MATRIX_TYPES): in a q4 file the
+embedding and lm_head are q8, since they are a small share of the bytes read
+per token and the logits are sensitive to them.
 
-Quantized matrices (rows, cols) keep one f32 scale per block of B = 64
-consecutive weights of a row (block_size in the header). Each row is its
-quantized weights followed by its cols/B scales, so a row, and a run of rows,
-is read as one sequential stream.
-    q8: int8 q in -127..127, w = q * scale; cols bytes per row
-    q4: w = (u - 8) * scale with u in 0..15; each 64 weights of a row are 32
-        bytes, byte i holding weight i in its low nibble and weight i+32 in its
-        high nibble; cols/2 bytes per row
+Quantized matrices (rows, cols) keep one f16 scale per block of B = 32
+consecutive weights of a row (block_size in the header), and their rows are
+interleaved in groups of R = 16 (row_group in the header; the row count is
+padded with zero rows to a multiple of 16), so that a kernel's one load of
+64 bytes holds 4 consecutive weights of each of 16 rows. A group is
+    scales   (cols/B, 16) f16: scale[block][row]
+    weights  cols/B blocks of
+             q8: 8 steps of 64 bytes; step s, bytes 4r..4r+3 hold row r's
+                 weights 4s..4s+3 of the block, as u = q + 128 (q in -127..127)
+             q4: 4 chunks of 64 bytes; chunk c, byte 4r+i holds row r's weight
+                 8c+i in its low nibble and 8c+4+i in its high one, as
+                 u = q + 8 (q in -8..7)
+with w = q * scale: 17 bytes per 16 weights (q8), 9 per 16 (q4), the sizes of
+llama.cpp's Q8_0 and Q4_0.
 """
 import argparse
 import json
@@ -42,19 +49,22 @@ import time
 import numpy as np
 
 MAGIC = b"MIXTRALC"
-VERSION = 3
+VERSION = 4
 HEADER_SIZE = 256
-# magic, version, header_size, weight_type, block_size,
+# magic, version, header_size, weight_type (what --type said), block_size,
 # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, n_experts, top_k,
-# vocab_size, max_seq_len, sliding_window (0 = none), bos_id, eos_id, reserved,
-# rope_theta, rms_norm_eps, tokenizer_offset, tokenizer_size, weights_offset, file_size
-HEADER_FORMAT = "<8sIIII14iff4Q"
+# vocab_size, max_seq_len, sliding_window (0 = none), bos_id, eos_id, row_group,
+# rope_theta, rms_norm_eps, tokenizer_offset, tokenizer_size, weights_offset, file_size,
+# the type of each kind of matrix, in the order of MATRIX_KINDS
+HEADER_FORMAT = "<8sIIII14iff4Q9B"
+MATRIX_KINDS = ("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head")
 WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
 WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
-CHUNK_ELEMS = 1 << 24
-BLOCK = 64  # q8/q4 weights per scale  # elements converted per slice: bounds peak memory
+CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
+BLOCK = 32  # q8/q4 weights per scale
+ROWS = 16  # q8/q4 rows interleaved in a group
 
 # sentencepiece piece types (sentencepiece_model.proto)
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
@@ -359,47 +369,52 @@ def tokenizer_blob(pieces, flags, unk_id, vocab_size, path):
 # The tensor order: written once here, mirrored once in mixtral.c
 
 def tensor_plan(c):
-    """(checkpoint name, shape, always_f32) in file order. Every matrix not marked
-    always_f32 gets the file's weight type, except the embedding and lm_head of a
-    q4 file, which are q8 (see matrix_type)."""
+    """(checkpoint name, shape, kind) in file order; kind is one of MATRIX_KINDS,
+    or None for the vectors and the router, which are always f32."""
     d, h, kv = c["dim"], c["hidden_dim"], c["n_kv_heads"] * c["head_dim"]
     q = c["n_heads"] * c["head_dim"]
-    plan = [("model.embed_tokens.weight", (c["vocab_size"], d), False)]
+    plan = [("model.embed_tokens.weight", (c["vocab_size"], d), "embed")]
     for l in range(c["n_layers"]):
         p = f"model.layers.{l}."
         plan += [
-            (p + "input_layernorm.weight", (d,), True),
-            (p + "self_attn.q_proj.weight", (q, d), False),
-            (p + "self_attn.k_proj.weight", (kv, d), False),
-            (p + "self_attn.v_proj.weight", (kv, d), False),
-            (p + "self_attn.o_proj.weight", (d, q), False),
-            (p + "post_attention_layernorm.weight", (d,), True),
-            (p + "block_sparse_moe.gate.weight", (c["n_experts"], d), True),
+            (p + "input_layernorm.weight", (d,), None),
+            (p + "self_attn.q_proj.weight", (q, d), "wq"),
+            (p + "self_attn.k_proj.weight", (kv, d), "wk"),
+            (p + "self_attn.v_proj.weight", (kv, d), "wv"),
+            (p + "self_attn.o_proj.weight", (d, q), "wo"),
+            (p + "post_attention_layernorm.weight", (d,), None),
+            (p + "block_sparse_moe.gate.weight", (c["n_experts"], d), None),
         ]
         for e in range(c["n_experts"]):
             pe = p + f"block_sparse_moe.experts.{e}."
             # an expert's three matrices sit together: w1 and w3 read the same input
-            plan += [(pe + "w1.weight", (h, d), False), (pe + "w3.weight", (h, d), False),
-                     (pe + "w2.weight", (d, h), False)]
-    plan += [("model.norm.weight", (d,), True)]
+            plan += [(pe + "w1.weight", (h, d), "w1"), (pe + "w3.weight", (h, d), "w3"),
+                     (pe + "w2.weight", (d, h), "w2")]
+    plan += [("model.norm.weight", (d,), None)]
     lm = "model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"
-    plan += [(lm, (c["vocab_size"], d), False)]
+    plan += [(lm, (c["vocab_size"], d), "lm_head")]
     return plan
 
 
-def matrix_type(name, wtype):
-    edge = name in ("model.embed_tokens.weight", "lm_head.weight")
-    return Q8 if wtype == Q4 and edge else wtype
+# The type of each kind of matrix for each --type: the per-tensor choice, in one place.
+MATRIX_TYPES = {
+    "f32": {k: F32 for k in MATRIX_KINDS},
+    "bf16": {k: BF16 for k in MATRIX_KINDS},
+    "q8": {k: Q8 for k in MATRIX_KINDS},
+    "q4": dict({k: Q4 for k in MATRIX_KINDS}, embed=Q8, lm_head=Q8),
+}
 
 
-def tensor_bytes(shape, wtype, block):
-    n = int(np.prod(shape, dtype=np.int64))
+def tensor_bytes(shape, wtype):
+    if len(shape) == 1:
+        return 4 * shape[0]
+    rows, cols = shape
     if wtype == F32:
-        return 4 * n
+        return 4 * rows * cols
     if wtype == BF16:
-        return 2 * n
-    scales = 4 * (n // block)
-    return (n if wtype == Q8 else n // 2) + scales
+        return 2 * rows * cols
+    groups = (rows + ROWS - 1) // ROWS
+    return groups * (17 if wtype == Q8 else 9) * cols
 
 
 def align(x, a):
@@ -424,24 +439,61 @@ def check_tensors(c, tensors):
 
 # ----------------------------------------------------------------------------
 
-def quantize(x, wtype, block):
-    """x (rows, cols) f32 -> (quantized rows (rows, bytes) uint8, scales (rows, cols/block) f32)."""
+def to_f16(x):
+    """float64 -> the nearest f16 and its value as float64; scales too large for f16 are an error."""
+    h = x.astype(np.float16)
+    if not np.isfinite(h).all():
+        die("a quantization scale exceeds the f16 range (weights above 8e6 in magnitude)")
+    return h, h.astype(np.float64)
+
+
+def quantize_rows(x, wtype):
+    """x (rows, cols) f32 -> (q (rows, cols) int, scales (rows, cols/B) f16): w ~ q * scale.
+    q8: scale = max|x| / 127, rounded to f16, q = round(x / scale), as llama.cpp's Q8_0.
+    q4: q in -8..7; of several scales (the block's value of largest magnitude mapping to -8,
+    -7.75, ..., -6.5) and each one's least-squares refit, the one with the least squared error."""
     rows, cols = x.shape
-    g = x.reshape(rows, cols // block, block).astype(np.float64)
+    g = x.reshape(rows, cols // BLOCK, BLOCK).astype(np.float64)
     if wtype == Q8:
-        scale = np.abs(g).max(-1) / 127.0
-        q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
-        return np.clip(q, -127, 127).astype(np.int8).view(np.uint8).reshape(rows, cols), scale.astype("<f4")
-    # q4: the value of largest magnitude maps to -8, so the whole range -8..7 is used
+        h, d = to_f16(np.abs(g).max(-1) / 127.0)
+        q = np.clip(np.rint(g / np.where(d == 0, 1, d)[..., None]), -127, 127)
+        return q.reshape(rows, cols), h
+    g = g.astype(np.float32)
     big = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
-    scale = big / -8.0
-    q = np.rint(g / np.where(scale == 0, 1, scale)[..., None])
-    u = (np.clip(q, -8, 7) + 8).astype(np.uint8).reshape(rows, cols // 64, 2, 32)
-    packed = u[:, :, 0, :] | (u[:, :, 1, :] << 4)  # byte i: weight i low, weight i+32 high
-    return packed.reshape(rows, cols // 2), scale.astype("<f4")
+    best_err = np.full(big.shape, np.inf, np.float32)
+    best_q = np.zeros(g.shape, np.float32)
+    best_h = np.zeros(big.shape, np.float16)
+    for div in (-8.0, -7.75, -7.5, -7.25, -7.0, -6.5):
+        h, d = to_f16(big / np.float32(div))
+        d = d.astype(np.float32)
+        q = np.clip(np.rint(g / np.where(d == 0, 1, d)[..., None]), -8, 7)
+        qq = np.einsum("...i,...i->...", q, q)
+        refit = np.where(qq > 0, np.einsum("...i,...i->...", g, q) / np.where(qq > 0, qq, 1), 0)
+        for h2, d2 in ((h, d), to_f16(refit)):
+            d2 = d2.astype(np.float32)
+            r = g - d2[..., None] * q
+            err = np.einsum("...i,...i->...", r, r)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_q[better] = q[better]
+            best_h = np.where(better, h2, best_h)
+    return best_q.reshape(rows, cols), best_h
 
 
-def write_tensor(out, files, t, shape, wtype, block):
+def pack_groups(q, h, wtype):
+    """q (16G, cols), scales (16G, cols/B) -> the G groups' bytes, in the layout above."""
+    rows, cols = q.shape
+    G, nb = rows // ROWS, cols // BLOCK
+    scales = h.astype("<f2").reshape(G, ROWS, nb).transpose(0, 2, 1).reshape(G, -1).view(np.uint8)
+    if wtype == Q8:
+        u = (q + 128).astype(np.uint8).reshape(G, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+    else:
+        u = (q + 8).astype(np.uint8).reshape(G, ROWS, nb, 4, 2, 4)
+        u = (u[..., 0, :] | (u[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
+    return np.concatenate([scales, u.reshape(G, -1)], axis=1).tobytes()
+
+
+def write_tensor(out, files, t, shape, wtype):
     """Streams one tensor into `out`, converting a slice of rows at a time."""
     f = files.get(t.path)
     if f is None:
@@ -449,11 +501,17 @@ def write_tensor(out, files, t, shape, wtype, block):
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
     if wtype in (Q8, Q4):
+        step = max(ROWS, step // (4 if wtype == Q4 else 1) // ROWS * ROWS)  # q4's search: smaller slices
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
-            q, sc = quantize(read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols), wtype, block)
-            # each row: its quantized weights, then its scales
-            out.write(np.hstack([q, sc.view(np.uint8).reshape(nr, -1)]).tobytes())
+            x = read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols)
+            if not np.isfinite(x).all():
+                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+            pad = -nr % ROWS  # the last group: zero rows
+            if pad:
+                x = np.vstack([x, np.zeros((pad, cols), np.float32)])
+            q, h = quantize_rows(x, wtype)
+            out.write(pack_groups(q, h, wtype))
         return
     for r0 in range(0, rows, step):
         nr = min(step, rows - r0)
@@ -470,8 +528,10 @@ def write_tensor(out, files, t, shape, wtype, block):
 
 def export(model_dir, out_path, type_name):
     wtype = WEIGHT_TYPES[type_name]
+    kinds = MATRIX_TYPES[type_name]
     c = read_config(model_dir)
-    block = BLOCK if wtype in (Q8, Q4) else 0
+    quantized = any(ty in (Q8, Q4) for ty in kinds.values())
+    block = BLOCK if quantized else 0
     if block:
         for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),
                        ("num_attention_heads * head_dim", c["n_heads"] * c["head_dim"])):
@@ -486,14 +546,15 @@ def export(model_dir, out_path, type_name):
     tok_off = HEADER_SIZE
     w_off = align(tok_off + len(tok), WEIGHTS_ALIGN)
     size = w_off
-    types = [F32 if f32 else matrix_type(name, wtype) for name, _, f32 in plan]
+    types = [F32 if kind is None else kinds[kind] for _, _, kind in plan]
     for (_, shape, _), ty in zip(plan, types):
-        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, ty, block)
+        size = align(size, TENSOR_ALIGN) + tensor_bytes(shape, ty)
     header = struct.pack(HEADER_FORMAT, MAGIC, VERSION, HEADER_SIZE, wtype, block,
                          c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"],
                          c["head_dim"], c["n_experts"], c["top_k"], c["vocab_size"], c["max_seq_len"],
-                         c["sliding_window"], c["bos_id"], c["eos_id"], 0,
-                         c["rope_theta"], c["rms_norm_eps"], tok_off, len(tok), w_off, size)
+                         c["sliding_window"], c["bos_id"], c["eos_id"], ROWS if quantized else 0,
+                         c["rope_theta"], c["rms_norm_eps"], tok_off, len(tok), w_off, size,
+                         *(kinds[k] for k in MATRIX_KINDS))
     header += b"\0" * (HEADER_SIZE - len(header))
 
     tmp = out_path + ".partial"
@@ -507,7 +568,7 @@ def export(model_dir, out_path, type_name):
             out.write(b"\0" * (w_off - out.tell()))
             for i, ((name, shape, _), ty) in enumerate(zip(plan, types)):
                 out.write(b"\0" * (align(out.tell(), TENSOR_ALIGN) - out.tell()))
-                write_tensor(out, files, tensors[name], shape, ty, block)
+                write_tensor(out, files, tensors[name], shape, ty)
                 done = out.tell()
                 now = time.time()
                 if now - last > (0.2 if tty else 10) or i == len(plan) - 1:

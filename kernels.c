@@ -3,7 +3,7 @@
 // each kernel computes, the layout it reads, and what stays bit-identical.
 //
 //   1. the portable reference kernels (every build)
-//   2. x86-64: AVX2 + FMA, and AVX-512 (BW, VNNI) inside them where built for it
+//   2. x86-64: AVX2 + FMA + F16C, and AVX-512 with VNNI where built for it
 //   3. ARM: NEON (with the dot-product instructions where present)
 //   4. the kernels mixtral.c calls: this build's best
 //
@@ -15,10 +15,13 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KERNELS_AVX2
-#elif defined(__ARM_NEON)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define KERNELS_AVX512
+#endif
+#elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define KERNELS_NEON
 #endif
@@ -52,47 +55,30 @@ float ref_dot_bf16(const uint16_t *w, const float *x, int n) {
     return (s0 + s1) + (s2 + s3);
 }
 
-float ref_dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) {
-    float s = 0.0f;
-    for (int b = 0; b < K / QBLOCK; b++) {
-        int32_t isum = 0;
-        for (int i = b * QBLOCK; i < (b + 1) * QBLOCK; i++) isum += (int32_t)w[i] * x->q[i];
-        s += (float)isum * (ws[b] * x->scale[b]);
+// Weight j (0..31) of block b of row l (0..15) of a group whose weights start at wq.
+static inline int quant_weight(int type, const uint8_t *wq, int b, int l, int j) {
+    if (type == WEIGHT_Q8) return wq[(size_t)b * 512 + j / 4 * 64 + l * 4 + j % 4] - 128;
+    uint8_t v = wq[(size_t)b * 256 + j / 8 * 64 + l * 4 + j % 4];
+    return (j % 8 < 4 ? v & 15 : v >> 4) - 8;
+}
+
+void ref_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    int nb = K / QBLOCK;
+    for (int g = 0; g * QROWS < N; g++) {
+        const uint8_t *grp = w + (size_t)g * quant_group_bytes(type, K), *wq = grp + (size_t)nb * 32;
+        const uint16_t *scale = (const uint16_t *)grp; // (nb, 16)
+        for (int l = 0; l < QROWS && g * QROWS + l < N; l++)
+            for (int m = 0; m < M; m++) {
+                QuantX xm = quantx_token(x, m, K);
+                float acc = 0.0f;
+                for (int b = 0; b < nb; b++) {
+                    int32_t isum = 0;
+                    for (int j = 0; j < QBLOCK; j++) isum += quant_weight(type, wq, b, l, j) * xm.q[b * QBLOCK + j];
+                    acc += (float)isum * (f16_to_f32(scale[b * QROWS + l]) * xm.scale[b]);
+                }
+                out[(size_t)m * ldo + g * QROWS + l] = acc;
+            }
     }
-    return s;
-}
-
-float ref_dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) {
-    float s = 0.0f;
-    for (int b = 0; b < K / QBLOCK; b++) {
-        int32_t isum = 0;
-        int i = b * QBLOCK;
-        for (int j = 0; j < 32; j++) {
-            uint8_t v = w[i / 2 + j];
-            isum += ((v & 15) - 8) * x->q[i + j] + ((v >> 4) - 8) * x->q[i + 32 + j];
-        }
-        s += (float)isum * (ws[b] * x->scale[b]);
-    }
-    return s;
-}
-
-// A small GEMM as its dot products, one per (row, token), with the given kernels.
-typedef float (*DotQ8)(const int8_t *, const float *, const QuantX *, int);
-typedef float (*DotQ4)(const uint8_t *, const float *, const QuantX *, int);
-static void gemm_by_dots(DotQ8 dq8, DotQ4 dq4, int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x,
-                         int M, int K, float *out, size_t ldo) {
-    for (int r = 0; r < N; r++)
-        for (int t = 0; t < M; t++) {
-            QuantX xt = quantx_token(x, t, K);
-            const uint8_t *row = w + r * row_bytes;
-            out[t * ldo + r] = type == WEIGHT_Q8 ? dq8((const int8_t *)row, (const float *)(row + K), &xt, K)
-                                                 : dq4(row, (const float *)(row + K / 2), &xt, K);
-        }
-}
-
-void ref_gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                    size_t ldo) {
-    gemm_by_dots(ref_dot_q8, ref_dot_q4, type, w, row_bytes, N, x, M, K, out, ldo);
 }
 
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) {
@@ -107,9 +93,8 @@ void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) {
             q[i] = (int8_t)lrintf(xb[i] * inv);
             sum += q[i];
         }
-        float scale = amax / 127.0f;
-        qx->scale[b] = scale;
-        qx->sum[b] = (float)sum * scale;
+        qx->scale[b] = amax / 127.0f;
+        qx->qsum[b] = sum;
     }
 }
 
@@ -117,71 +102,30 @@ void ref_swiglu(float *h, const float *h2, int64_t n) {
     for (int64_t i = 0; i < n; i++) h[i] = silu_mul(h[i], h2[i]);
 }
 
-void dequant_row(int type, const void *row, int K, float *out) {
-    const uint8_t *r = row;
-    const float *scale = (const float *)(r + (type == WEIGHT_Q8 ? K : K / 2)); // q8/q4 only
-    for (int j = 0; j < K; j++) {
-        switch (type) {
-        case WEIGHT_F32: out[j] = ((const float *)r)[j]; break;
-        case WEIGHT_BF16: out[j] = bf16_to_f32(((const uint16_t *)r)[j]); break;
-        case WEIGHT_Q8: out[j] = ((const int8_t *)r)[j] * scale[j / QBLOCK]; break;
-        case WEIGHT_Q4: { // byte i of a 64-weight block: weight i low, weight i+32 high
-            uint8_t v = r[(j - j % 64) / 2 + j % 32];
-            out[j] = ((j % 64 < 32 ? v & 15 : v >> 4) - 8) * scale[j / QBLOCK];
-        }
-        }
+void dequant_row(int type, const void *w, int K, int n, float *out) {
+    if (type == WEIGHT_F32) { memcpy(out, (const float *)w + (size_t)n * K, K * sizeof(float)); return; }
+    if (type == WEIGHT_BF16) {
+        const uint16_t *r = (const uint16_t *)w + (size_t)n * K;
+        for (int j = 0; j < K; j++) out[j] = bf16_to_f32(r[j]);
+        return;
     }
+    int nb = K / QBLOCK, l = n % QROWS;
+    const uint8_t *grp = (const uint8_t *)w + (size_t)(n / QROWS) * quant_group_bytes(type, K);
+    const uint16_t *scale = (const uint16_t *)grp;
+    for (int b = 0; b < nb; b++)
+        for (int j = 0; j < QBLOCK; j++)
+            out[b * QBLOCK + j] = (float)quant_weight(type, grp + (size_t)nb * 32, b, l, j) * f16_to_f32(scale[b * QROWS + l]);
 }
 
 // ----------------------------------------------------------------------------
-// 2. x86-64: AVX2 + FMA, with AVX-512 inside where the build has it
+// 2. x86-64: AVX2 + FMA + F16C, with AVX-512 VNNI where the build has it
 #ifdef KERNELS_AVX2
-
-// Products of several tokens (a chunk of prompt) work on tiles of up to
-// TILE_R weight rows by TILE_T tokens: each weight vector loaded serves every
-// token of the tile and each input vector every row, which is what makes a
-// chunk of prompt cheaper than its tokens one by one. Decoding (one token)
-// uses the dot kernels instead, which keep several accumulators per row for
-// speed; the tile, short of registers, keeps one, so the two round differently
-// (by about 1e-7 of the logits' range, tested). Within each kernel every sum
-// is added in one fixed order, the same on any number of threads.
-#define TILE_R 2
-#define TILE_T 4
-#define TILE_B 32 // blocks whose scale products are made ahead at a time
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-static void avx2_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-        const float *xb = x + (size_t)b * QBLOCK;
-        int8_t *q = qx->q + (size_t)b * QBLOCK;
-        __m256 v[QBLOCK / 8], m = _mm256_setzero_ps();
-        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        for (int k = 0; k < QBLOCK / 8; k++) m = _mm256_max_ps(m, _mm256_and_ps(v[k] = _mm256_loadu_ps(xb + 8 * k), abs_mask));
-        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
-        float amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1))));
-        __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-        __m256i total = _mm256_setzero_si256();
-        for (int k = 0; k < QBLOCK / 32; k++) { // 32 values: four vectors of int32 packed into 32 bytes
-            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 1], inv));
-            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * k + 3], inv));
-            total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)); // lanes interleaved
-            _mm256_storeu_si256((__m256i *)(q + 32 * k), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        }
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-        int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
-        float scale = amax / 127.0f;
-        qx->scale[b] = scale;
-        qx->sum[b] = (float)sum * scale;
-    }
 }
 
 static float avx2_dot_f32(const float *w, const float *x, int n) {
@@ -243,198 +187,6 @@ static float avx2_dot_bf16(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
-// S[b] = ws[b] * xs[b]: the products of a weight row's and a token's block
-// scales, made ahead so that the inner loops broadcast them from memory. For
-// q4 (xsum given) the same pass adds sum(ws[b] * xsum[b]) into corr, for the
-// offset correction below.
-static inline __m256 scale_products(float *S, const float *ws, const float *xs, const float *xsum, int n, __m256 corr) {
-    int b = 0;
-    for (; b + 8 <= n; b += 8) {
-        __m256 w = _mm256_loadu_ps(ws + b);
-        _mm256_storeu_ps(S + b, _mm256_mul_ps(w, _mm256_loadu_ps(xs + b)));
-        if (xsum) corr = _mm256_fmadd_ps(w, _mm256_loadu_ps(xsum + b), corr);
-    }
-    if (b < n) {
-        float c = 0.0f;
-        for (; b < n; b++) {
-            S[b] = ws[b] * xs[b];
-            if (xsum) c += ws[b] * xsum[b];
-        }
-        corr = _mm256_add_ps(corr, _mm256_setr_ps(c, 0, 0, 0, 0, 0, 0, 0));
-    }
-    return corr;
-}
-
-// A block's 64 int8 products (weights w0: 0..31, w1: 32..63, against x) are
-// summed into 8 int32 partial sums, lane k holding products 4k..4k+3 and
-// 32+4k..32+4k+3, converted to float; the caller multiplies in the weight's
-// and the input's scales.
-//
-// q8: maddubs multiplies unsigned by signed bytes, so multiply |x| by w with
-// x's sign moved onto w; pairs of products fit in int16 (2*127*127 < 32768).
-//
-// With AVX-512 (BW) the whole block fits one register, and with VNNI one
-// vpdpbusd multiplies and sums each four products into int32. The two
-// halves' lanes are then added, so the sums are the same integers as with
-// AVX2 and so are the results, bit for bit (tested through an emulation of
-// these instructions: tests/avx512_emulation.h).
-#if defined(__AVX512BW__)
-static inline __m256 block_sums(__m512i u, __m512i s) { // u unsigned, s signed bytes
-#if defined(__AVX512VNNI__)
-    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-#else
-    __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-#endif
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64(p, 1)));
-}
-
-static inline __m256 q8_block(__m256i w0, __m256i w1, const int8_t *x) {
-    __m512i xv = _mm512_loadu_si512(x), w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
-    w = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), w); // -w where x < 0
-    return block_sums(_mm512_abs_epi8(xv), w);
-}
-#else
-static inline __m256 q8_block(__m256i w0, __m256i w1, const int8_t *x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
-    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones);
-    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones);
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
-}
-#endif
-
-// One row by one token (decoding): several accumulators, taking the blocks in
-// turn, keep the FMA latency out of the way of the weight stream: four blocks
-// (four cache lines) a step for q8, two (one line) for q4, each the faster in
-// interleaved --bench runs (q8 with four: +3% median over 12 pairs; q4 with
-// four: 7% slower). One row at a time on purpose: reading two rows together
-// (two streams per core, sharing the loads of x) measured a third slower.
-static float avx2_dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = acc0, acc3 = acc0;
-    int NB = K / QBLOCK;
-    for (int b0 = 0; b0 < NB; b0 += TILE_B) {
-        int bn = NB - b0 < TILE_B ? NB - b0 : TILE_B, b = 0;
-        float S[TILE_B];
-        scale_products(S, ws + b0, x->scale + b0, NULL, bn, _mm256_setzero_ps());
-        const int8_t *wb = w + b0 * QBLOCK, *xb = x->q + b0 * QBLOCK;
-#define Q8G(k) q8_block(_mm256_loadu_si256((const __m256i *)(wg + 64 * (k))), _mm256_loadu_si256((const __m256i *)(wg + 64 * (k) + 32)), xb + (b + (k)) * QBLOCK)
-        for (; b + 4 <= bn; b += 4) {
-            const int8_t *wg = wb + b * QBLOCK;
-            prefetch(wg);
-            prefetch(wg + 64);
-            prefetch(wg + 128);
-            prefetch(wg + 192);
-            acc0 = _mm256_fmadd_ps(Q8G(0), _mm256_broadcast_ss(&S[b]), acc0);
-            acc1 = _mm256_fmadd_ps(Q8G(1), _mm256_broadcast_ss(&S[b + 1]), acc1);
-            acc2 = _mm256_fmadd_ps(Q8G(2), _mm256_broadcast_ss(&S[b + 2]), acc2);
-            acc3 = _mm256_fmadd_ps(Q8G(3), _mm256_broadcast_ss(&S[b + 3]), acc3);
-        }
-        for (; b < bn; b++) {
-            const int8_t *wg = wb + b * QBLOCK;
-            acc0 = _mm256_fmadd_ps(Q8G(0), _mm256_broadcast_ss(&S[b]), acc0);
-        }
-#undef Q8G
-    }
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-}
-
-// q4: the stored u = q + 8 is unsigned already, so maddubs takes it as is
-// (15*127*2 fits in int16 with room to add the two halves), and
-// sum((u - 8) x) = sum(u x) - 8 sum(x): the second term, over all blocks, is
-// a short dot product of the row's scales with the blocks' sums of x, which
-// scale_products accumulates as it goes.
-static inline __m256 q4_block(__m256i lo, __m256i hi, const int8_t *x) {
-#if defined(__AVX512BW__)
-    return block_sums(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_loadu_si512(x));
-#else
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-#endif
-}
-
-static inline void q4_unpack(const uint8_t *w, __m256i *lo, __m256i *hi) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-    *lo = _mm256_and_si256(raw, low);                        // weights 0..31 of the block
-    *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);  // weights 32..63
-}
-
-static float avx2_dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
-    __m256i lo, hi;
-    int NB = K / QBLOCK;
-    for (int b0 = 0; b0 < NB; b0 += TILE_B) {
-        int bn = NB - b0 < TILE_B ? NB - b0 : TILE_B, b = 0;
-        float S[TILE_B];
-        corr = scale_products(S, ws + b0, x->scale + b0, x->sum + b0, bn, corr);
-        const uint8_t *wb = w + b0 * QBLOCK / 2;
-        const int8_t *xb = x->q + b0 * QBLOCK;
-        for (; b + 2 <= bn; b += 2) { // two blocks: one cache line of weights
-            prefetch(wb + b * QBLOCK / 2);
-            q4_unpack(wb + b * QBLOCK / 2, &lo, &hi);
-            acc0 = _mm256_fmadd_ps(q4_block(lo, hi, xb + b * QBLOCK), _mm256_broadcast_ss(&S[b]), acc0);
-            q4_unpack(wb + (b + 1) * QBLOCK / 2, &lo, &hi);
-            acc1 = _mm256_fmadd_ps(q4_block(lo, hi, xb + (b + 1) * QBLOCK), _mm256_broadcast_ss(&S[b + 1]), acc1);
-        }
-        if (b < bn) {
-            q4_unpack(wb + b * QBLOCK / 2, &lo, &hi);
-            acc0 = _mm256_fmadd_ps(q4_block(lo, hi, xb + b * QBLOCK), _mm256_broadcast_ss(&S[b]), acc0);
-        }
-    }
-    return hsum_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr, _mm256_add_ps(acc0, acc1)));
-}
-
-// A tile: rows r < nr (at w + r * row_bytes, each followed by its scales)
-// against tokens t < nt of x; out[t * ldo + r] = row r . token t, for q8 or q4
-// weights (`type`). type, nr and nt are constants where this is inlined (nr,
-// nt at most TILE_R, TILE_T), so the accumulators live in registers. The
-// weights of a block are loaded once for all tokens, each token's inputs once
-// for all rows, and the products of the scales come from a small table made
-// ahead (loads, not multiplies, in the inner loop). `fetch`: the first tile of
-// these rows prefetches their weights.
-static inline __attribute__((always_inline)) void quant_tile(int type, const uint8_t *w, size_t row_bytes, int nr,
-                                                             const QuantX *x, int nt, int K, float *out, size_t ldo,
-                                                             int fetch) {
-    int NB = K / QBLOCK, q4 = type == WEIGHT_Q4;
-    size_t block_bytes = q4 ? QBLOCK / 2 : QBLOCK, scales_at = (size_t)NB * block_bytes;
-    __m256 acc[TILE_R][TILE_T], corr[TILE_R][TILE_T]; // corr: q4's offset correction
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) acc[r][t] = corr[r][t] = _mm256_setzero_ps();
-    for (int b0 = 0; b0 < NB; b0 += TILE_B) {
-        int bn = NB - b0 < TILE_B ? NB - b0 : TILE_B;
-        float S[TILE_R][TILE_T][TILE_B]; // the scales' products, per (row, token, block)
-        for (int r = 0; r < nr; r++)
-            for (int t = 0; t < nt; t++)
-                corr[r][t] = scale_products(S[r][t], (const float *)(w + r * row_bytes + scales_at) + b0,
-                                            x->scale + (size_t)t * NB + b0, q4 ? x->sum + (size_t)t * NB + b0 : NULL, bn,
-                                            corr[r][t]);
-        for (int b = 0; b < bn; b++) {
-            __m256i w0[TILE_R], w1[TILE_R]; // the block's weights: q8 as two halves, q4 unpacked (low, high)
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w + r * row_bytes + (b0 + b) * block_bytes;
-                if (fetch && (!q4 || b % 2 == 0)) prefetch(row);
-                if (q4) q4_unpack(row, &w0[r], &w1[r]);
-                else {
-                    w0[r] = _mm256_loadu_si256((const __m256i *)row);
-                    w1[r] = _mm256_loadu_si256((const __m256i *)(row + 32));
-                }
-            }
-            for (int t = 0; t < nt; t++) {
-                const int8_t *xq = x->q + (size_t)t * K + (b0 + b) * QBLOCK;
-                for (int r = 0; r < nr; r++) {
-                    __m256 f = q4 ? q4_block(w0[r], w1[r], xq) : q8_block(w0[r], w1[r], xq);
-                    acc[r][t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(&S[r][t][b]), acc[r][t]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++)
-            out[t * ldo + r] = hsum_ps(q4 ? _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), corr[r][t], acc[r][t]) : acc[r][t]);
-}
-
 // e^x, 8 at a time, within 1 unit in the last place (measured over -87..88):
 // x = n ln2 + r with |r| <= ln2/2, e^x = 2^n e^r, e^r by a polynomial
 // (Cephes' expf, whose constants these are), 2^n put straight into the
@@ -466,31 +218,193 @@ static void avx2_swiglu(float *h, const float *h2, int64_t n) {
     for (; i < n; i++) h[i] = silu_mul(h[i], h2[i]);
 }
 
-// All rows [0, N) against all tokens [0, M), tile by tile.
-// Calls TILE(nr, nt) with the tile's shape as constants, so that each shape
-// is compiled with its accumulators in registers.
-#define TILE_SHAPES(nr, nt, TILE)                                                           \
-    switch ((nr) * 10 + (nt)) {                                                             \
-    case 11: TILE(1, 1); break; case 12: TILE(1, 2); break; case 13: TILE(1, 3); break;     \
-    case 14: TILE(1, 4); break; case 21: TILE(2, 1); break; case 22: TILE(2, 2); break;     \
-    case 23: TILE(2, 3); break; case 24: TILE(2, 4); break;                                 \
-    }
 
-static void avx2_gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K,
-                            float *out, size_t ldo) {
-    for (int r = 0; r < N; r += TILE_R) {
-        const uint8_t *wr = w + (size_t)r * row_bytes;
-        int nr = N - r < TILE_R ? N - r : TILE_R;
-        for (int t = 0; t < M; t += TILE_T) {
-            int nt = M - t < TILE_T ? M - t : TILE_T;
+static void avx2_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + (size_t)b * QBLOCK;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) m = _mm256_max_ps(m, _mm256_and_ps(v[k] = _mm256_loadu_ps(xb + 8 * k), abs_mask));
+        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+        float amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1))));
+        __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        // rounded to nearest, ties to even (the default mode), as lrintf does
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)); // lanes interleaved
+        _mm256_storeu_si256((__m256i *)(qx->q + (size_t)b * QBLOCK),
+                            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        qx->qsum[b] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+        qx->scale[b] = amax / 127.0f;
+    }
+}
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// The quantized products work on one group (16 rows) against up to T_MAX
+// tokens at a time: each 64 bytes of weights loaded serve every token, and
+// each 4 bytes of a token's activations, broadcast, serve all 16 rows. The
+// lanes are the rows, so a block's integer sums need no horizontal adds:
+// per block and token, one conversion to float and one FMA with the product
+// of the scales. For one token (decoding) the same code streams the weights.
+//
+// q8 weights are stored as u = q + 128 and q4 as u = q + 8: unsigned bytes,
+// as vpdpbusd and vpmaddubsw take them, against the signed activations. The
+// offset is taken out once per block: sum(u x) - off * sum(x), exactly.
+
+#ifdef KERNELS_AVX512
+#define T_MAX 8
+// One group against T tokens (T, q4 and full are constants where this is inlined).
+static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
+                                                              int T, float *out, size_t ldo, int nrows, int fetch) {
+    int nb = K / QBLOCK;
+    const uint16_t *scale = (const uint16_t *)grp;
+    const uint8_t *wq = grp + (size_t)nb * 32;
+    const int32_t off = q4 ? 8 : 128;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[T_MAX];
+    QuantX xt[T_MAX];
+    for (int t = 0; t < T; t++) { acc[t] = _mm512_setzero_ps(); xt[t] = quantx_token(x, t, K); }
+    for (int b = 0; b < nb; b++) {
+        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + b * QROWS)));
+        __m512i is[T_MAX];
+        for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
+        if (q4) {
+            const uint8_t *wb = wq + (size_t)b * 256;
+            for (int c = 0; c < 4; c++) {
+                if (fetch) prefetch(wb + 64 * c);
+                __m512i raw = _mm512_loadu_si512(wb + 64 * c);
+                __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *xq = xt[t].q + b * QBLOCK + 8 * c;
+                    is[t] = _mm512_dpbusd_epi32(is[t], lo, _mm512_set1_epi32(load_i32(xq)));
+                    is[t] = _mm512_dpbusd_epi32(is[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+                }
+            }
+        } else {
+            const uint8_t *wb = wq + (size_t)b * 512;
+            for (int s = 0; s < 8; s++) {
+                if (fetch) prefetch(wb + 64 * s);
+                __m512i w = _mm512_loadu_si512(wb + 64 * s);
+                for (int t = 0; t < T; t++)
+                    is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s)));
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            __m512i c = _mm512_sub_epi32(is[t], _mm512_set1_epi32(off * xt[t].qsum[b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(dw, _mm512_set1_ps(xt[t].scale[b])), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, (__mmask16)((1u << nrows) - 1), acc[t]);
+}
+#else
+#define T_MAX 2
+// One group against T tokens, as two halves of 8 rows (AVX2 has 16 registers).
+static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
+                                                              int T, float *out, size_t ldo, int nrows, int fetch) {
+    int nb = K / QBLOCK;
+    const uint16_t *scale = (const uint16_t *)grp;
+    const uint8_t *wq = grp + (size_t)nb * 32;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[T_MAX][2];
+    QuantX xt[T_MAX];
+    for (int t = 0; t < T; t++) { acc[t][0] = acc[t][1] = _mm256_setzero_ps(); xt[t] = quantx_token(x, t, K); }
+    for (int b = 0; b < nb; b++) {
+        __m256 dw[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS))),
+                        _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS + 8)))};
+        __m256i is[T_MAX][2];
+        if (q4) {
+            // vpmaddubsw pairs are at most 2*15*127: the block's 8 steps add up in int16 (<= 30480)
+            const uint8_t *wb = wq + (size_t)b * 256;
+            __m256i s16[T_MAX][2];
+            for (int t = 0; t < T; t++) s16[t][0] = s16[t][1] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                if (fetch) prefetch(wb + 64 * c);
+                for (int h = 0; h < 2; h++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(wb + 64 * c + 32 * h));
+                    __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    for (int t = 0; t < T; t++) {
+                        const int8_t *xq = xt[t].q + b * QBLOCK + 8 * c;
+                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xq))),
+                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xq + 4))));
+                        s16[t][h] = _mm256_add_epi16(s16[t][h], p);
+                    }
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                __m256i o = _mm256_set1_epi32(8 * xt[t].qsum[b]);
+                for (int h = 0; h < 2; h++) is[t][h] = _mm256_sub_epi32(_mm256_madd_epi16(s16[t][h], ones), o);
+            }
+        } else {
+            // q = u ^ 0x80 signed; vpmaddubsw multiplies unsigned by signed, so |x| by q with x's sign
+            const uint8_t *wb = wq + (size_t)b * 512;
+            for (int t = 0; t < T; t++) is[t][0] = is[t][1] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                if (fetch) prefetch(wb + 64 * s);
+                __m256i w[2] = {_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * s)), flip),
+                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * s + 32)), flip)};
+                for (int t = 0; t < T; t++) {
+                    __m256i xv = _mm256_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s)), ax = _mm256_abs_epi8(xv);
+                    for (int h = 0; h < 2; h++)
+                        is[t][h] = _mm256_add_epi32(is[t][h],
+                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[h], xv)), ones));
+                }
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < 2; h++)
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][h]),
+                                            _mm256_mul_ps(dw[h], _mm256_set1_ps(xt[t].scale[b])), acc[t][h]);
+    }
+    for (int t = 0; t < T; t++) {
+        if (nrows == QROWS) {
+            _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+            _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+        } else {
+            float tmp[QROWS];
+            _mm256_storeu_ps(tmp, acc[t][0]);
+            _mm256_storeu_ps(tmp + 8, acc[t][1]);
+            memcpy(out + t * ldo, tmp, nrows * sizeof(float));
+        }
+    }
+}
+#endif
+
+// Calls GROUP(T) with T a constant, so that each tile is compiled with its
+// accumulators in registers.
+#if T_MAX == 8
+#define T_SHAPES(nt, GROUP)                                                                              \
+    switch (nt) {                                                                                        \
+    case 1: GROUP(1); break; case 2: GROUP(2); break; case 3: GROUP(3); break; case 4: GROUP(4); break;  \
+    case 5: GROUP(5); break; case 6: GROUP(6); break; case 7: GROUP(7); break; default: GROUP(8); break; \
+    }
+#else
+#define T_SHAPES(nt, GROUP) switch (nt) { case 1: GROUP(1); break; default: GROUP(2); break; }
+#endif
+
+static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    size_t gbytes = quant_group_bytes(type, K);
+    for (int g = 0; g * QROWS < N; g++) {
+        const uint8_t *grp = w + (size_t)g * gbytes;
+        int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
+        for (int t = 0; t < M; t += T_MAX) {
+            int nt = M - t < T_MAX ? M - t : T_MAX;
             QuantX xt = quantx_token(x, t, K);
-            float *o = out + (size_t)t * ldo + r;
-#define Q8_TILE(R, T) quant_tile(WEIGHT_Q8, wr, row_bytes, R, &xt, T, K, o, ldo, t == 0)
-#define Q4_TILE(R, T) quant_tile(WEIGHT_Q4, wr, row_bytes, R, &xt, T, K, o, ldo, t == 0)
-            if (type == WEIGHT_Q8) TILE_SHAPES(nr, nt, Q8_TILE)
-            else TILE_SHAPES(nr, nt, Q4_TILE)
-#undef Q8_TILE
-#undef Q4_TILE
+            float *o = out + (size_t)t * ldo + g * QROWS;
+#define Q8_GROUP(T) quant_group(0, grp, K, &xt, T, o, ldo, nrows, t == 0)
+#define Q4_GROUP(T) quant_group(1, grp, K, &xt, T, o, ldo, nrows, t == 0)
+            if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_GROUP)
+            else T_SHAPES(nt, Q4_GROUP)
+#undef Q8_GROUP
+#undef Q4_GROUP
         }
     }
 }
@@ -528,44 +442,71 @@ static float neon_dot_bf16(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
-// 16 int8 products summed into 4 int32 lanes.
-static inline int32x4_t dot16_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
+// 4 rows x 4 int8 products summed into the 4 int32 lanes (the rows).
+static inline int32x4_t dot4_s8(int32x4_t acc, int8x16_t w, int8x16_t x) {
 #if defined(__ARM_FEATURE_DOTPROD)
-    return vdotq_s32(acc, a, b);
+    return vdotq_s32(acc, w, x);
 #else
-    int16x8_t p = vmull_s8(vget_low_s8(a), vget_low_s8(b));
-    p = vmlal_s8(p, vget_high_s8(a), vget_high_s8(b)); // |sum of 2| <= 2*127*127: fits
-    return vpadalq_s16(acc, p);
+    int32x4_t a = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(x)));  // rows 0, 1: pairs
+    int32x4_t b = vpaddlq_s16(vmull_s8(vget_high_s8(w), vget_high_s8(x))); // rows 2, 3: pairs
+    return vaddq_s32(acc, vpaddq_s32(a, b));
 #endif
 }
 
-static float neon_dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) {
-    float32x4_t acc = vdupq_n_f32(0);
-    for (int b = 0; b < K / QBLOCK; b++) {
-        int32x4_t isum = vdupq_n_s32(0);
-        for (int i = b * QBLOCK; i < (b + 1) * QBLOCK; i += 16) isum = dot16_s8(isum, vld1q_s8(w + i), vld1q_s8(x->q + i));
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[b] * x->scale[b]);
+// One group against one token: the 16 rows as four vectors of 4 lanes.
+static void neon_group(int q4, const uint8_t *grp, int K, const QuantX *x, float *out, int nrows) {
+    int nb = K / QBLOCK;
+    const uint16_t *scale = (const uint16_t *)grp;
+    const uint8_t *wq = grp + (size_t)nb * 32;
+    float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+    for (int b = 0; b < nb; b++) {
+        int32x4_t is[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+        const int8_t *xq = x->q + b * QBLOCK;
+        if (q4) {
+            const uint8x16_t low = vdupq_n_u8(0x0F);
+            const int8x16_t eight = vdupq_n_s8(8);
+            for (int c = 0; c < 4; c++) {
+                int32_t xa, xb;
+                memcpy(&xa, xq + 8 * c, 4);
+                memcpy(&xb, xq + 8 * c + 4, 4);
+                for (int k = 0; k < 4; k++) {
+                    uint8x16_t raw = vld1q_u8(wq + (size_t)b * 256 + 64 * c + 16 * k);
+                    int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
+                    int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+                    is[k] = dot4_s8(is[k], lo, vreinterpretq_s8_s32(vdupq_n_s32(xa)));
+                    is[k] = dot4_s8(is[k], hi, vreinterpretq_s8_s32(vdupq_n_s32(xb)));
+                }
+            }
+        } else {
+            const uint8x16_t flip = vdupq_n_u8(0x80);
+            for (int s = 0; s < 8; s++) {
+                int32_t xv;
+                memcpy(&xv, xq + 4 * s, 4);
+                for (int k = 0; k < 4; k++) {
+                    int8x16_t w = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wq + (size_t)b * 512 + 64 * s + 16 * k), flip));
+                    is[k] = dot4_s8(is[k], w, vreinterpretq_s8_s32(vdupq_n_s32(xv)));
+                }
+            }
+        }
+        for (int k = 0; k < 4; k++) {
+            float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scale + b * QROWS + 4 * k)));
+            acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(is[k]), vmulq_n_f32(dw, x->scale[b]));
+        }
     }
-    return vaddvq_f32(acc);
+    float tmp[QROWS];
+    for (int k = 0; k < 4; k++) vst1q_f32(tmp + 4 * k, acc[k]);
+    memcpy(out, tmp, nrows * sizeof(float));
 }
 
-static float neon_dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) {
-    float32x4_t acc = vdupq_n_f32(0);
-    const uint8x16_t low = vdupq_n_u8(0x0F);
-    const int8x16_t eight = vdupq_n_s8(8);
-    for (int b = 0; b < K / QBLOCK; b++) {
-        int32x4_t isum = vdupq_n_s32(0);
-        int i = b * QBLOCK;
-        for (int h = 0; h < 2; h++) { // bytes i/2 + 16h .. +15: weights i+16h.. (low) and i+32+16h.. (high)
-            uint8x16_t raw = vld1q_u8(w + i / 2 + 16 * h);
-            int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
-            int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
-            isum = dot16_s8(isum, lo, vld1q_s8(x->q + i + 16 * h));
-            isum = dot16_s8(isum, hi, vld1q_s8(x->q + i + 32 + 16 * h));
+static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    for (int g = 0; g * QROWS < N; g++) {
+        int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
+        for (int m = 0; m < M; m++) {
+            QuantX xm = quantx_token(x, m, K);
+            neon_group(type == WEIGHT_Q4, w + (size_t)g * quant_group_bytes(type, K), K, &xm,
+                       out + (size_t)m * ldo + g * QROWS, nrows);
         }
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), ws[b] * x->scale[b]);
     }
-    return vaddvq_f32(acc);
 }
 #endif // KERNELS_NEON
 
@@ -573,20 +514,15 @@ static float neon_dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int
 // 4. the kernels mixtral.c calls: this build's best
 
 #if defined(KERNELS_AVX2)
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-const char kernels_simd_name[] = "avx2 + avx512-vnni"; // the blocks' integer products, see q8_block
-#elif defined(__AVX512BW__)
-const char kernels_simd_name[] = "avx2 + avx512bw";
+#if defined(KERNELS_AVX512)
+const char kernels_simd_name[] = "avx512-vnni";
 #else
 const char kernels_simd_name[] = "avx2";
 #endif
 float dot_f32(const float *a, const float *b, int n) { return avx2_dot_f32(a, b, n); }
 float dot_bf16(const uint16_t *w, const float *x, int n) { return avx2_dot_bf16(w, x, n); }
-float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) { return avx2_dot_q8(w, ws, x, K); }
-float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) { return avx2_dot_q4(w, ws, x, K); }
-void gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                size_t ldo) {
-    avx2_gemm_quant(type, w, row_bytes, N, x, M, K, out, ldo);
+void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    x86_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { avx2_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
@@ -595,11 +531,8 @@ void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
 const char kernels_simd_name[] = "neon";
 float dot_f32(const float *a, const float *b, int n) { return neon_dot_f32(a, b, n); }
 float dot_bf16(const uint16_t *w, const float *x, int n) { return neon_dot_bf16(w, x, n); }
-float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) { return neon_dot_q8(w, ws, x, K); }
-float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) { return neon_dot_q4(w, ws, x, K); }
-void gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                size_t ldo) {
-    gemm_by_dots(neon_dot_q8, neon_dot_q4, type, w, row_bytes, N, x, M, K, out, ldo);
+void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    neon_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
@@ -608,11 +541,8 @@ void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
 const char kernels_simd_name[] = "portable C";
 float dot_f32(const float *a, const float *b, int n) { return ref_dot_f32(a, b, n); }
 float dot_bf16(const uint16_t *w, const float *x, int n) { return ref_dot_bf16(w, x, n); }
-float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K) { return ref_dot_q8(w, ws, x, K); }
-float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K) { return ref_dot_q4(w, ws, x, K); }
-void gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                size_t ldo) {
-    ref_gemm_quant(type, w, row_bytes, N, x, M, K, out, ldo);
+void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    ref_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }

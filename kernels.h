@@ -3,66 +3,72 @@
 // mixtral.c holds the model's math in plain C and calls these kernels by name;
 // kernels.c holds every instruction-set-specific line (AVX2, AVX-512, NEON).
 //
-// WHAT EACH KERNEL COMPUTES (x, w: vectors of n or K values; K is always the
-// inner dimension, as in BLAS)
-//   dot_f32(a, b, n)            = sum_i a[i] b[i]
-//   dot_bf16(w, x, n)           = sum_i bf16(w[i]) x[i]
-//   dot_q8(w, ws, x, K)         = sum_b ws[b] xs[b] sum_{i in block b} w[i] xq[i]
-//   dot_q4(w, ws, x, K)         = sum_b ws[b] xs[b] sum_{i in block b} (u[i] - 8) xq[i]
-//   gemm_quant(type, W, N, x, M, K, out, ldo):
-//                                 out[m ldo + n] = dot_q8/q4(row n of W, token m of x), a small GEMM
-//                                 out (M,N) = x (M,K) @ W (N,K)^T
-//   quantize_blocks(qx, x, b0, b1): blocks b0..b1-1 of x to int8:
-//                                 xq = round(x * 127 / max|x|) (nearest, ties to even, as lrintf),
-//                                 xs = max|x| / 127, xsum = xs * sum(xq), per block
-//   swiglu(h, h2, n)            : h[i] = silu(h[i]) * h2[i], silu(g) = g / (1 + e^-g)
-//   dequant_row(type, row, K, out): one stored row back to f32 (the embedding lookup)
+// WHAT EACH KERNEL COMPUTES (K is always the inner dimension, as in BLAS)
+//   dot_f32(a, b, n)        = sum_i a[i] b[i]
+//   dot_bf16(w, x, n)       = sum_i bf16(w[i]) x[i]
+//   gemm_quant(type, W, K, N, x, M, out, ldo): a small GEMM, out (M,N) = x (M,K) @ W (N,K)^T:
+//       out[m ldo + n] = sum_b dw[n][b] dx[m][b] sum_{j in block b} qw[n][j] qx[m][j]
+//       for q8 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
+//   quantize_blocks(qx, x, b0, b1): blocks b0..b1-1 of x (f32) to int8:
+//       qx = round(x * 127 / max|x|) (to nearest, ties to even, as lrintf),
+//       dx = max|x| / 127, qsum = sum of the block's qx
+//   swiglu(h, h2, n)        : h[i] = silu(h[i]) * h2[i], silu(g) = g / (1 + e^-g)
+//   dequant_row(type, W, K, n, out): row n of W as f32 (the embedding lookup)
 //
-// THE LAYOUT THEY READ (a matrix W (N,K) is N rows of weight_row_bytes(type, K))
-//   f32, bf16: K values. bf16 is the top half of an f32.
-//   q8: K int8 weights q, then K/QBLOCK f32 scales: w = q * scale[block]
-//   q4: K/2 bytes, then K/QBLOCK f32 scales. Block b of QBLOCK = 64 weights is
-//       32 bytes; byte i holds weight i in its low nibble and weight i+32 in its
-//       high one, each as u = q + 8 in 0..15: w = (u - 8) * scale[block]
-//   Rows follow each other; a row's scales sit right after its weights.
-//   Activations for q8/q4 weights: QuantX, blocks of QBLOCK int8 values with an
-//   f32 scale (and scaled sum) per block; the M tokens of a batch one after another.
+// THE LAYOUT THEY READ
+//   f32, bf16: row-major, K values a row. bf16 is the top half of an f32.
+//   q8, q4 (W (N,K), K a multiple of 32): rows in groups of QROWS = 16,
+//   interleaved so that one 64-byte load holds 4 consecutive weights of each of
+//   the 16 rows (the int32 lanes of a 512-bit register are the rows: no
+//   horizontal sums, one load of an activation serves 16 rows). N is padded to
+//   a multiple of 16 with zero rows. A group is
+//       scales:  K/32 blocks x 16 rows, f16 (IEEE half): dw[row][block]
+//       weights: K/32 blocks, each
+//         q8: 8 steps s of 64 bytes; step s, bytes 4l..4l+3: row l's weights
+//             32b+4s .. 32b+4s+3, stored as u = q + 128 (q in -127..127)
+//         q4: 4 chunks c of 64 bytes; chunk c, byte 4l+i: row l's weight
+//             32b+8c+i in the low nibble, 32b+8c+4+i in the high one, stored as
+//             u = q + 8 (q in -8..7)
+//   so a group is 17K bytes (q8) or 9K bytes (q4): 8.5 and 4.5 bits a weight.
+//   Activations for q8/q4: QuantX, the M tokens one after another.
 //
 // THE PROMISES
-//   - Integer sums are exact: within a block, the int8 products are summed in
-//     integers (no rounding); only the per-block scaling is float.
-//   - Every kernel is deterministic and works on its own rows/tokens only, so
-//     results never depend on the thread count or on which thread ran them.
-//   - ref_* are the portable C kernels: compiled in every build, the reference
-//     the SIMD kernels are tested against directly (tests/kernels_test.c, on
-//     random data with odd sizes), and what a build without SIMD runs.
+//   - Integer sums are exact: within a block the products are summed in
+//     integers; only the per-block scaling is float.
+//   - Each output (row, token) is accumulated on its own, block by block in
+//     order, acc = fma(float(isum), dw * dx, acc): so a result depends neither
+//     on M, nor on which rows or tokens share a call, nor on the thread count.
+//     A prompt in chunks gives the same logits as token by token.
+//   - The AVX2, AVX-512 and NEON kernels give identical results, bit for bit.
+//     ref_* are the portable C kernels: compiled in every build, the reference
+//     every SIMD kernel is tested against directly (tests/kernels_test.c, random
+//     data with odd sizes), and what a build without SIMD runs. They multiply
+//     and add without fusing, so they agree with the SIMD kernels to rounding;
+//     where every product and sum is exact in float they agree bit for bit.
 //   - quantize_blocks equals ref_quantize_blocks bit for bit on every build.
-//   - AVX2 and AVX-512 (BW, VNNI) builds give identical results bit for bit:
-//     the AVX-512 code forms the same integer sums and adds them in the same
-//     order. On the portable and NEON builds the float sums are added in other
-//     orders: equal to rounding (about 1e-6 relative), not bit for bit.
-//   - With scales that are powers of two and sums below 2^24 every kernel's
-//     float arithmetic is exact, so there all builds agree bit for bit (tested).
-//   - gemm_quant with M == 1 may round differently from dot_q8/dot_q4 (fewer
-//     accumulators); mixtral.c uses the dot kernels for one token.
 #ifndef KERNELS_H
 #define KERNELS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define QBLOCK 64 // q8/q4: weights (and activations) per scale, the quantization block
+#define QBLOCK 32 // q8/q4: weights (and activations) per scale, the quantization block
+#define QROWS 16  // q8/q4: rows interleaved in a group
 
 // The weight types of the model file (export.py writes the same numbers).
 enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_NTYPES };
 
-// Bytes of one stored row of K weights: the weights, and for q8/q4 the row's scales after them.
-static inline uint64_t weight_row_bytes(int type, uint64_t K) {
+static inline int weight_is_quant(int type) { return type == WEIGHT_Q8 || type == WEIGHT_Q4; }
+
+// Bytes of one group of QROWS rows of K weights (q8/q4).
+static inline uint64_t quant_group_bytes(int type, uint64_t K) { return type == WEIGHT_Q8 ? 17 * K : 9 * K; }
+
+// Bytes of a whole matrix (N, K) of a weight type.
+static inline uint64_t weight_matrix_bytes(int type, uint64_t N, uint64_t K) {
     switch (type) {
-    case WEIGHT_F32: return K * 4;
-    case WEIGHT_BF16: return K * 2;
-    case WEIGHT_Q8: return K + K / QBLOCK * 4;
-    default: return K / 2 + K / QBLOCK * 4;
+    case WEIGHT_F32: return N * K * 4;
+    case WEIGHT_BF16: return N * K * 2;
+    default: return (N + QROWS - 1) / QROWS * quant_group_bytes(type, K);
     }
 }
 
@@ -71,40 +77,46 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
+// IEEE half to float, exactly (normals, subnormals, zeros, infinities, NaN).
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 31, man = h & 1023;
+    union { uint32_t u; float f; } v;
+    if (exp == 31) v.u = sign | 0x7F800000u | man << 13;
+    else if (exp) v.u = sign | (exp + 112) << 23 | man << 13;
+    else { v.f = (float)man * (1.0f / 16777216.0f); v.u |= sign; } // man * 2^-24
+    return v.f;
+}
+
 // Activations quantized to int8 in blocks of QBLOCK: x ~ q * scale[b].
 typedef struct {
-    int8_t *q;      // (M, K)
-    float *scale;   // (M, K/QBLOCK)
-    float *sum;     // (M, K/QBLOCK) scale * sum of the block's q (the q4 kernels' offset correction)
+    int8_t *q;       // (M, K)
+    float *scale;    // (M, K/QBLOCK) dx
+    int32_t *qsum;   // (M, K/QBLOCK) sum of the block's q
 } QuantX;
 
 // Token m of a quantized batch of M tokens of K values each.
 static inline QuantX quantx_token(const QuantX *x, int m, int K) {
     size_t nb = (size_t)K / QBLOCK;
-    return (QuantX){x->q + (size_t)m * K, x->scale + m * nb, x->sum + m * nb};
+    return (QuantX){x->q + (size_t)m * K, x->scale + m * nb, x->qsum + m * nb};
 }
 
-// The SIMD path this build compiled in ("avx2 + avx512-vnni", "neon", "portable C").
+// The SIMD path this build compiled in ("avx512-vnni", "avx2", "neon", "portable C").
 extern const char kernels_simd_name[];
 
-// The kernels mixtral.c calls: the fastest this build has.
+// The kernels mixtral.c calls: the fastest this build has. gemm_quant reads
+// the groups that hold rows 0..N-1 starting at w (a group boundary) and writes
+// those N rows of out.
 float dot_f32(const float *a, const float *b, int n);
 float dot_bf16(const uint16_t *w, const float *x, int n);
-float dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K);
-float dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K);
-void gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                size_t ldo);
+void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo);
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void swiglu(float *h, const float *h2, int64_t n);
-void dequant_row(int type, const void *row, int K, float *out);
+void dequant_row(int type, const void *w, int K, int n, float *out);
 
 // The portable references, the same contracts.
 float ref_dot_f32(const float *a, const float *b, int n);
 float ref_dot_bf16(const uint16_t *w, const float *x, int n);
-float ref_dot_q8(const int8_t *w, const float *ws, const QuantX *x, int K);
-float ref_dot_q4(const uint8_t *w, const float *ws, const QuantX *x, int K);
-void ref_gemm_quant(int type, const uint8_t *w, size_t row_bytes, int N, const QuantX *x, int M, int K, float *out,
-                    size_t ldo);
+void ref_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo);
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
 

@@ -31,6 +31,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -102,13 +103,14 @@ static double time_s(void) {
 //              ffn_norm (D,) gate (E,D) f32
 //              per expert: w1 (H,D) w3 (H,D) w2 (D,H)
 //   norm (D,) lm_head (V,D)
-// Norms and the router are always f32; the other matrices have the file's weight
-// type, except that a q4 file keeps embed and lm_head in q8 (export.py says why).
-// How a row of each weight type is stored (q8/q4: quantized weights, then one
-// f32 scale per block of QBLOCK = 64) is part of the kernels' contract, kernels.h.
+// Norms and the router are always f32; each kind of matrix (embed, wq, ..., w2,
+// lm_head) has its own type, the same in every layer, listed in the header
+// (export.py's MATRIX_TYPES chooses them). How each weight type is stored (q8/q4:
+// rows interleaved in groups of 16, an f16 scale per block of 32) is part of the
+// kernels' contract, kernels.h.
 
 #define MODEL_MAGIC "MIXTRALC"
-#define MODEL_VERSION 3
+#define MODEL_VERSION 4
 #define HEADER_SIZE 256
 #define WEIGHTS_ALIGN 4096
 #define TENSOR_ALIGN 64
@@ -116,12 +118,16 @@ static double time_s(void) {
 // WEIGHT_F32, WEIGHT_BF16, WEIGHT_Q8, WEIGHT_Q4: kernels.h
 static const char *weight_type_name[] = {"f32", "bf16", "q8", "q4"};
 
+// The kinds of matrix, in the order of the header's matrix_type (export.py's MATRIX_KINDS).
+enum { KIND_EMBED, KIND_WQ, KIND_WK, KIND_WV, KIND_WO, KIND_W1, KIND_W3, KIND_W2, KIND_LM_HEAD, N_KINDS };
+static const char *kind_name[N_KINDS] = {"embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head"};
+
 typedef struct {
     char magic[8];          // "MIXTRALC"
     uint32_t version;       // MODEL_VERSION
     uint32_t header_size;   // HEADER_SIZE
-    uint32_t weight_type;   // WEIGHT_*: the type of every matrix except the router
-    uint32_t block_size;    // q8/q4: weights per scale, QBLOCK (0 for float types)
+    uint32_t weight_type;   // WEIGHT_*: the --type the file was exported with (a name only)
+    uint32_t block_size;    // QBLOCK if any matrix is q8/q4, else 0
     int32_t dim;            // hidden_size
     int32_t hidden_dim;     // intermediate_size (one expert's)
     int32_t n_layers;       // num_hidden_layers
@@ -134,22 +140,24 @@ typedef struct {
     int32_t max_seq_len;    // max_position_embeddings
     int32_t sliding_window; // 0: full causal attention
     int32_t bos_id, eos_id;
-    int32_t reserved;
+    int32_t row_group;      // QROWS if any matrix is q8/q4, else 0
     float rope_theta;
     float rms_norm_eps;
     uint64_t tokenizer_offset, tokenizer_size;
     uint64_t weights_offset;
     uint64_t file_size;
+    uint8_t matrix_type[N_KINDS]; // WEIGHT_* of each kind of matrix, KIND_*
 } Config;
-_Static_assert(sizeof(Config) == 120, "Config must match export.py's HEADER_FORMAT");
+_Static_assert(offsetof(Config, matrix_type) == 120 && sizeof(Config) <= HEADER_SIZE,
+               "Config must match export.py's HEADER_FORMAT");
 
-// A weight matrix W (rows, cols), row-major, stored in one of the weight types.
+// A weight matrix W (rows, cols) stored in one of the weight types (kernels.h).
 // In a product it is W (N, K): N = rows outputs, K = cols inputs.
 typedef struct {
-    const void *data;    // f32 or bf16 values, or q8/q4 rows of quantized weights and scales
+    const void *data;    // f32 or bf16 rows, or q8/q4 groups of 16 interleaved rows
     int type;            // WEIGHT_*
     int rows, cols;
-    size_t row_bytes;    // bytes from one row to the next: weight_row_bytes(type, cols)
+    uint64_t bytes;      // weight_matrix_bytes(type, rows, cols)
 } Matrix;
 
 typedef struct {
@@ -196,8 +204,8 @@ static const void *cursor_take(Cursor *c, uint64_t bytes) {
 }
 
 static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols) {
-    Matrix m = {NULL, type, rows, cols, weight_row_bytes(type, cols)};
-    m.data = cursor_take(c, m.row_bytes * rows);
+    Matrix m = {NULL, type, rows, cols, weight_matrix_bytes(type, rows, cols)};
+    m.data = cursor_take(c, m.bytes);
     return m;
 }
 
@@ -208,27 +216,27 @@ static const float *cursor_f32(Cursor *c, uint64_t n) {
 // Returns the file offset just past the last tensor (the file size it implies).
 static uint64_t model_map_weights(const Config *p, Weights *w, const uint8_t *map) {
     Cursor c = {map, p->weights_offset, 0};
-    int t = p->weight_type, D = p->dim, H = p->hidden_dim, E = p->n_experts;
+    const uint8_t *t = p->matrix_type;
+    int D = p->dim, H = p->hidden_dim, E = p->n_experts;
     int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
-    int edge = t == WEIGHT_Q4 ? WEIGHT_Q8 : t; // embed and lm_head
-    w->embed = cursor_matrix(&c, edge, p->vocab_size, D);
+    w->embed = cursor_matrix(&c, t[KIND_EMBED], p->vocab_size, D);
     for (int l = 0; l < p->n_layers; l++) {
         Layer *L = &w->layers[l];
         L->attn_norm = cursor_f32(&c, D);
-        L->wq = cursor_matrix(&c, t, Q, D);
-        L->wk = cursor_matrix(&c, t, KV, D);
-        L->wv = cursor_matrix(&c, t, KV, D);
-        L->wo = cursor_matrix(&c, t, D, Q);
+        L->wq = cursor_matrix(&c, t[KIND_WQ], Q, D);
+        L->wk = cursor_matrix(&c, t[KIND_WK], KV, D);
+        L->wv = cursor_matrix(&c, t[KIND_WV], KV, D);
+        L->wo = cursor_matrix(&c, t[KIND_WO], D, Q);
         L->ffn_norm = cursor_f32(&c, D);
         L->gate = cursor_f32(&c, (uint64_t)E * D);
         for (int e = 0; e < E; e++) {
-            L->experts[e].w1 = cursor_matrix(&c, t, H, D);
-            L->experts[e].w3 = cursor_matrix(&c, t, H, D);
-            L->experts[e].w2 = cursor_matrix(&c, t, D, H);
+            L->experts[e].w1 = cursor_matrix(&c, t[KIND_W1], H, D);
+            L->experts[e].w3 = cursor_matrix(&c, t[KIND_W3], H, D);
+            L->experts[e].w2 = cursor_matrix(&c, t[KIND_W2], D, H);
         }
     }
     w->norm = cursor_f32(&c, D);
-    w->lm_head = cursor_matrix(&c, edge, p->vocab_size, D);
+    w->lm_head = cursor_matrix(&c, t[KIND_LM_HEAD], p->vocab_size, D);
     return c.overflow ? UINT64_MAX : c.off;
 }
 
@@ -242,10 +250,15 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
             MODEL_VERSION, p->version > MODEL_VERSION ? "update mixtral.c or re-run its export.py" : hint);
     if (p->header_size != HEADER_SIZE) die("%s: header size %u, expected %d; %s", path, p->header_size, HEADER_SIZE, hint);
     if (p->weight_type >= WEIGHT_NTYPES) die("%s: unknown weight type %u; %s", path, p->weight_type, hint);
-    int quantized = p->weight_type == WEIGHT_Q8 || p->weight_type == WEIGHT_Q4;
-    if (quantized ? p->block_size != QBLOCK : p->block_size != 0)
-        die("%s: corrupt header: block size %u for weight type %s; %s", path, p->block_size,
-            weight_type_name[p->weight_type], hint);
+    int quantized = 0;
+    for (int k = 0; k < N_KINDS; k++) {
+        if (p->matrix_type[k] >= WEIGHT_NTYPES)
+            die("%s: corrupt header: unknown weight type %u for %s; %s", path, p->matrix_type[k], kind_name[k], hint);
+        quantized |= weight_is_quant(p->matrix_type[k]);
+    }
+    if (quantized ? p->block_size != QBLOCK || p->row_group != QROWS : p->block_size != 0 || p->row_group != 0)
+        die("%s: corrupt header: block size %u, row group %d (this build reads %d, %d); %s", path, p->block_size,
+            p->row_group, QBLOCK, QROWS, hint);
     // Bounds keep every product below 2^62: no overflow in the size arithmetic.
     struct { const char *name; int32_t v, max; } dims[] = {
         {"dim", p->dim, 1 << 20}, {"hidden_dim", p->hidden_dim, 1 << 22}, {"n_layers", p->n_layers, 1 << 12},
@@ -259,8 +272,8 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
             die("%s: corrupt header: %s = %d (must be 1..%d); %s", path, dims[i].name, dims[i].v, dims[i].max, hint);
     if (p->n_heads % p->n_kv_heads)
         die("%s: corrupt header: n_heads %d is not a multiple of n_kv_heads %d; %s", path, p->n_heads, p->n_kv_heads, hint);
-    if (quantized && (p->dim % p->block_size || p->hidden_dim % p->block_size || (p->n_heads * p->head_dim) % p->block_size))
-        die("%s: corrupt header: dimensions are not multiples of the block size %u; %s", path, p->block_size, hint);
+    if (quantized && (p->dim % QBLOCK || p->hidden_dim % QBLOCK || (p->n_heads * p->head_dim) % QBLOCK))
+        die("%s: corrupt header: dimensions are not multiples of the block size %d; %s", path, QBLOCK, hint);
     if (p->head_dim % 2) die("%s: corrupt header: head_dim %d is odd (RoPE needs pairs); %s", path, p->head_dim, hint);
     if (p->top_k > p->n_experts)
         die("%s: corrupt header: top_k %d > n_experts %d; %s", path, p->top_k, p->n_experts, hint);
@@ -410,7 +423,7 @@ static void state_init(State *s, const Config *p, int context, int chunk, Thread
         for (size_t e = 0; e < E; e++) {
             s->xq[e].qx.q = xcalloc(C * widest, 1);
             s->xq[e].qx.scale = xcalloc(C * widest / QBLOCK, sizeof(float));
-            s->xq[e].qx.sum = xcalloc(C * widest / QBLOCK, sizeof(float));
+            s->xq[e].qx.qsum = xcalloc(C * widest / QBLOCK, sizeof(int32_t));
         }
     }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
@@ -425,7 +438,7 @@ static void state_free(State *s, const Config *p) {
                      s->moe_out, s->pair_weight, s->router, s->logits, s->key_cache, s->value_cache,
                      s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
-    for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.sum); }
+    for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qsum); }
     free(s->xq);
     free(s->chosen);
     free(s->pair_token);
@@ -473,35 +486,32 @@ typedef struct {
     const QuantInput *xq;   // x quantized, for q8/q4 weights (set by matmul)
 } Gemm;
 
-// Rows [r0, r1) of one product: the one place weight formats are dispatched.
-// Several tokens of q8/q4 go through the tile kernel, one token through the
-// dot kernels, which keep more accumulators.
+// Rows [r0, r1) of one product (r0 a multiple of QROWS): the one place weight
+// formats are dispatched. q8/q4 rows come in groups of QROWS, which the kernel
+// takes whole; float rows are dot products, row by row.
 static void gemm_rows(const Gemm *g, int r0, int r1) {
     const Matrix *W = g->W;
     int K = W->cols, N = W->rows;
     const uint8_t *w = (const uint8_t *)W->data;
-    if (g->M > 1 && (W->type == WEIGHT_Q8 || W->type == WEIGHT_Q4)) {
-        gemm_quant(W->type, w + (size_t)r0 * W->row_bytes, W->row_bytes, r1 - r0, &g->xq->qx, g->M, K, g->out + r0, N);
+    if (weight_is_quant(W->type)) {
+        w += (size_t)(r0 / QROWS) * quant_group_bytes(W->type, K);
+        gemm_quant(W->type, w, K, r1 - r0, &g->xq->qx, g->M, g->out + r0, N);
         return;
     }
+    size_t row_bytes = (size_t)K * (W->type == WEIGHT_F32 ? 4 : 2);
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * W->row_bytes;
+        const uint8_t *row = w + r * row_bytes;
         for (int m = 0; m < g->M; m++) {
             const float *x = g->x + (size_t)m * K;
             float *out = g->out + (size_t)m * N + r;
-            QuantX xm = g->xq ? quantx_token(&g->xq->qx, m, K) : (QuantX){NULL, NULL, NULL};
-            switch (W->type) {
-            case WEIGHT_F32: *out = dot_f32((const float *)row, x, K); break;
-            case WEIGHT_BF16: *out = dot_bf16((const uint16_t *)row, x, K); break;
-            case WEIGHT_Q8: *out = dot_q8((const int8_t *)row, (const float *)(row + K), &xm, K); break;
-            case WEIGHT_Q4: *out = dot_q4(row, (const float *)(row + K / 2), &xm, K); break;
-            }
+            *out = W->type == WEIGHT_F32 ? dot_f32((const float *)row, x, K) : dot_bf16((const uint16_t *)row, x, K);
         }
     }
 }
 
-// A batch of products as one job of the pool. Its work is counted in units,
-// a row of an M-token product counting M units, the products' rows stacked.
+// A batch of products as one job of the pool. Its work is counted in units:
+// a tile of QROWS rows of an M-token product counts M units, the products'
+// tiles stacked.
 typedef struct {
     const Gemm *gemm;
     int n;              // products in the batch
@@ -512,34 +522,33 @@ typedef struct {
     ThreadPool *pool;
 } MatmulJob;
 
-// Units [lo, hi) of a batch's work: each product gets the rows whose first
+static int64_t row_tiles(const Matrix *W) { return (W->rows + QROWS - 1) / QROWS; }
+
+// Units [lo, hi) of a batch's work: each product gets the tiles whose first
 // unit falls in [lo, hi).
 static void matmul_range(const MatmulJob *j, int64_t lo, int64_t hi) {
     int64_t base = 0;
     for (int i = 0; i < j->n; i++) {
         const Gemm *g = &j->gemm[i];
-        int64_t rows = g->W->rows, M = g->M;
-        int64_t r0 = lo <= base ? 0 : (lo - base + M - 1) / M, r1 = hi <= base ? 0 : (hi - base + M - 1) / M;
-        if (r0 > rows) r0 = rows;
-        if (r1 > rows) r1 = rows;
-        if (r0 < r1) gemm_rows(g, (int)r0, (int)r1);
-        base += rows * M;
+        int64_t tiles = row_tiles(g->W), M = g->M;
+        int64_t t0 = lo <= base ? 0 : (lo - base + M - 1) / M, t1 = hi <= base ? 0 : (hi - base + M - 1) / M;
+        if (t0 > tiles) t0 = tiles;
+        if (t1 > tiles) t1 = tiles;
+        if (t0 < t1) gemm_rows(g, (int)(t0 * QROWS), (int)(t1 * QROWS < g->W->rows ? t1 * QROWS : g->W->rows));
+        base += tiles * M;
     }
 }
 
-// Decoding (one token) is bound by memory: blocks of DECODE_BLOCK rows are
-// shared out with stealing (pool_share), so that each worker streams through
-// one contiguous range of the weights, which memory serves best. Batches are
-// bound by arithmetic instead, and their work is cut into more pieces than
-// workers, each taking the next free piece. Which worker computes a row never
-// changes the row's result.
-#define DECODE_BLOCK 16
+// Decoding (one token) is bound by memory: tiles are shared out with stealing
+// (pool_share), so that each worker streams through one contiguous range of
+// the weights, which memory serves best. Batches are bound by arithmetic
+// instead, and their work is cut into more pieces than workers, each taking
+// the next free piece. Which worker computes a row never changes its result.
 static void matmul_job(void *arg, int tid, int nthreads) {
     (void)nthreads;
     MatmulJob *j = arg;
     if (j->decode) {
-        for (int64_t b; (b = pool_next_block(j->pool, tid)) >= 0;)
-            matmul_range(j, b * DECODE_BLOCK, (b + 1) * DECODE_BLOCK < j->total_work ? (b + 1) * DECODE_BLOCK : j->total_work);
+        for (int64_t b; (b = pool_next_block(j->pool, tid)) >= 0;) matmul_range(j, b, b + 1);
         return;
     }
     for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->pieces;)
@@ -568,10 +577,10 @@ static void matmul(State *s, Gemm *g, int n) {
     QuantizeJob qj = {s->xq, 0, 0};
     for (int i = 0; i < n; i++) {
         const Matrix *W = g[i].W;
-        work += (int64_t)W->rows * g[i].M;
+        work += row_tiles(W) * g[i].M;
         if (g[i].M > tokens) tokens = g[i].M;
-        s->bytes_read += (uint64_t)W->rows * W->row_bytes;
-        if (W->type != WEIGHT_Q8 && W->type != WEIGHT_Q4) continue;
+        s->bytes_read += W->bytes;
+        if (!weight_is_quant(W->type)) continue;
         if (qj.n == 0 || s->xq[qj.n - 1].x != g[i].x) {
             QuantInput *xq = &s->xq[qj.n++];
             xq->x = g[i].x;
@@ -582,7 +591,7 @@ static void matmul(State *s, Gemm *g, int n) {
     }
     if (qj.total) pool_run(s->pool, quantize_job, &qj);
     MatmulJob job = {g, n, work, tokens == 1, 8 * s->pool->n, 0, s->pool};
-    if (job.decode) pool_share(s->pool, (work + DECODE_BLOCK - 1) / DECODE_BLOCK);
+    if (job.decode) pool_share(s->pool, work);
     pool_run(s->pool, matmul_job, &job);
 }
 
@@ -796,7 +805,7 @@ static float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0,
         if (ids[i] < 0 || ids[i] >= p->vocab_size)
             die("token id %d is outside the vocabulary 0..%d", ids[i], p->vocab_size - 1);
         const Matrix *embed = &m->weights.embed; // embed_tokens: one row of (V, D)
-        dequant_row(embed->type, (const uint8_t *)embed->data + (size_t)ids[i] * embed->row_bytes, D, s->x + (size_t)i * D);
+        dequant_row(embed->type, embed->data, D, ids[i], s->x + (size_t)i * D);
     }
     if (pos0 < 0 || pos0 > s->max_pos - n)
         die("position %d is past the context of %d tokens; use a larger -c", pos0 + n - 1, s->max_pos);
@@ -1353,6 +1362,9 @@ int main(int argc, char **argv) {
                weight_type_name[p->weight_type], p->dim, p->hidden_dim, p->n_layers, p->n_heads, p->n_kv_heads,
                p->head_dim, p->n_experts, p->top_k, p->vocab_size, p->max_seq_len, p->sliding_window,
                p->rope_theta, p->rms_norm_eps);
+        printf("matrix types:");
+        for (int k = 0; k < N_KINDS; k++) printf(" %s %s", kind_name[k], weight_type_name[p->matrix_type[k]]);
+        printf("\n");
         model_free(&model);
         return 0;
     }

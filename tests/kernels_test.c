@@ -11,6 +11,8 @@
 //   random: general values; the results must agree within the rounding of
 //           float sums in another order: (terms + 8) * 2^-23 of the sum of the
 //           terms' absolute values.
+// gemm_quant must also give one token's results bit for bit whether it runs
+// alone or with others.
 // quantize_blocks must equal its reference bit for bit on any data.
 // Prints the first differences and exits 1 on any mismatch.
 #include <math.h>
@@ -48,62 +50,53 @@ static double tolerance(int terms, double abs_sum) { return (terms + 8) * ldexp(
 // scales 2^-0..2^-max_shift when exact, else random.
 static QuantX make_quantx(int M, int K, int lim, int exact, int max_shift) {
     int nb = K / QBLOCK;
-    QuantX x = {malloc((size_t)M * K), malloc((size_t)M * nb * sizeof(float)), malloc((size_t)M * nb * sizeof(float))};
+    QuantX x = {malloc((size_t)M * K), malloc((size_t)M * nb * sizeof(float)), malloc((size_t)M * nb * sizeof(int32_t))};
     for (int i = 0; i < M * K; i++) x.q[i] = (int8_t)irange(-lim, lim);
     for (int b = 0; b < M * nb; b++) {
         x.scale[b] = exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.1f);
         int s = 0;
         for (int i = 0; i < QBLOCK; i++) s += x.q[(size_t)b * QBLOCK + i];
-        x.sum[b] = (float)s * x.scale[b];
+        x.qsum[b] = s;
     }
     return x;
 }
 
-static void free_quantx(QuantX *x) { free(x->q); free(x->scale); free(x->sum); }
+static void free_quantx(QuantX *x) { free(x->q); free(x->scale); free(x->qsum); }
 
-// N rows of q8 or q4 weights, each followed by its scales.
-static uint8_t *make_rows(int type, int N, int K, int exact, int max_shift, size_t *row_bytes) {
-    *row_bytes = weight_row_bytes(type, K);
-    uint8_t *w = malloc(*row_bytes * N);
-    int nb = K / QBLOCK;
-    for (int r = 0; r < N; r++) {
-        uint8_t *row = w + *row_bytes * r;
-        size_t at = type == WEIGHT_Q8 ? (size_t)K : (size_t)K / 2;
-        if (type == WEIGHT_Q8)
-            for (int i = 0; i < K; i++) ((int8_t *)row)[i] = (int8_t)(exact ? irange(-5, 5) : irange(-127, 127));
-        else
-            for (int i = 0; i < K / 2; i++) {
-                int lo = exact ? irange(4, 12) : irange(0, 15), hi = exact ? irange(4, 12) : irange(0, 15);
-                row[i] = (uint8_t)(lo | hi << 4);
-            }
-        float *scale = (float *)(row + at);
-        for (int b = 0; b < nb; b++) {
-            float s = exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.05f);
-            memcpy(scale + b, &s, sizeof(float)); // (rows of q4 with odd K/2 leave scales unaligned)
+// A float in the normal range of f16, as f16 bits (mantissa truncated).
+static uint16_t to_f16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = v.u >> 16 & 0x8000, exp = (v.u >> 23 & 255) - 112, man = v.u >> 13 & 1023;
+    return (uint16_t)(sign | exp << 10 | man);
+}
+
+// A q8 or q4 matrix of N rows (padded to whole groups) in the layout of
+// kernels.h, random bytes: exact: q in -5..5 (q8) or -4..4 (q4) and scales
+// 2^-0..2^-max_shift; else any q and random scales.
+static uint8_t *make_matrix(int type, int N, int K, int exact, int max_shift) {
+    int nb = K / QBLOCK, groups = (N + QROWS - 1) / QROWS;
+    size_t gb = quant_group_bytes(type, K);
+    uint8_t *w = malloc(gb * groups);
+    for (int g = 0; g < groups; g++) {
+        uint8_t *grp = w + gb * g;
+        for (int i = 0; i < nb * QROWS; i++) {
+            uint16_t h = to_f16(exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.05f) * (irange(0, 1) ? 1 : -1));
+            memcpy(grp + 2 * i, &h, 2);
+        }
+        for (size_t i = (size_t)nb * 32; i < gb; i++) {
+            if (type == WEIGHT_Q8) grp[i] = (uint8_t)(exact ? 128 + irange(-5, 5) : 128 + irange(-127, 127));
+            else grp[i] = (uint8_t)(exact ? irange(4, 12) | irange(4, 12) << 4 : irange(0, 255));
         }
     }
     return w;
 }
 
-// The sum of the absolute values of the terms a row . token adds up, for the tolerance.
-static double quant_abs_sum(int type, const uint8_t *row, const QuantX *x, int K) {
+// The sum of the absolute values of the terms that row n . token add up, for the tolerance.
+static double quant_abs_sum(int type, const uint8_t *w, int K, int n, const QuantX *x) {
+    float row[4096 * 4];
+    dequant_row(type, w, K, n, row); // w * dw, exactly
     double s = 0;
-    const float *scale = (const float *)(row + (type == WEIGHT_Q8 ? K : K / 2));
-    for (int b = 0; b < K / QBLOCK; b++) {
-        double blk = 0;
-        for (int i = 0; i < QBLOCK; i++) {
-            int j = b * QBLOCK + i, xq = x->q[j];
-            if (type == WEIGHT_Q8) blk += fabs((double)((const int8_t *)row)[j] * xq);
-            else {
-                uint8_t v = row[b * 32 + i % 32];
-                int u = i < 32 ? v & 15 : v >> 4;
-                blk += fabs((double)u * xq) + 8.0 * fabs((double)xq); // sum(u x) - 8 sum(x), both formed
-            }
-        }
-        float ws;
-        memcpy(&ws, scale + b, sizeof(float));
-        s += blk * fabs((double)ws * x->scale[b]);
-    }
+    for (int j = 0; j < K; j++) s += fabs((double)row[j] * x->q[j] * x->scale[j / QBLOCK]);
     return s;
 }
 
@@ -133,61 +126,45 @@ static void test_dot_float(void) {
         }
 }
 
-// dot_q8, dot_q4 and gemm_quant against their references.
-static void test_quant_products(void) {
-    static const int blocks[] = {1, 2, 3, 5, 7, 31, 32, 33, 65, 70};
-    static const int rows[] = {1, 2, 3, 5, 17}, tokens[] = {1, 2, 3, 4, 5, 7, 9};
-    for (int type = WEIGHT_Q8; type <= WEIGHT_Q4; type++) {
-        const char *name = type == WEIGHT_Q8 ? "q8" : "q4";
-        for (int exact = 0; exact < 2; exact++) {
-            int max_shift = type == WEIGHT_Q8 ? 3 : 1;
-            char what[64];
-            // one row, one token: the dot kernels
-            for (size_t bi = 0; bi < sizeof(blocks) / sizeof(blocks[0]); bi++) {
-                int K = blocks[bi] * QBLOCK;
-                size_t rb;
-                uint8_t *w = make_rows(type, 3, K, exact, max_shift, &rb);
-                QuantX x = make_quantx(1, K, exact ? 5 : 127, exact, max_shift);
-                for (int r = 0; r < 3; r++) {
-                    const uint8_t *row = w + rb * r;
-                    const float *ws = (const float *)(row + (type == WEIGHT_Q8 ? K : K / 2));
-                    float got = type == WEIGHT_Q8 ? dot_q8((const int8_t *)row, ws, &x, K) : dot_q4(row, ws, &x, K);
-                    float want = type == WEIGHT_Q8 ? ref_dot_q8((const int8_t *)row, ws, &x, K) : ref_dot_q4(row, ws, &x, K);
-                    snprintf(what, sizeof(what), "dot_%s%s K=%d", name, exact ? " exact" : "", K);
-                    expect(what, r, got, want, exact ? -1 : tolerance(blocks[bi], quant_abs_sum(type, row, &x, K)));
-                }
-                free(w);
-                free_quantx(&x);
-            }
-            // several rows by several tokens: the GEMM kernel, with ldo > N
-            static const int gemm_blocks[] = {1, 3, 33};
-            for (int ki = 0; ki < 3; ki++)
+// gemm_quant against its reference: rows that are not whole groups, one and many tokens.
+static void test_gemm_quant(void) {
+    static const int blocks[] = {1, 2, 3, 5, 33, 70}, rows[] = {1, 3, 16, 17, 40}, tokens[] = {1, 2, 3, 5, 8, 9, 17};
+    for (int type = WEIGHT_Q8; type <= WEIGHT_Q4; type++)
+        for (int exact = 0; exact < 2; exact++)
+            for (size_t bi = 0; bi < sizeof(blocks) / sizeof(blocks[0]); bi++)
                 for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
                     for (size_t ti = 0; ti < sizeof(tokens) / sizeof(tokens[0]); ti++) {
-                        int K = gemm_blocks[ki] * QBLOCK, N = rows[ri], M = tokens[ti];
-                        size_t rb, ldo = (size_t)N + 3;
-                        uint8_t *w = make_rows(type, N, K, exact, max_shift, &rb);
+                        int K = blocks[bi] * QBLOCK, N = rows[ri], M = tokens[ti], max_shift = type == WEIGHT_Q8 ? 3 : 1;
+                        if (K > 1024 && M > 3) continue; // (keeps the run short)
+                        size_t ldo = (size_t)N + 3;
+                        uint8_t *w = make_matrix(type, N, K, exact, max_shift);
                         QuantX x = make_quantx(M, K, exact ? 5 : 127, exact, max_shift);
                         float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
-                        gemm_quant(type, w, rb, N, &x, M, K, got, ldo);
-                        ref_gemm_quant(type, w, rb, N, &x, M, K, want, ldo);
-                        for (int m = 0; m < M; m++)
+                        gemm_quant(type, w, K, N, &x, M, got, ldo);
+                        ref_gemm_quant(type, w, K, N, &x, M, want, ldo);
+                        char what[96];
+                        for (int m = 0; m < M; m++) {
+                            QuantX xm = quantx_token(&x, m, K);
                             for (int r = 0; r < N; r++) {
-                                QuantX xm = quantx_token(&x, m, K);
-                                snprintf(what, sizeof(what), "gemm_quant %s%s K=%d N=%d M=%d m=%d", name,
-                                         exact ? " exact" : "", K, N, M, m);
+                                snprintf(what, sizeof(what), "gemm_quant %s%s K=%d N=%d M=%d m=%d",
+                                         type == WEIGHT_Q8 ? "q8" : "q4", exact ? " exact" : "", K, N, M, m);
                                 expect(what, r, got[m * ldo + r], want[m * ldo + r],
-                                       exact ? -1 : tolerance(gemm_blocks[ki], quant_abs_sum(type, w + rb * r, &xm, K)));
+                                       exact ? -1 : tolerance(blocks[bi], quant_abs_sum(type, w, K, r, &xm)));
                             }
-                        for (int m = 0; m < M; m++) // the columns past N are not written
-                            for (size_t r = N; r < ldo; r++) expect("gemm_quant padding", (int)r, got[m * ldo + r], 0.0f, -1);
+                            for (size_t r = N; r < ldo; r++) expect("gemm_quant writes past N", (int)r, got[m * ldo + r], 0.0f, -1);
+                        }
+                        // one token at a time gives the same results, bit for bit (the promise of kernels.h)
+                        for (int m = 0; m < M; m += 2) {
+                            QuantX xm = quantx_token(&x, m, K);
+                            float one[64];
+                            gemm_quant(type, w, K, N, &xm, 1, one, 64);
+                            for (int r = 0; r < N; r++) expect("gemm_quant one token vs many", r, one[r], got[m * ldo + r], -1);
+                        }
                         free(got);
                         free(want);
                         free(w);
                         free_quantx(&x);
                     }
-        }
-    }
 }
 
 static void test_quantize(void) {
@@ -212,13 +189,13 @@ static void test_quantize(void) {
         QuantX a = make_quantx(1, nb * QBLOCK, 1, 0, 0), r = make_quantx(1, nb * QBLOCK, 1, 0, 0);
         memcpy(r.q, a.q, (size_t)nb * QBLOCK);
         memcpy(r.scale, a.scale, nb * sizeof(float));
-        memcpy(r.sum, a.sum, nb * sizeof(float));
+        memcpy(r.qsum, a.qsum, nb * sizeof(int32_t));
         quantize_blocks(&a, x, b0, b1);
         ref_quantize_blocks(&r, x, b0, b1);
         for (int i = 0; i < nb * QBLOCK; i++) expect("quantize_blocks q", i, (float)a.q[i], (float)r.q[i], -1);
         for (int b = 0; b < nb; b++) {
             expect("quantize_blocks scale", b, a.scale[b], r.scale[b], -1);
-            expect("quantize_blocks sum", b, a.sum[b], r.sum[b], -1);
+            expect("quantize_blocks qsum", b, (float)a.qsum[b], (float)r.qsum[b], -1);
         }
         free(x);
         free_quantx(&a);
@@ -250,7 +227,7 @@ int main(int argc, char **argv) {
     uint64_t seed = argc > 1 ? strtoull(argv[1], NULL, 10) : 1;
     rng_state = seed * 0x9E3779B97F4A7C15ULL + 1;
     test_dot_float();
-    test_quant_products();
+    test_gemm_quant();
     test_quantize();
     test_swiglu();
     printf("kernels_test (%s): %d checks, %d failed, seed %llu\n", kernels_simd_name, checks, failures,

@@ -277,6 +277,9 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
         __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + b * QROWS)));
         __m512i is[T_MAX];
         for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
+        // two chains of vpdpbusd (even and odd steps), added at the end of the block
+        __m512i is2[T_MAX];
+        for (int t = 0; t < T; t++) is2[t] = _mm512_setzero_si512();
         if (q4) {
             const uint8_t *wb = wq + (size_t)b * 256;
             for (int c = 0; c < 4; c++) {
@@ -286,18 +289,21 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
                 for (int t = 0; t < T; t++) {
                     const int8_t *xq = xt[t].q + b * QBLOCK + 8 * c;
                     is[t] = _mm512_dpbusd_epi32(is[t], lo, _mm512_set1_epi32(load_i32(xq)));
-                    is[t] = _mm512_dpbusd_epi32(is[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+                    is2[t] = _mm512_dpbusd_epi32(is2[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
                 }
             }
         } else {
             const uint8_t *wb = wq + (size_t)b * 512;
-            for (int s = 0; s < 8; s++) {
-                if (fetch) prefetch(wb + 64 * s);
-                __m512i w = _mm512_loadu_si512(wb + 64 * s);
-                for (int t = 0; t < T; t++)
-                    is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s)));
+            for (int s = 0; s < 8; s += 2) {
+                if (fetch) { prefetch(wb + 64 * s); prefetch(wb + 64 * s + 64); }
+                __m512i w0 = _mm512_loadu_si512(wb + 64 * s), w1 = _mm512_loadu_si512(wb + 64 * s + 64);
+                for (int t = 0; t < T; t++) {
+                    is[t] = _mm512_dpbusd_epi32(is[t], w0, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s)));
+                    is2[t] = _mm512_dpbusd_epi32(is2[t], w1, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s + 4)));
+                }
             }
         }
+        for (int t = 0; t < T; t++) is[t] = _mm512_add_epi32(is[t], is2[t]);
         for (int t = 0; t < T; t++) {
             __m512i c = _mm512_sub_epi32(is[t], _mm512_set1_epi32(off * xt[t].qsum[b]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(dw, _mm512_set1_ps(xt[t].scale[b])), acc[t]);

@@ -386,26 +386,20 @@ def simd_matches_portable(tmp):
 
 SOURCES = [os.path.join(ROOT, f) for f in ("mixtral.c", "kernels.c", "pool.c", "chat.c", "tokenizer.c")]
 BUILD_FLAGS = ["-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE"]
-AVX2 = ["-mavx2", "-mfma"]
-AVX512BW = AVX2 + ["-mavx512f", "-mavx512bw"]
-AVX512VNNI = AVX512BW + ["-mavx512vnni"]
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512VNNI = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
 
 
 def x86_builds():
     """The x86-64 kernel builds to test, each (name, compiler flags, kernels source, cpu flags it needs):
-    AVX2, AVX512-BW and AVX512-VNNI. An AVX-512 build runs for real where the CPU has it and
-    otherwise with those instructions emulated in C (tests/avx512_emulation.h)."""
-    have = cpu_flags()
+    AVX2 and AVX-512 VNNI. The AVX-512 build runs for real where the CPU has it and otherwise
+    with those instructions emulated (tests/avx512_emulation.h)."""
     kernels, emulated = os.path.join(ROOT, "kernels.c"), os.path.join(HERE, "avx512_emulated.c")
-    builds = [("avx2", AVX2, kernels, {"avx2", "fma"})]
-    if {"avx512f", "avx512bw"} <= have:
-        builds.append(("avx512bw", AVX512BW, kernels, {"avx512bw"}))
-    else:
-        builds.append(("avx512bw (emulated)", AVX2 + ["-I" + HERE], emulated, {"avx2", "fma"}))
-    if {"avx512f", "avx512bw", "avx512_vnni"} <= have:
+    builds = [("avx2", AVX2, kernels, {"avx2", "fma", "f16c"})]
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         builds.append(("avx512-vnni", AVX512VNNI, kernels, {"avx512_vnni"}))
     else:
-        builds.append(("avx512-vnni (emulated)", AVX2 + ["-I" + HERE, "-DEMULATE_VNNI"], emulated, {"avx2", "fma"}))
+        builds.append(("avx512-vnni (emulated)", AVX2 + ["-I" + HERE], emulated, {"avx2", "fma", "f16c"}))
     return builds
 
 
@@ -413,8 +407,8 @@ def x86_builds():
 def kernels_match_reference(tmp):
     """Every SIMD kernel against its portable reference, directly (tests/kernels_test.c: random data with
     odd sizes, bit for bit where the arithmetic is exact, within float rounding elsewhere), for every
-    kernel build this machine can run: this build's flags, the portable C build, and on x86-64 AVX2,
-    AVX512-BW and AVX512-VNNI (emulated where the CPU lacks them). NEON: make test-cross."""
+    kernel build this machine can run: this build's flags, the portable C build, and on x86-64 AVX2
+    and AVX-512 VNNI (emulated where the CPU lacks it). NEON: make test-cross."""
     test_src = os.path.join(HERE, "kernels_test.c")
     builds = [("native (-march=native)", ["-march=native"], os.path.join(ROOT, "kernels.c"), set()),
               ("portable", [], os.path.join(ROOT, "kernels.c"), set())]
@@ -435,21 +429,24 @@ def kernels_match_reference(tmp):
         check(r.returncode == 0, f"kernels_test build {name} failed:\n{r.stderr}")
         r = run([exe, str(stable_seed(name))])
         check(r.returncode == 0, f"{name}: kernels differ from the reference:\n{r.stderr}{r.stdout}")
+        path = name.split()[0]
+        check(path in ("native", "portable") or f"({path})" in r.stdout,
+              f"the {name} build compiled another path: {r.stdout.strip()}")
         ran.append(f"{name}: {r.stdout.split(': ', 1)[1].split(',')[0]}")
     return "; ".join(ran + notes)
 
 
 @test
 def avx512_identical_to_avx2(tmp):
-    """Whole-model logits of the AVX512-BW and AVX512-VNNI builds equal the AVX2 build's bit for bit
-    (the same integer sums added in the same order), q8 and q4, prompt tiles and one-token decoding.
-    Real AVX-512 where the CPU has it, else emulated in C (tests/avx512_emulation.h); the real
-    builds also always compile."""
+    """Whole-model logits of the AVX-512 VNNI build equal the AVX2 build's bit for bit (the same
+    integer sums, the same float operations lane by lane), q8 and q4, prompts and decoding.
+    Real AVX-512 where the CPU has it, else emulated (tests/avx512_emulation.h); the real
+    build also always compiles."""
     if platform.machine() not in ("x86_64", "AMD64"):
         raise Skip("the AVX-512 code is for x86-64 and this machine is " + platform.machine())
-    if not {"avx2", "fma"} <= cpu_flags():
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
         raise Skip("this CPU has no AVX2, which the x86 kernel builds need")
-    for flags in (AVX512BW, ["-march=icelake-server"]):
+    for flags in (AVX512VNNI, ["-march=sapphirerapids"], ["-march=znver3"]):
         r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-c", "-o", os.path.join(tmp, "k.o"), os.path.join(ROOT, "kernels.c")])
         check(r.returncode == 0, f"build with {' '.join(flags)} failed:\n{r.stderr}")
     d, cfg, ids, shape = random_model(tmp, 41, 12, 7, dim=192, hidden_dim=256, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
@@ -473,7 +470,7 @@ def avx512_identical_to_avx2(tmp):
                     p, v = np.argwhere(a != b)[0]
                     raise Failure(f"{what}: logits differ from the AVX2 build, first at position {p} token {v}: "
                                   f"{b[p, v]!r} vs {a[p, v]!r} (max {float(np.abs(a - b).max()):.3g})")
-    return ", ".join(exes) + ": identical to AVX2, q8 and q4, prompt and decode"
+    return ", ".join(exes) + ": identical to AVX2, q8 and q4, prompts and decoding"
 
 
 @cross_test

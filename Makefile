@@ -43,18 +43,20 @@ $(DEMO_BIN): export.py demo/model/config.json demo/model/model.safetensors.index
 run: mixtral $(DEMO_BIN)
 	./mixtral $(DEMO_BIN) -i "And it came to pass" -n 96 -t 0.8
 
-# Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py).
+# Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py); with
+# LLAMA_BENCH / IK_BENCH (peers' llama-bench) and GGUF_Q8 / GGUF_Q4 / GGUF_BF16 (the same
+# checkpoint as GGUF) the peers run beside ours, round by round.
 bench/bandwidth: bench/bandwidth.c
 	$(CC) $(CFLAGS) -o $@ $< -lpthread
 
-bench/peak: bench/peak.c
-	$(CC) $(CFLAGS) -o $@ $< -lpthread
+BENCH_PEERS = $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH)) $(if $(IK_BENCH),--ik-bench $(IK_BENCH)) \
+	$(if $(GGUF_Q8),--gguf q8=$(GGUF_Q8)) $(if $(GGUF_Q4),--gguf q4=$(GGUF_Q4)) $(if $(GGUF_BF16),--gguf bf16=$(GGUF_BF16))
 
-bench: mixtral bench/bandwidth bench/peak
+bench: mixtral bench/bandwidth
 	tests/deps.sh
-	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/bench.py $(BENCH_PEERS) $(BENCH_ARGS)
 
 clean:
-	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/peak
+	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth
 
 .PHONY: all debug test test-cross run bench clean

@@ -8,9 +8,15 @@ exports it to bf16, q8 and q4, and runs `mixtral --bench` for each format and
 thread count, each run between two measurements of the sustained read
 bandwidth (bench/bandwidth, same thread count): the run's GB/s is compared with
 their mean, two numbers taken under the same load on this shared machine.
-Each row is the median of --repeat runs, column by column.
+Each row is the median of --repeat rounds, column by column.
+
+With peers (a llama.cpp and/or an ik_llama.cpp llama-bench, and GGUFs of the
+same checkpoint: .cache/bench/hf is the Hugging Face folder to convert), each
+round also runs them (`llama-bench -p 128 -n 64`, ik_llama.cpp with -rtr 1)
+right after ours, and the table gives the medians of the per-round ratios.
 
     python3 bench/bench.py [--threads 1,2] [--types bf16,q8,q4] [--repeat 3]
+        [--llama-bench PATH] [--ik-bench PATH] [--gguf q8=Q8_0.gguf --gguf q4=Q4_0.gguf]
 """
 import argparse
 import json
@@ -69,74 +75,91 @@ def export_version():
     return -1
 
 
+def peer_run(tool, gguf, threads, ik):
+    """One llama-bench run (128-token prompt, 64 generated): (prompt tok/s, decode tok/s)."""
+    cmd = [tool, "-m", gguf, "-p", "128", "-n", "64", "-t", str(threads), "-r", "1"]
+    cmd += ["-rtr", "1", "-o", "json"] if ik else ["-o", "jsonl"]
+    out, _ = sh(cmd)
+    rows = json.loads(out) if ik else [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    pp = [r["avg_ts"] for r in rows if r.get("n_prompt") == 128 and r.get("n_gen") == 0]
+    tg = [r["avg_ts"] for r in rows if r.get("n_gen") == 64 and r.get("n_prompt") == 0]
+    if not pp or not tg:
+        sys.exit(f"bench: no results from {' '.join(cmd)}:\n{out[:500]}")
+    return pp[0], tg[0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--types", default="bf16,q8,q4")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per row; the median is shown")
+    ap.add_argument("--llama-bench", help="a llama.cpp llama-bench to run beside ours, round by round")
+    ap.add_argument("--ik-bench", help="an ik_llama.cpp llama-bench (run with -rtr 1), the same way")
+    ap.add_argument("--gguf", action="append", default=[], metavar="TYPE=PATH",
+                    help="the peers' GGUF of the same checkpoint for one of our types, e.g. q8=m-q8_0.gguf")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
+    ggufs = dict(g.split("=", 1) for g in a.gguf)
+    peers = [(name, tool, name == "ik_llama.cpp") for name, tool in (("llama.cpp", a.llama_bench),
+                                                                      ("ik_llama.cpp", a.ik_bench)) if tool]
     paths = ensure_models(types)
     engine, bw_tool = os.path.join(ROOT, "mixtral"), os.path.join(ROOT, "bench", "bandwidth")
-    peak_tool = os.path.join(ROOT, "bench", "peak")
     # multiply-adds per prompt token: q, k, v, o; the router; top_k experts of three matrices
     D, H, KVD = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["kv_heads"] * SHAPE["dim"] // SHAPE["heads"]
     macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
-    # each format's peak for prompts: the rate of its kernels' multiply instructions alone, and
-    # its ceiling: all the arithmetic of a block of the prompt tile, on registers (bench/peak;
-    # f32 FMAs for the float formats, for both)
-    peaks = {n: last_json(sh([peak_tool, str(n)])[0]) for n in threads}
-    peak_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_gmac_per_s", "q4": "q4_gmac_per_s"}
-    ceiling_key = {"f32": "f32_gmac_per_s", "bf16": "f32_gmac_per_s", "q8": "q8_block_gmac_per_s",
-                   "q4": "q4_block_gmac_per_s"}
-
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
-    V, D = SHAPE["vocab"], SHAPE["dim"]
-    edge = {"f32": 4.0, "bf16": 2.0, "q8": 1.0 + 4 / 64, "q4": 1.0 + 4 / 64}
+    V = SHAPE["vocab"]
+    edge = {"f32": 4.0, "bf16": 2.0, "q8": 17 / 16, "q4": 17 / 16}
 
-    rows = []
+    rows, peer_rows = [], []
     for t in types:
         for n in threads:
-            runs = []
-            for _ in range(a.repeat):
+            runs, ratios = [], {}
+            for _ in range(a.repeat):  # one round: bandwidth, ours, bandwidth, then each peer
                 before = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
                 res = last_json(sh([engine, paths[t], "--bench", "--threads", str(n)])[0])
                 after = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
                 bw = (before + after) / 2
                 runs.append(dict(res, bw=bw, ratio=res["gb_per_s"] / bw))
+                for name, tool, ik in peers:
+                    if t not in ggufs:
+                        continue
+                    pp, tg = peer_run(tool, ggufs[t], n, ik)
+                    ratios.setdefault(name, []).append((res["prefill_tok_s"] / pp, res["decode_tok_s"] / tg, pp, tg))
             res = {k: median([r[k] for r in runs]) for k in ("prefill_tok_s", "decode_tok_s", "bytes_per_token",
                                                                "gb_per_s", "bw", "ratio")}
-            res["kernels"] = runs[0].get("kernels", "?")
             bw, ratio = res["bw"], res["ratio"]
             head = V * D * edge[t]
             per_layer = (res["bytes_per_token"] - head) / SHAPE["layers"]
             full = per_layer * FULL_LAYERS + head
             gemm = res["prefill_tok_s"] * macs_per_token / 1e9
-            peak, ceiling = peaks[n][peak_key[t]], peaks[n][ceiling_key[t]]
-            rows.append((t, n, res["prefill_tok_s"], res["decode_tok_s"], res["bytes_per_token"], res["gb_per_s"], bw,
-                         100 * ratio, res["gb_per_s"] * 1e9 / full, res.get("kernels", "?"), gemm, 100 * gemm / peak,
-                         ceiling * 1e9 / macs_per_token))
-            print(f"  {t} x{n}: decode {res['decode_tok_s']:.2f} tok/s, {res['gb_per_s']:.1f} of {bw:.1f} GB/s "
-                  f"({100 * ratio:.0f}%)", flush=True)
+            rows.append((t, n, res["prefill_tok_s"], gemm, res["decode_tok_s"], res["bytes_per_token"],
+                         res["gb_per_s"], bw, 100 * ratio, res["gb_per_s"] * 1e9 / full))
+            for name, r in ratios.items():
+                peer_rows.append((t, n, name, median(x[2] for x in r), median(x[3] for x in r),
+                                  median(x[0] for x in r), median(x[1] for x in r)))
+            print(f"  {t} x{n}: prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.2f} tok/s, "
+                  f"{res['gb_per_s']:.1f} of {bw:.1f} GB/s ({100 * ratio:.0f}%)", flush=True)
 
+    kernels = runs[0].get("kernels", "?")
     print()
-    print("Mixtral-8x7B layer shapes, 2 layers; 128-token prompt, 64 decoded tokens; "
-          f"median of {a.repeat} runs; mem GB/s: sustained read bandwidth measured just before and after each run")
-    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'% of peak':>9} {'ceiling':>7} "
-          f"{'decode tok/s':>12} {'MB/token':>9} {'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
-    for t, n, pf, dec, b, gbs, bw, pct, full, _, gemm, gpct, ceiling in rows:
-        print(f"{t:6} {n:3d} {pf:13.2f} {gemm:7.1f} {gpct:8.0f}% {ceiling:7.0f} {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} "
-              f"{bw:8.1f} {pct:7.0f}% {full:14.2f}")
-    print(f"(kernels: {rows[0][9]}; 'peak': the rate of the format's multiply instructions alone, measured by "
-          "bench/peak (G multiply-adds/s; q8: " + ", ".join(f"{p['q8_gmac_per_s']:.0f}" for p in peaks.values())
-          + ", q4: " + ", ".join(f"{p['q4_gmac_per_s']:.0f}" for p in peaks.values())
-          + ", f32 FMA for bf16: " + ", ".join(f"{p['f32_gmac_per_s']:.0f}" for p in peaks.values())
-          + f" with {', '.join(str(n) for n in threads)} threads); 'ceiling': the prompt tok/s that all the arithmetic "
-          "of the prompt tile's blocks, on registers alone, would give (q8: "
-          + ", ".join(f"{p['q8_block_gmac_per_s']:.0f}" for p in peaks.values()) + ", q4: "
-          + ", ".join(f"{p['q4_block_gmac_per_s']:.0f}" for p in peaks.values()) + " G/s); "
-          "'32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
+    print(f"Mixtral-8x7B layer shapes, 2 layers; 128-token prompt, 64 decoded tokens; kernels: {kernels}; "
+          f"median of {a.repeat} rounds; mem GB/s: sustained read bandwidth measured just before and after each run")
+    print(f"{'format':6} {'thr':>3} {'prefill tok/s':>13} {'GMAC/s':>7} {'decode tok/s':>12} {'MB/token':>9} "
+          f"{'GB/s':>6} {'mem GB/s':>8} {'% of mem':>8} {'32-layer tok/s':>14}")
+    for t, n, pf, gemm, dec, b, gbs, bw, pct, full in rows:
+        print(f"{t:6} {n:3d} {pf:13.2f} {gemm:7.1f} {dec:12.2f} {b / 1e6:9.1f} {gbs:6.1f} {bw:8.1f} {pct:7.0f}% "
+              f"{full:14.2f}")
+    print("('32-layer tok/s' projects the full model's decode speed from the GB/s achieved)")
+    if peer_rows:
+        print()
+        print("Peers on the same checkpoint (GGUF), interleaved round by round with ours; ratios are the medians "
+              "of the per-round ratios ours/peer")
+        print(f"{'format':6} {'thr':>3} {'peer':14} {'prompt tok/s':>12} {'decode tok/s':>12} {'ours/peer prompt':>16} "
+              f"{'ours/peer decode':>16}")
+        for t, n, name, pp, tg, rp, rd in peer_rows:
+            print(f"{t:6} {n:3d} {name:14} {pp:12.2f} {tg:12.2f} {rp:16.2f} {rd:16.2f}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,13 @@ bench: mixtral bench/bandwidth
 	tests/deps.sh
 	$(PYTHON) bench/bench.py $(BENCH_PEERS) $(BENCH_ARGS)
 
+# How much each weight format loses (KL divergence from bf16, see bench/quality.py); with
+# LLAMA_PERPLEXITY and QUALITY_ARGS="--gguf bench:bf16=... --gguf bench:Q8_0=..." llama.cpp's beside ours.
+quality: mixtral bench/bandwidth
+	tests/deps.sh
+	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) $(QUALITY_ARGS)
+
 clean:
 	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth
 
-.PHONY: all debug test test-cross run bench clean
+.PHONY: all debug test test-cross run bench quality clean

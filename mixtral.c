@@ -86,6 +86,8 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
+static int stderr_is_tty(void) { return isatty(fileno(stderr)); }
+
 static double time_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1245,25 +1247,171 @@ static void detokenize(const Tokenizer *t, const char *list) {
     free(ids.ids);
 }
 
+// --- output files -------------------------------------------------------------
+//
+// Every file the program writes is written under a temporary name and renamed
+// when complete, and never onto one of its inputs (the model above all: a
+// truncated model file would also crash the run that maps it).
+
+typedef struct { FILE *f; char *path, *tmp; } Output;
+
+static Output output_open(const char *path, const char *const *inputs, int n_inputs) {
+    struct stat out_st;
+    if (stat(path, &out_st) == 0)
+        for (int i = 0; i < n_inputs; i++) {
+            struct stat in_st;
+            if (inputs[i] && stat(inputs[i], &in_st) == 0 && in_st.st_dev == out_st.st_dev && in_st.st_ino == out_st.st_ino)
+                die("refusing to write %s: it is the input file %s", path, inputs[i]);
+        }
+    Output o = {NULL, strdup(path), xcalloc(strlen(path) + 16, 1)};
+    sprintf(o.tmp, "%s.partial", path);
+    if (!o.path || !(o.f = fopen(o.tmp, "wb"))) die("cannot write %s: %s", o.tmp, strerror(errno));
+    return o;
+}
+
+static void output_write(Output *o, const void *data, size_t size, size_t n) {
+    if (fwrite(data, size, n, o->f) != n) die("cannot write %s: %s", o->tmp, strerror(errno));
+}
+
+static void output_close(Output *o) {
+    if (fclose(o->f) != 0) die("cannot write %s: %s", o->tmp, strerror(errno));
+    if (rename(o->tmp, o->path) != 0) die("cannot rename %s to %s: %s", o->tmp, o->path, strerror(errno));
+    free(o->path);
+    free(o->tmp);
+}
+
+// --- measuring a weight format: perplexity and KL divergence ------------------
+//
+// --perplexity FILE: the text's tokens (BOS first) in windows of -c tokens, the
+// first of each replaced by BOS, each a fresh sequence; the positions of the
+// second half of a window predict the next token and are scored (as llama.cpp's
+// perplexity tool does, so the two can be compared). Perplexity = exp(mean
+// negative log-likelihood), with the standard error of that mean through exp. --kl-base OUT saves the log-probabilities of
+// every scored position (with the text's ids); --kl-divergence BASE compares
+// this model's with them: KL(base || this) per position, and how often the
+// most likely token is the same.
+
+#define KL_MAGIC "MXKLBASE"
+
+typedef struct { char magic[8]; uint32_t vocab, window, n_ids, positions; } KlHeader;
+
+static int compare_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void quality(Model *m, State *s, const char *model_path, const char *text_path, const char *base_out,
+                    const char *base_in) {
+    const Config *p = &m->config;
+    int V = p->vocab_size, W = s->max_pos < INT_MAX ? s->max_pos : 4096;
+    size_t len;
+    char *text = read_file(text_path, &len);
+    IdList all = {0};
+    ids_push(&all, p->bos_id);
+    ids_push_text(&all, &m->tokenizer, text, len);
+    free(text);
+    int *ids = all.ids, n_ids = all.n;
+    if (W < 4) die("--perplexity needs windows of at least 4 tokens (-c)");
+    int first = W / 2, windows = n_ids / W, per_window = W - 1 - first, positions = windows * per_window;
+    if (windows == 0) die("%s is %d tokens, less than one window of -c %d", text_path, n_ids, W);
+    FILE *bf = NULL;
+    Output out = {0};
+    KlHeader h = {KL_MAGIC, (uint32_t)V, (uint32_t)W, (uint32_t)n_ids, (uint32_t)positions};
+    if (base_in) {
+        if (!(bf = fopen(base_in, "rb"))) die("cannot open %s: %s", base_in, strerror(errno));
+        KlHeader b;
+        if (fread(&b, sizeof(b), 1, bf) != 1 || memcmp(b.magic, KL_MAGIC, 8))
+            die("%s is not a --kl-base file of mixtral.c", base_in);
+        if (b.vocab != h.vocab || b.window != h.window || b.n_ids != h.n_ids || b.positions != h.positions)
+            die("%s was made with another vocabulary, text or -c (vocab %u, -c %u, %u ids; here %u, %u, %u)", base_in,
+                b.vocab, b.window, b.n_ids, h.vocab, h.window, h.n_ids);
+        int *bids = xcalloc(n_ids, sizeof(int));
+        if (fread(bids, sizeof(int), n_ids, bf) != (size_t)n_ids || memcmp(bids, ids, n_ids * sizeof(int)))
+            die("%s was made from another text than %s", base_in, text_path);
+        free(bids);
+    }
+    if (base_out) {
+        const char *inputs[] = {model_path, text_path, base_in};
+        out = output_open(base_out, inputs, 3);
+        output_write(&out, &h, sizeof(h), 1);
+        output_write(&out, ids, sizeof(int), n_ids);
+    }
+    float *lp = xcalloc(V, sizeof(float)), *blp = xcalloc(V, sizeof(float));
+    double *kl = xcalloc(positions, sizeof(double)), nll = 0, nll2 = 0;
+    int *win = xcalloc(W, sizeof(int)), scored = 0, same_top = 0;
+    double t0 = time_s();
+    for (int w = 0; w < windows; w++) {
+        memcpy(win, ids + (size_t)w * W, W * sizeof(int));
+        win[0] = p->bos_id;
+        for (int pos = 0; pos < W - 1; pos += s->chunk) {
+            int c = W - 1 - pos < s->chunk ? W - 1 - pos : s->chunk;
+            const float *logits = forward_chunk(m, s, win + pos, c, pos, 1);
+            for (int i = 0; i < c; i++) {
+                if (pos + i < first) continue; // the first half: context only
+                const float *z = logits + (size_t)i * V;
+                double max = z[0], sum = 0;
+                for (int v = 1; v < V; v++) max = z[v] > max ? z[v] : max;
+                for (int v = 0; v < V; v++) sum += exp(z[v] - max);
+                double lse = max + log(sum);
+                for (int v = 0; v < V; v++) lp[v] = (float)(z[v] - lse);
+                double l = -lp[win[pos + i + 1]];
+                nll += l;
+                nll2 += l * l;
+                if (base_out) output_write(&out, lp, sizeof(float), V);
+                if (bf) {
+                    if (fread(blp, sizeof(float), V, bf) != (size_t)V) die("%s is truncated", base_in);
+                    double d = 0;
+                    for (int v = 0; v < V; v++) d += exp((double)blp[v]) * ((double)blp[v] - lp[v]);
+                    kl[scored] = d > 0 ? d : 0;
+                    same_top += argmax(blp, V) == argmax(lp, V);
+                }
+                scored++;
+            }
+        }
+        if (stderr_is_tty()) fprintf(stderr, "\r[%d/%d windows]", w + 1, windows);
+    }
+    if (stderr_is_tty()) fprintf(stderr, "\n");
+    double mean = nll / positions, var = nll2 / positions - mean * mean;
+    double se = positions > 1 && var > 0 ? sqrt(var / (positions - 1)) : 0;
+    printf("perplexity %.4f +/- %.4f over %d positions (the second halves of %d windows of -c %d; %s weights; %.1f s)\n",
+           exp(mean), exp(mean) * se, positions, windows, W, weight_type_name[p->weight_type], time_s() - t0);
+    if (bf) {
+        double total = 0;
+        for (int i = 0; i < positions; i++) total += kl[i];
+        qsort(kl, positions, sizeof(double), compare_double);
+        printf("KL divergence from %s: mean %.6f, median %.6f, 90%% %.6f, 99%% %.6f, max %.6f; "
+               "top-1 agreement %.4f\n", base_in, total / positions, kl[positions / 2], kl[positions * 9 / 10],
+               kl[positions * 99 / 100], kl[positions - 1], (double)same_top / positions);
+        printf("{\"perplexity\": %.6f, \"kl_mean\": %.8f, \"kl_median\": %.8f, \"kl_p99\": %.8f, \"top1\": %.6f, "
+               "\"positions\": %d}\n", exp(mean), total / positions, kl[positions / 2], kl[positions * 99 / 100],
+               (double)same_top / positions, positions);
+        fclose(bf);
+    }
+    if (base_out) output_close(&out);
+    free(lp);
+    free(blp);
+    free(kl);
+    free(win);
+    free(all.ids);
+}
+
 // The test hook: logits after every input position, raw little-endian f32 (n, V);
 // optionally the chosen experts, int32 (n, n_layers, top_k).
-static void dump_logits(Model *m, State *s, const int *ids, int n,
+static void dump_logits(Model *m, State *s, const char *model_path, const int *ids, int n,
                         const char *logits_path, const char *experts_path) {
     const Config *p = &m->config;
     if (n > s->max_pos) die("%d ids but the context holds %d; use a larger -c", n, s->max_pos);
-    FILE *f = fopen(logits_path, "wb");
-    if (!f) die("cannot write %s: %s", logits_path, strerror(errno));
-    FILE *fe = NULL;
-    if (experts_path && !(fe = fopen(experts_path, "wb"))) die("cannot write %s: %s", experts_path, strerror(errno));
+    const char *inputs[] = {model_path, experts_path, logits_path};
+    Output f = output_open(logits_path, inputs, 2), fe = {0};
+    if (experts_path) fe = output_open(experts_path, inputs, 3);
     for (int pos = 0; pos < n; pos += s->chunk) {
         int c = n - pos < s->chunk ? n - pos : s->chunk;
         float *logits = forward_chunk(m, s, ids + pos, c, pos, 1);
-        size_t nl = (size_t)c * p->vocab_size, ne = (size_t)c * p->n_layers * p->top_k;
-        if (fwrite(logits, sizeof(float), nl, f) != nl) die("cannot write %s: %s", logits_path, strerror(errno));
-        if (fe && fwrite(s->chosen, sizeof(int), ne, fe) != ne) die("cannot write %s: %s", experts_path, strerror(errno));
+        output_write(&f, logits, sizeof(float), (size_t)c * p->vocab_size);
+        if (experts_path) output_write(&fe, s->chosen, sizeof(int), (size_t)c * p->n_layers * p->top_k);
     }
-    if (fclose(f) != 0) die("cannot write %s: %s", logits_path, strerror(errno));
-    if (fe && fclose(fe) != 0) die("cannot write %s: %s", experts_path, strerror(errno));
+    output_close(&f);
+    if (experts_path) output_close(&fe);
 }
 
 // ----------------------------------------------------------------------------
@@ -1289,6 +1437,9 @@ static void print_usage(void) {
         "      --expert-stats    after generating, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after generating, print each token's experts and weights per layer\n"
         "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
+        "      --perplexity F    perplexity over text file F, in windows of -c tokens, each from BOS\n"
+        "      --kl-base OUT     with --perplexity: save every position's log-probabilities to OUT\n"
+        "      --kl-divergence B with --perplexity: KL divergence from, and top-1 agreement with, base file B\n"
         "test hooks:\n"
         "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
         "      --detokenize IDS  print the text of space-separated ids and exit\n"
@@ -1318,6 +1469,7 @@ int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') { print_usage(); die("the first argument must be a model file"); }
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
+    const char *ppl_path = NULL, *kl_out = NULL, *kl_in = NULL;
     const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
     int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0, chunk = 128;
     float temperature = 1.0f, topp = 0.9f;
@@ -1345,6 +1497,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ids")) ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) logits_path = v;
         else if (!strcmp(a, "--dump-experts")) experts_path = v;
+        else if (!strcmp(a, "--perplexity")) ppl_path = v;
+        else if (!strcmp(a, "--kl-base")) kl_out = v;
+        else if (!strcmp(a, "--kl-divergence")) kl_in = v;
         else if (!strcmp(a, "--tokenize-file")) tokenize_path = v;
         else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
         else { print_usage(); die("unknown option %s", a); }
@@ -1352,6 +1507,7 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
     if (chat_path && strcmp(mode, "chat")) die("--chat-file needs -m chat");
     if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");
+    if ((kl_out || kl_in) && !ppl_path) die("--kl-base and --kl-divergence need --perplexity FILE (the text)");
 
     Model model;
     model_load(&model, model_path);
@@ -1394,11 +1550,13 @@ int main(int argc, char **argv) {
 
     if (do_bench) {
         bench(&model, &state, threads);
+    } else if (ppl_path) {
+        quality(&model, &state, model_path, ppl_path, kl_out, kl_in);
     } else if (ids_arg) {
         IdList ids = parse_ids("--ids", ids_arg, p->vocab_size);
         if (ids.n == 0) die("--ids: no token ids given");
         if (!logits_path) die("--ids needs --dump-logits");
-        dump_logits(&model, &state, ids.ids, ids.n, logits_path, experts_path);
+        dump_logits(&model, &state, model_path, ids.ids, ids.n, logits_path, experts_path);
         free(ids.ids);
     } else {
         Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(ProbId))};

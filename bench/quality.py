@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""
+make quality: how much each weight format loses, as KL divergence from the
+same model's lossless bf16 run, and how often the most likely token agrees.
+
+Two models, each on text it was not trained on (demo/heldout.txt: the Book of
+Revelation, held out from the demo model's training):
+  demo   the trained demo model (demo/model), all of the text;
+  bench  the random checkpoint with Mixtral-8x7B layer shapes that make bench
+         generates (2 layers), the first 8 windows.
+Each format runs `mixtral --perplexity TEXT -c 128` with --kl-divergence
+against the bf16 file's --kl-base. Positions scored: the second half of each
+window, as llama.cpp's perplexity tool scores them.
+
+With --llama-perplexity (llama.cpp's) and GGUFs of the same models (--gguf
+MODEL:NAME=PATH, one of them NAME=bf16, the base), each GGUF is measured the
+same way with llama-perplexity's --kl-divergence, in the same run:
+
+    python3 bench/quality.py [--llama-perplexity PATH --gguf bench:bf16=B.gguf --gguf bench:Q8_0=Q.gguf ...]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import bench  # noqa: E402
+
+CACHE = os.path.join(ROOT, ".cache", "quality")
+TEXT = os.path.join(ROOT, "demo", "heldout.txt")
+CTX = 128
+
+
+def sh(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"quality: {' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    return r.stdout, r.stderr
+
+
+def export(src, out, wtype):
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
+        sh([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--type", wtype])
+    return out
+
+
+def ours(models, text, engine):
+    """KL rows for our formats of each model: (model, format, bytes, kl mean, kl p99, top-1, ppl)."""
+    rows = []
+    for name, files in models.items():
+        base = os.path.join(CACHE, f"{name}.kl")
+        out, _ = sh([engine, files["bf16"], "--perplexity", text[name], "-c", str(CTX), "--kl-base", base])
+        ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
+        rows.append((name, "bf16 (base)", os.path.getsize(files["bf16"]), 0.0, 0.0, 1.0, ppl))
+        for fmt in ("q8", "q4"):
+            out, _ = sh([engine, files[fmt], "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base])
+            r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+            rows.append((name, fmt, os.path.getsize(files[fmt]), r["kl_mean"], r["kl_p99"], r["top1"], r["perplexity"]))
+        os.remove(base)
+    return rows
+
+
+def peers(tool, ggufs, text):
+    """The same measure with llama.cpp's llama-perplexity for each GGUF."""
+    rows = []
+    for model, files in ggufs.items():
+        if "bf16" not in files:
+            sys.exit(f"quality: --gguf for {model} needs a bf16 file, the base")
+        base = os.path.join(CACHE, f"{model}-peer.kld")
+        common = ["-f", text[model], "-c", str(CTX), "-t", str(os.cpu_count() or 1), "-b", str(CTX)]
+        sh([tool, "-m", files["bf16"], *common, "--kl-divergence-base", base])
+        for name, path in files.items():
+            if name == "bf16":
+                continue
+            out, err = sh([tool, "-m", path, *common, "--kl-divergence-base", base, "--kl-divergence"])
+            log = out + err
+            kl = float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", log).group(1))
+            p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)
+            top = float(re.search(r"Same top p:\s+([0-9.]+)", log).group(1)) / 100
+            ppl = re.search(r"Mean\s+PPL\(Q\)\s*:\s+([0-9.]+)", log)
+            rows.append((model, "llama.cpp " + name, os.path.getsize(path), kl, float(p99.group(1)) if p99 else float("nan"),
+                         top, float(ppl.group(1)) if ppl else float("nan")))
+        os.remove(base)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-perplexity", help="llama.cpp's llama-perplexity, to measure its formats beside ours")
+    ap.add_argument("--gguf", action="append", default=[], metavar="MODEL:NAME=PATH",
+                    help="a GGUF of the demo or bench model; NAME bf16 is the base")
+    a = ap.parse_args()
+    os.makedirs(CACHE, exist_ok=True)
+    engine = os.path.join(ROOT, "mixtral")
+    bench_files = bench.ensure_models(["bf16", "q8", "q4"])
+    demo = {t: export(os.path.join(ROOT, "demo", "model"), os.path.join(CACHE, f"demo-{t}.bin"), t)
+            for t in ("bf16", "q8", "q4")}
+    # the bench model runs its bf16 prompts slowly: 8 windows of its text are enough
+    short = os.path.join(CACHE, "heldout-start.txt")
+    with open(TEXT) as f:
+        open(short, "w").write("".join(f.readlines()[:60]))
+    text = {"demo": TEXT, "bench": short}
+    rows = ours({"demo": demo, "bench": bench_files}, text, engine)
+    ggufs = {}
+    for g in a.gguf:
+        model, rest = g.split(":", 1)
+        name, path = rest.split("=", 1)
+        ggufs.setdefault(model, {})[name] = path
+    if a.llama_perplexity and ggufs:
+        rows += peers(a.llama_perplexity, ggufs, text)
+    print()
+    print(f"KL divergence from the same model's bf16 run, text: demo/heldout.txt (bench: its first 60 verses), "
+          f"windows of -c {CTX}, second halves scored")
+    print(f"{'model':6} {'format':22} {'file GB':>8} {'mean KL':>9} {'99% KL':>9} {'top-1':>7} {'ppl':>10}")
+    for model, fmt, size, kl, p99, top, ppl in sorted(rows, key=lambda r: (r[0], -r[2])):
+        print(f"{model:6} {fmt:22} {size / 1e9:8.3f} {kl:9.5f} {p99:9.5f} {top:7.4f} {ppl:10.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1255,7 +1255,8 @@ static void detokenize(const Tokenizer *t, const char *list) {
 
 typedef struct { FILE *f; char *path, *tmp; } Output;
 
-static Output output_open(const char *path, const char *const *inputs, int n_inputs) {
+// Dies if path is one of the inputs (the same file, whatever its name).
+static void output_check(const char *path, const char *const *inputs, int n_inputs) {
     struct stat out_st;
     if (stat(path, &out_st) == 0)
         for (int i = 0; i < n_inputs; i++) {
@@ -1263,6 +1264,10 @@ static Output output_open(const char *path, const char *const *inputs, int n_inp
             if (inputs[i] && stat(inputs[i], &in_st) == 0 && in_st.st_dev == out_st.st_dev && in_st.st_ino == out_st.st_ino)
                 die("refusing to write %s: it is the input file %s", path, inputs[i]);
         }
+}
+
+static Output output_open(const char *path, const char *const *inputs, int n_inputs) {
+    output_check(path, inputs, n_inputs);
     Output o = {NULL, strdup(path), xcalloc(strlen(path) + 16, 1)};
     sprintf(o.tmp, "%s.partial", path);
     if (!o.path || !(o.f = fopen(o.tmp, "wb"))) die("cannot write %s: %s", o.tmp, strerror(errno));
@@ -1401,9 +1406,10 @@ static void dump_logits(Model *m, State *s, const char *model_path, const int *i
                         const char *logits_path, const char *experts_path) {
     const Config *p = &m->config;
     if (n > s->max_pos) die("%d ids but the context holds %d; use a larger -c", n, s->max_pos);
-    const char *inputs[] = {model_path, experts_path, logits_path};
-    Output f = output_open(logits_path, inputs, 2), fe = {0};
-    if (experts_path) fe = output_open(experts_path, inputs, 3);
+    if (experts_path && !strcmp(experts_path, logits_path)) die("--dump-logits and --dump-experts name the same file");
+    if (experts_path) output_check(experts_path, &model_path, 1); // before anything is written
+    Output f = output_open(logits_path, &model_path, 1), fe = {0};
+    if (experts_path) fe = output_open(experts_path, &model_path, 1);
     for (int pos = 0; pos < n; pos += s->chunk) {
         int c = n - pos < s->chunk ? n - pos : s->chunk;
         float *logits = forward_chunk(m, s, ids + pos, c, pos, 1);

@@ -759,7 +759,71 @@ def bad_tokens_and_context(tmp):
     # a full context during generation stops with a note, not an error
     r = run([ENGINE, m, "-i", "hi", "-n", "50", "-c", "8"])
     check(r.returncode == 0 and "context" in r.stderr, f"context-limited generation: {r.returncode}\n{r.stderr}")
-    return "out-of-range and malformed ids, long prompts, bad flags"
+    # an output file never replaces an input: the model survives --dump-logits MODEL
+    before = open(m, "rb").read()
+    for flag in ("--dump-logits", "--dump-experts"):
+        cmd = [ENGINE, m, "--ids", "1,2", "--dump-logits", os.path.join(tmp, "x"), flag, m]
+        expect_error(cmd, "input file")
+    text = os.path.join(tmp, "t.txt")
+    open(text, "w").write("one two three four five six seven eight nine ten " * 4)
+    expect_error([ENGINE, m, "--perplexity", text, "-c", "8", "--kl-base", text], "input file")
+    check(open(m, "rb").read() == before, "the model file changed")
+    check(not os.path.exists(os.path.join(tmp, "x.partial")), "a partial output was left behind")
+    return "out-of-range and malformed ids, long prompts, bad flags, outputs onto inputs refused"
+
+
+@test
+def perplexity_and_kl(tmp):
+    """--perplexity against the numpy reference: the same windows (the first token BOS, the second halves
+    scored), exp(mean NLL) within 1e-3 relative; --kl-divergence of a file against its own --kl-base is
+    0 with top-1 agreement 1; a q8 file's KL and top-1 equal those computed from the reference's and the
+    engine's logits."""
+    import sentencepiece
+    d, cfg, _, shape = random_model(tmp, 21, 1, 0, dim=64, hidden_dim=128, heads=4, kv_heads=2, experts=4, top_k=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+    text = os.path.join(tmp, "text.txt")
+    open(text, "w").write(open(os.path.join(ROOT, "demo", "heldout.txt")).read()[:1500])
+    W = 32
+    ids = [1] + sp.encode(open(text).read())
+    windows = len(ids) // W
+    W_ = reference.load_safetensors(d)
+    ref_lp, nll = [], []
+    for w in range(windows):
+        win = ids[w * W:(w + 1) * W]
+        win[0] = 1
+        logits, _ = reference.forward(W_, cfg, win)
+        for j in range(W // 2, W - 1):
+            z = logits[j] - logits[j].max()
+            lp = z - np.log(np.exp(z).sum())
+            ref_lp.append(lp)
+            nll.append(-lp[ids[w * W + j + 1]])
+    want = float(np.exp(np.mean(nll)))
+    f32 = export(d, os.path.join(tmp, "f32.bin"), "f32")
+    base = os.path.join(tmp, "base.kl")
+    r = run([ENGINE, f32, "--perplexity", text, "-c", str(W), "--kl-base", base])
+    check(r.returncode == 0, r.stderr)
+    got = float(r.stdout.split()[1])
+    check(abs(got - want) <= 1e-3 * want, f"perplexity {got}, reference {want}")
+    r = run([ENGINE, f32, "--perplexity", text, "-c", str(W), "--kl-divergence", base])
+    res = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
+    check(res["kl_mean"] < 1e-9 and res["top1"] == 1.0, f"a file against its own base: {res}")
+    q8 = export(d, os.path.join(tmp, "q8.bin"), "q8")
+    r = run([ENGINE, q8, "--perplexity", text, "-c", str(W), "--kl-divergence", base])
+    res = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
+    q_lp = []
+    for w in range(windows):
+        win = ids[w * W:(w + 1) * W]
+        win[0] = 1
+        logits, _ = engine_logits(q8, win, **shape)
+        for j in range(W // 2, W - 1):
+            z = logits[j].astype(np.float64) - logits[j].max()
+            q_lp.append(z - np.log(np.exp(z).sum()))
+    ref_lp, q_lp = np.array(ref_lp), np.array(q_lp)
+    kl = (np.exp(ref_lp) * (ref_lp - q_lp)).sum(-1).mean()
+    top = (ref_lp.argmax(-1) == q_lp.argmax(-1)).mean()
+    check(abs(res["kl_mean"] - kl) <= 1e-6 + 1e-3 * kl and abs(res["top1"] - top) < 1e-5,
+          f"q8: engine KL {res['kl_mean']}, top-1 {res['top1']}; from the logits {kl}, {top}")
+    return f"perplexity {got:.2f} (reference {want:.2f}); q8 KL {kl:.2g}, top-1 {top:.3f}, {len(nll)} positions"
 
 
 def write_safetensors(path, tensors):

@@ -248,6 +248,232 @@ def read_rows_f32(f, t, row0, nrows, ncols):
     return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
 
 
+# ----------------------------------------------------------------------------
+# GGUF (llama.cpp's format): a Mixtral as llama.cpp's converter writes it
+#
+#   "GGUF", u32 version (2, 3), u64 n_tensors, u64 n_kv, the key-value pairs
+#   (config and tokenizer), the tensor infos (name, dims, type, offset), then
+#   the data from an aligned offset. Dimensions are listed innermost first.
+# Tensors: token_embd, output_norm, output; per block blk.N.: attn_norm,
+# attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate_inp (the router) and
+# the experts, either stacked (ffn_gate_exps, ffn_up_exps, ffn_down_exps:
+# w1, w3, w2) or one by one (ffn_gate.E, ffn_up.E, ffn_down.E). The converter
+# permutes the rows of attn_q and attn_k within each head so that rotary pairs
+# are neighbours (interleaved RoPE); they are put back in Hugging Face order.
+
+GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16 = 0, 1, 8, 30
+GGML_NAMES = {GGML_F32: "F32", GGML_F16: "F16", GGML_Q8_0: "Q8_0", GGML_BF16: "BF16"}
+WARNED = set()  # (source type, target type) pairs already warned about
+
+
+class GgufTensor:
+    """One matrix (or vector) of a GGUF file in Hugging Face's orientation, (rows, cols): for a
+    stacked expert tensor one expert's slice; unpermute: the head size of q/k rows to restore."""
+
+    def __init__(self, name, path, gtype, shape, offset, expert=None, unpermute=None):
+        self.name, self.path, self.gtype, self.offset = name, path, gtype, offset
+        self.shape = shape[1:] if expert is not None else shape
+        self.expert, self.unpermute = expert, unpermute
+        self.dtype = GGML_NAMES[gtype]
+
+    def row_bytes(self):
+        cols = self.shape[-1]
+        return cols // 32 * 34 if self.gtype == GGML_Q8_0 else cols * (4 if self.gtype == GGML_F32 else 2)
+
+    def _raw(self, f, r0, nr):
+        rows = self.shape[0] if len(self.shape) == 2 else 1
+        base = self.offset + (self.expert or 0) * rows * self.row_bytes()
+        f.seek(base + r0 * self.row_bytes())
+        raw = f.read(nr * self.row_bytes())
+        if len(raw) != nr * self.row_bytes():
+            die(f"{self.path}: truncated GGUF while reading {self.name}")
+        return raw
+
+    def _row_index(self, r0, nr):
+        """The GGUF rows that hold rows r0..r0+nr-1, and where each one is among them."""
+        if not self.unpermute:
+            return r0, nr, None
+        hd = self.unpermute
+        h0, h1 = r0 // hd, (r0 + nr + hd - 1) // hd
+        r = np.arange(r0, r0 + nr)
+        h, rem = r // hd, r % hd
+        g = h * hd + 2 * (rem % (hd // 2)) + rem // (hd // 2)  # (head, pair, half) -> the converter's row
+        return h0 * hd, (h1 - h0) * hd, g - h0 * hd
+
+    def q8_rows(self, f, r0, nr):
+        """Q8_0 rows as they are stored: q (nr, cols) int8 and scales (nr, cols/32) f16."""
+        start, n, pick = self._row_index(r0, nr)
+        b = np.frombuffer(self._raw(f, start, n), np.uint8).reshape(n, -1, 34)
+        if pick is not None:
+            b = b[pick]
+        return b[..., 2:].view(np.int8).reshape(nr, -1), b[..., :2].copy().view("<f2").reshape(nr, -1)
+
+    def rows_f32(self, f, r0, nr):
+        if self.gtype == GGML_Q8_0:
+            q, h = self.q8_rows(f, r0, nr)
+            return (q.reshape(nr, -1, 32).astype(np.float32) * h.astype(np.float32)[..., None]).reshape(nr, -1)
+        start, n, pick = self._row_index(r0, nr)
+        raw = self._raw(f, start, n)
+        if self.gtype == GGML_F32:
+            x = np.frombuffer(raw, "<f4")
+        elif self.gtype == GGML_F16:
+            x = np.frombuffer(raw, "<f2").astype(np.float32)
+        else:
+            x = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        x = x.reshape(n, -1)
+        return x[pick] if pick is not None else x
+
+
+def read_gguf(path):
+    """(config, tokenizer pieces, flags, unk_id, {Hugging Face name: GgufTensor})."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read(min(size, 64 << 20))  # the header: key-values (the vocabulary) and tensor infos
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        if n < 0 or pos + n > len(data):
+            die(f"{path}: truncated or malformed GGUF header")
+        pos += n
+        return data[pos - n:pos]
+
+    def u(fmt):
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+    def string():
+        n = u("Q")
+        if n > 1 << 20:
+            die(f"{path}: malformed GGUF: a string of {n} bytes")
+        return take(n)
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t in scalar:
+            return u(scalar[t])
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = u("I"), u("Q")
+            if n > 1 << 24 or et == 9:
+                die(f"{path}: malformed GGUF array ({n} items of type {et})")
+            if et in scalar and et != 7:
+                fmt = scalar[et]
+                return list(struct.unpack(f"<{n}{fmt}", take(n * struct.calcsize(fmt))))
+            return [value(et) for _ in range(n)]
+        die(f"{path}: malformed GGUF: unknown value type {t}")
+
+    if take(4) != b"GGUF":
+        die(f"{path}: not a GGUF file")
+    version = u("I")
+    if version not in (2, 3):
+        die(f"{path}: GGUF version {version} (this reads 2 and 3)")
+    n_tensors, n_kv = u("Q"), u("Q")
+    if n_tensors > 1 << 20 or n_kv > 1 << 16:
+        die(f"{path}: malformed GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    kv = {}
+    for _ in range(n_kv):
+        key = string().decode("utf-8", "replace")
+        kv[key] = value(u("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string().decode("utf-8", "replace")
+        nd = u("I")
+        if nd > 4:
+            die(f"{path}: tensor {name} has {nd} dimensions")
+        dims = [u("Q") for _ in range(nd)]
+        infos.append((name, dims[::-1], u("I"), u("Q")))
+    align_to = kv.get("general.alignment", 32)
+    data_start = (pos + align_to - 1) // align_to * align_to
+
+    arch = kv.get("general.architecture", b"").decode("utf-8", "replace")
+    if arch != "llama" or not kv.get("llama.expert_count"):
+        die(f"{path}: architecture {arch!r} with {kv.get('llama.expert_count', 0)} experts; "
+            "only Mixtral (llama with experts) is supported")
+
+    def geti(key, default=None):
+        v = kv.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 2**31 - 1:
+            die(f"{path}: GGUF key {key} must be a positive integer, got {v!r}")
+        return v
+
+    def getf(key, default):
+        v = kv.get(key, default)
+        if not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+            die(f"{path}: GGUF key {key} must be a positive number, got {v!r}")
+        return float(v)
+
+    tokens, scores, types = (kv.get("tokenizer.ggml." + k) for k in ("tokens", "scores", "token_type"))
+    if kv.get("tokenizer.ggml.model") != b"llama" or not tokens or len(tokens) != len(scores or []) \
+            or len(tokens) != len(types or []):
+        die(f"{path}: no sentencepiece (llama) vocabulary with scores and types")
+    c = {"dim": geti("llama.embedding_length"), "hidden_dim": geti("llama.feed_forward_length"),
+         "n_layers": geti("llama.block_count"), "n_heads": geti("llama.attention.head_count")}
+    c["n_kv_heads"] = geti("llama.attention.head_count_kv", c["n_heads"])
+    if c["dim"] % c["n_heads"] or c["n_heads"] % c["n_kv_heads"]:
+        die(f"{path}: {c['n_heads']} heads, {c['n_kv_heads']} kv heads for embedding length {c['dim']}")
+    c["head_dim"] = geti("llama.attention.key_length", c["dim"] // c["n_heads"])
+    c["n_experts"], c["top_k"] = geti("llama.expert_count"), geti("llama.expert_used_count")
+    c["vocab_size"] = len(tokens)
+    c["max_seq_len"] = geti("llama.context_length", 32768)
+    c["sliding_window"] = 0
+    c["bos_id"] = kv.get("tokenizer.ggml.bos_token_id", 1)
+    c["eos_id"] = kv.get("tokenizer.ggml.eos_token_id", 2)
+    c["rope_theta"] = getf("llama.rope.freq_base", 10000.0)
+    c["rms_norm_eps"] = getf("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    if c["head_dim"] % 2 or c["top_k"] > c["n_experts"] or not all(0 <= c[k] < len(tokens) for k in ("bos_id", "eos_id")):
+        die(f"{path}: inconsistent config (head_dim {c['head_dim']}, top_k {c['top_k']} of {c['n_experts']}, "
+            f"bos/eos {c['bos_id']}/{c['eos_id']})")
+    pieces = [(t if isinstance(t, bytes) else b"", float(sc), int(ty)) for t, sc, ty in zip(tokens, scores, types)]
+    for p, _, t in pieces:
+        if len(p) > 65535 or t not in (1, 2, 3, 4, 5, 6):
+            die(f"{path}: malformed vocabulary piece {p[:40]!r} (type {t})")
+    flags = TOK_ADD_DUMMY_PREFIX * bool(kv.get("tokenizer.ggml.add_space_prefix", True)) \
+        | TOK_BYTE_FALLBACK * any(t == PIECE_BYTE for _, _, t in pieces)
+    unk_id = kv.get("tokenizer.ggml.unknown_token_id", 0)
+
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_block = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "block_sparse_moe.gate"}
+    experts = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+    tensors = {}
+    for name, shape, gtype, off in infos:
+        if gtype not in GGML_NAMES:
+            die(f"{path}: tensor {name} has ggml type {gtype}; this reads F32, F16, BF16 and Q8_0 "
+                "(re-make the GGUF with llama.cpp's converter or llama-quantize in one of those)")
+        if gtype == GGML_Q8_0 and shape[-1] % 32:
+            die(f"{path}: Q8_0 tensor {name} with rows of {shape[-1]}")
+        t = GgufTensor(name, path, gtype, shape, data_start + off)
+        end = t.offset + int(np.prod(shape[:-1], dtype=np.int64)) * t.row_bytes() if len(shape) > 1 else \
+            t.offset + t.row_bytes()
+        if end > size:
+            die(f"{path}: truncated GGUF: tensor {name} ends at byte {end}, the file has {size}")
+        parts = name.split(".")
+        if name in names:
+            tensors[names[name]] = t
+            continue
+        if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
+            die(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
+        pre, kind = f"model.layers.{parts[1]}.", parts[2]
+        if kind in per_block and len(parts) == 4:
+            hd = c["head_dim"] if kind in ("attn_q", "attn_k") else None
+            tensors[pre + per_block[kind] + ".weight"] = GgufTensor(name, path, gtype, shape, t.offset, unpermute=hd)
+        elif kind.endswith("_exps") and kind[:-5] in experts and len(shape) == 3:
+            for e in range(shape[0]):
+                tensors[pre + f"block_sparse_moe.experts.{e}.{experts[kind[:-5]]}.weight"] = \
+                    GgufTensor(name, path, gtype, shape, t.offset, expert=e)
+        elif kind in experts and len(parts) == 5 and parts[3].isdigit():
+            tensors[pre + f"block_sparse_moe.experts.{parts[3]}.{experts[kind]}.weight"] = t
+        else:
+            die(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
+    c["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    return c, pieces, flags, unk_id, tensors
+
+
+
 def f32_to_bf16(x):
     """Round to nearest even, as torch does; NaN stays NaN."""
     u = x.view(np.uint32).astype(np.uint64)
@@ -500,14 +726,28 @@ def write_tensor(out, files, t, shape, wtype):
         f = files[t.path] = open(t.path, "rb")
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
+    gguf = isinstance(t, GgufTensor)
+    lossy = gguf and ((wtype == Q4 and t.gtype == GGML_Q8_0) or (wtype == BF16 and t.gtype != GGML_BF16))
+    if lossy and (t.dtype, wtype) not in WARNED:
+        WARNED.add((t.dtype, wtype))
+        print(f"export.py: warning: {t.dtype} tensors of the GGUF (the first: {t.name}) are converted to "
+              f"{[k for k, v in WEIGHT_TYPES.items() if v == wtype][0]} with rounding; the others carry over exactly",
+              file=sys.stderr)
     if wtype in (Q8, Q4):
         step = max(ROWS, step // (4 if wtype == Q4 else 1) // ROWS * ROWS)  # q4's search: smaller slices
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
-            x = read_rows_f32(f, t, r0, nr, cols).reshape(nr, cols)
+            pad = -nr % ROWS  # the last group: zero rows
+            if gguf and wtype == Q8 and t.gtype == GGML_Q8_0:  # carried over exactly: the same blocks
+                q, h = t.q8_rows(f, r0, nr)
+                if not np.isfinite(h).all():
+                    die(f"{t.path}: tensor {t.name} holds NaN or infinite scales")
+                q, h = np.vstack([q, np.zeros((pad, cols), np.int8)]), np.vstack([h, np.zeros((pad, cols // BLOCK), "<f2")])
+                out.write(pack_groups(q.astype(np.int32), h, wtype))
+                continue
+            x = (t.rows_f32(f, r0, nr) if gguf else read_rows_f32(f, t, r0, nr, cols)).reshape(nr, cols)
             if not np.isfinite(x).all():
                 die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
-            pad = -nr % ROWS  # the last group: zero rows
             if pad:
                 x = np.vstack([x, np.zeros((pad, cols), np.float32)])
             q, h = quantize_rows(x, wtype)
@@ -515,6 +755,10 @@ def write_tensor(out, files, t, shape, wtype):
         return
     for r0 in range(0, rows, step):
         nr = min(step, rows - r0)
+        if gguf:
+            x = t.rows_f32(f, r0, nr)
+            out.write(f32_to_bf16(x.ravel()).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
+            continue
         if wtype == BF16 and t.dtype == "BF16":  # bf16 to bf16: copy the bits
             f.seek(t.offset + r0 * cols * 2)
             raw = f.read(nr * cols * 2)
@@ -529,7 +773,11 @@ def write_tensor(out, files, t, shape, wtype):
 def export(model_dir, out_path, type_name):
     wtype = WEIGHT_TYPES[type_name]
     kinds = MATRIX_TYPES[type_name]
-    c = read_config(model_dir)
+    gguf = os.path.isfile(model_dir)
+    if gguf:
+        c, pieces, flags, unk_id, tensors = read_gguf(model_dir)
+    else:
+        c = read_config(model_dir)
     quantized = any(ty in (Q8, Q4) for ty in kinds.values())
     block = BLOCK if quantized else 0
     if block:
@@ -538,9 +786,11 @@ def export(model_dir, out_path, type_name):
             if v % block:
                 die(f"config.json: {key} = {v} is not a multiple of {block}, which --type {type_name} needs; "
                     f"use --type bf16")
-    pieces, flags, unk_id = read_tokenizer(model_dir)
-    tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], os.path.join(model_dir, "tokenizer.model"))
-    tensors = read_checkpoint_index(model_dir)
+    if not gguf:
+        pieces, flags, unk_id = read_tokenizer(model_dir)
+        tensors = read_checkpoint_index(model_dir)
+    tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"],
+                         model_dir if gguf else os.path.join(model_dir, "tokenizer.model"))
     plan = check_tensors(c, tensors)
 
     tok_off = HEADER_SIZE

@@ -513,6 +513,57 @@ def neon_kernels_under_qemu(tmp):
     return f"armv8-a and armv8.2-a+dotprod: kernels match the references; all formats; largest difference {worst:.2g}"
 
 
+@test
+def gguf_import(tmp):
+    """export.py reads a llama.cpp GGUF of a Mixtral (tests/gguf_writer.py lays one out as llama.cpp's
+    converter does: permuted q/k rows, stacked or per-expert tensors, dimensions innermost first):
+    F32 and BF16 GGUFs export to files whose logits equal the Hugging Face folder's exports bit for bit,
+    and a Q8_0 GGUF exports to q8 with its blocks unchanged: byte for byte the weights that a folder
+    holding the Q8_0 values dequantized exports to."""
+    import gguf_writer
+    d, cfg, ids, shape = random_model(tmp, 17, 12, 3, dim=64, hidden_dim=128, heads=4, kv_heads=2, experts=4, top_k=2)
+    notes = []
+    for gtype, stacked, wtype in (("F32", True, "f32"), ("BF16", False, "bf16")):
+        g = gguf_writer.write_gguf(d, os.path.join(tmp, f"m-{gtype}.gguf"), gtype, stacked)
+        a, ea = engine_logits(export(d, os.path.join(tmp, f"hf-{wtype}.bin"), wtype), ids, **shape)
+        b, eb = engine_logits(export(g, os.path.join(tmp, f"gg-{wtype}.bin"), wtype), ids, **shape)
+        compare_experts(eb, ea, f"GGUF {gtype}")
+        check(np.array_equal(a, b), f"GGUF {gtype} -> {wtype}: logits differ from the folder's by up to "
+                                    f"{float(np.abs(a - b).max()):.3g}")
+        notes.append(f"{gtype} ({'stacked' if stacked else 'per-expert'}) -> {wtype} identical")
+    # Q8_0: the folder that holds exactly the dequantized Q8_0 values
+    g = gguf_writer.write_gguf(d, os.path.join(tmp, "m-Q8_0.gguf"), "Q8_0")
+    W = reference.load_safetensors(d)
+    deq = {}
+    for name, x in W.items():
+        x = np.asarray(x, np.float32)
+        if x.ndim == 2 and "gate.weight" not in name:
+            heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+            perm = "q_proj" in name or "k_proj" in name
+            y = gguf_writer.permute(x, heads) if perm else x
+            blocks = np.frombuffer(gguf_writer.q8_0(y), np.uint8).reshape(-1, 34)
+            dq = (blocks[:, 2:].view(np.int8).astype(np.float32) * blocks[:, :2].copy().view("<f2").astype(np.float32))
+            y = dq.reshape(x.shape)
+            if perm:  # back to Hugging Face order
+                hd = x.shape[0] // heads
+                y = y.reshape(heads, hd // 2, 2, -1).swapaxes(1, 2).reshape(x.shape)
+            x = y
+        deq[name] = ("F32", list(x.shape), x.astype("<f4").tobytes())
+    d2 = os.path.join(tmp, "deq")
+    os.makedirs(d2)
+    write_safetensors(os.path.join(d2, "model.safetensors"), deq)
+    for f in ("config.json", "tokenizer.model"):
+        shutil.copy(os.path.join(d, f), d2)
+    a = open(export(d2, os.path.join(tmp, "deq-q8.bin"), "q8"), "rb").read()
+    b = open(export(g, os.path.join(tmp, "gg-q8.bin"), "q8"), "rb").read()
+    wa, wb = struct.unpack_from("<Q", a, 104)[0], struct.unpack_from("<Q", b, 104)[0]  # weights_offset
+    if a[wa:] != b[wb:]:
+        diff = next(i for i in range(min(len(a) - wa, len(b) - wb)) if a[wa + i] != b[wb + i])
+        raise Failure(f"Q8_0 GGUF -> q8: weights differ from the dequantized folder's, first at weight byte {diff}")
+    notes.append("Q8_0 -> q8 weights byte-identical")
+    return "; ".join(notes)
+
+
 # ----------------------------------------------------------------------------
 # the tokenizer against the sentencepiece library
 

@@ -704,11 +704,17 @@ def chat_session(tmp):
                         ('{"messages": [{"role": "robot", "content": "x"}]}', "robot"),
                         ('{"messages": [{"role": "assistant", "content": "x"}]}', "alternates"),
                         ('{"messages": "no"}', "expected '['"), ('[]', "expected '{'"),
-                        ('{"messages": []} x', "trailing")):
+                        ('{"messages": []} x', "trailing"),
+                        # strict JSON: numbers in ignored fields, NUL in a role, control characters echoed escaped
+                        ('{"n": 01, "messages": []}', "expected ','"), ('{"n": 1.e5, "messages": []}', "malformed number"),
+                        ('{"n": -, "messages": []}', "expected a value"), ('{"n": tru, "messages": []}', "expected a value"),
+                        ('{"messages": [{"role": "user\\u0000", "content": "x"}]}', "user\\x00"),
+                        ('{"messages": [{"role": "\\u001b[31mred", "content": "x"}]}', "\\x1b[31mred"),
+                        ('{"messages": [], "messages": []}', "second")):
         open(bad, "w").write(text)
         expect_error([ENGINE, model, "--chat-ids-file", bad], where)
         expect_error([ENGINE, model, "-m", "chat", "--chat-file", bad], where)
-    return "per-turn token counts match; /reset; full context; 8 malformed files"
+    return "per-turn token counts match; /reset; full context; 15 malformed files"
 
 
 # ----------------------------------------------------------------------------

@@ -1423,9 +1423,11 @@ static void dump_logits(Model *m, State *s, const char *model_path, const int *i
 // ----------------------------------------------------------------------------
 // 7. command line
 
-static void print_usage(void) {
-    fprintf(stderr,
-        "usage: mixtral MODEL.bin [options]\n"
+#define PROGRAM_VERSION "0.5"
+
+static void print_usage(FILE *out) {
+    fprintf(out,
+        "usage: mixtral MODEL.bin [options]   (mixtral -h: this help; mixtral --version)\n"
         "  -i, --prompt TEXT     prompt (default: empty, generation starts from BOS)\n"
         "  -n, --steps N         tokens to generate (default 256)\n"
         "  -t, --temp T          temperature, 0 = greedy (default 1.0)\n"
@@ -1472,7 +1474,12 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 
 #ifndef MIXTRAL_NO_MAIN
 int main(int argc, char **argv) {
-    if (argc < 2 || argv[1][0] == '-') { print_usage(); die("the first argument must be a model file"); }
+    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { print_usage(stdout); return 0; }
+    if (argc >= 2 && !strcmp(argv[1], "--version")) {
+        printf("mixtral.c %s, model file format %d, kernels %s\n", PROGRAM_VERSION, MODEL_VERSION, kernels_simd_name);
+        return 0;
+    }
+    if (argc < 2 || argv[1][0] == '-') { print_usage(stderr); die("the first argument must be a model file"); }
     const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *ppl_path = NULL, *kl_out = NULL, *kl_in = NULL;
@@ -1486,7 +1493,8 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
         if (!strcmp(a, "--expert-stats")) { stats = 1; continue; }
         if (!strcmp(a, "--trace-experts")) { trace = 1; continue; }
-        if (i + 1 >= argc) { print_usage(); die("%s needs a value", a); }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { print_usage(stdout); return 0; }
+        if (i + 1 >= argc) { print_usage(stderr); die("%s needs a value", a); }
         const char *v = argv[++i];
         if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) steps = (int)parse_int(a, v, 0, INT_MAX);
@@ -1508,7 +1516,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--kl-divergence")) kl_in = v;
         else if (!strcmp(a, "--tokenize-file")) tokenize_path = v;
         else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
-        else { print_usage(); die("unknown option %s", a); }
+        else { print_usage(stderr); die("unknown option %s", a); }
     }
     if (strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
     if (chat_path && strcmp(mode, "chat")) die("--chat-file needs -m chat");

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -827,6 +828,21 @@ def bad_tokens_and_context(tmp):
     check(open(m, "rb").read() == before, "the model file changed")
     check(not os.path.exists(os.path.join(tmp, "x.partial")), "a partial output was left behind")
     return "out-of-range and malformed ids, long prompts, bad flags, outputs onto inputs refused"
+
+
+@test
+def help_and_version(tmp):
+    """-h and --help print the usage to stdout and exit 0, anywhere on the line; --version names the
+    program version, the file format this build reads and its kernels; a missing model is still an error."""
+    for cmd in ([ENGINE, "-h"], [ENGINE, "--help"], [ENGINE, "model.bin", "-i", "x", "--help"]):
+        r = run(cmd)
+        check(r.returncode == 0 and r.stdout.startswith("usage: mixtral") and "--perplexity" in r.stdout,
+              f"{' '.join(cmd[1:])}: exit {r.returncode}, stdout {r.stdout[:80]!r}")
+    r = run([ENGINE, "--version"])
+    check(r.returncode == 0 and re.match(r"mixtral\.c \S+, model file format \d+, kernels \S", r.stdout),
+          f"--version: exit {r.returncode}, {r.stdout!r}")
+    expect_error([ENGINE], "model file")
+    return r.stdout.strip()
 
 
 @test

@@ -58,7 +58,7 @@ bench: mixtral bench/bandwidth
 
 # How much each weight format loses (KL divergence from bf16, see bench/quality.py); with
 # LLAMA_PERPLEXITY and QUALITY_ARGS="--gguf bench:bf16=... --gguf bench:Q8_0=..." llama.cpp's beside ours.
-quality: mixtral bench/bandwidth
+quality: mixtral
 	tests/deps.sh
 	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) $(QUALITY_ARGS)
 

@@ -10,9 +10,14 @@
 
 static char chat_error[512]; // the last error message
 
+static void out_of_memory(void) {
+    fputs("mixtral: error: out of memory\n", stderr);
+    exit(1);
+}
+
 static void *chat_alloc(size_t n) {
     void *p = calloc(n ? n : 1, 1);
-    if (!p) { fputs("mixtral: error: out of memory reading a conversation\n", stderr); exit(1); }
+    if (!p) out_of_memory();
     return p;
 }
 
@@ -20,7 +25,7 @@ void ids_push(IdList *l, int id) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 256;
         int *ids = realloc(l->ids, (size_t)l->cap * sizeof(int));
-        if (!ids) { fputs("mixtral: error: out of memory\n", stderr); exit(1); }
+        if (!ids) out_of_memory();
         l->ids = ids;
     }
     l->ids[l->n++] = id;
@@ -29,7 +34,7 @@ void ids_push(IdList *l, int id) {
 void ids_push_text(IdList *l, const Tokenizer *t, const char *text, size_t len) {
     int *ids;
     int n = tokenizer_encode(t, text, len, &ids);
-    if (n < 0) { fputs("mixtral: error: out of memory encoding text\n", stderr); exit(1); }
+    if (n < 0) out_of_memory();
     for (int i = 0; i < n; i++) ids_push(l, ids[i]);
     free(ids);
 }
@@ -297,7 +302,7 @@ static void parse_message(Json *j) {
     if (j->conv.n == j->cap) {
         j->cap = j->cap ? 2 * j->cap : 8;
         Message *m = realloc(j->conv.msgs, (size_t)j->cap * sizeof(Message));
-        if (!m) { fputs("mixtral: error: out of memory\n", stderr); exit(1); }
+        if (!m) out_of_memory();
         j->conv.msgs = m;
     }
     j->conv.msgs[j->conv.n++] = msg;

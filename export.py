@@ -241,9 +241,14 @@ def read_rows_f32(f, t, row0, nrows, ncols):
     raw = f.read(nrows * ncols * esize)
     if len(raw) != nrows * ncols * esize:
         die(f"{t.path}: truncated safetensors while reading {t.name}")
-    if t.dtype == "F32":
+    return decode_f32(raw, t.dtype)
+
+
+def decode_f32(raw, dtype):
+    """Raw little-endian F32, F16 or BF16 values as float32."""
+    if dtype == "F32":
         return np.frombuffer(raw, dtype="<f4")
-    if t.dtype == "F16":
+    if dtype == "F16":
         return np.frombuffer(raw, dtype="<f2").astype(np.float32)
     return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
 
@@ -313,14 +318,7 @@ class GgufTensor:
             q, h = self.q8_rows(f, r0, nr)
             return (q.reshape(nr, -1, 32).astype(np.float32) * h.astype(np.float32)[..., None]).reshape(nr, -1)
         start, n, pick = self._row_index(r0, nr)
-        raw = self._raw(f, start, n)
-        if self.gtype == GGML_F32:
-            x = np.frombuffer(raw, "<f4")
-        elif self.gtype == GGML_F16:
-            x = np.frombuffer(raw, "<f2").astype(np.float32)
-        else:
-            x = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-        x = x.reshape(n, -1)
+        x = decode_f32(self._raw(f, start, n), self.dtype).reshape(n, -1)
         return x[pick] if pick is not None else x
 
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,16 +34,9 @@ TEXT = os.path.join(ROOT, "demo", "heldout.txt")
 CTX = 128
 
 
-def sh(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"quality: {' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    return r.stdout, r.stderr
-
-
 def export(src, out, wtype):
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
-        sh([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--type", wtype])
+        bench.sh([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--type", wtype])
     return out
 
 
@@ -53,11 +45,11 @@ def ours(models, text, engine):
     rows = []
     for name, files in models.items():
         base = os.path.join(CACHE, f"{name}.kl")
-        out, _ = sh([engine, files["bf16"], "--perplexity", text[name], "-c", str(CTX), "--kl-base", base])
+        out, _ = bench.sh([engine, files["bf16"], "--perplexity", text[name], "-c", str(CTX), "--kl-base", base])
         ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
         rows.append((name, "bf16 (base)", os.path.getsize(files["bf16"]), 0.0, 0.0, 1.0, ppl))
         for fmt in ("q8", "q4"):
-            out, _ = sh([engine, files[fmt], "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base])
+            out, _ = bench.sh([engine, files[fmt], "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base])
             r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
             rows.append((name, fmt, os.path.getsize(files[fmt]), r["kl_mean"], r["kl_p99"], r["top1"], r["perplexity"]))
         os.remove(base)
@@ -72,11 +64,11 @@ def peers(tool, ggufs, text):
             sys.exit(f"quality: --gguf for {model} needs a bf16 file, the base")
         base = os.path.join(CACHE, f"{model}-peer.kld")
         common = ["-f", text[model], "-c", str(CTX), "-t", str(os.cpu_count() or 1), "-b", str(CTX)]
-        sh([tool, "-m", files["bf16"], *common, "--kl-divergence-base", base])
+        bench.sh([tool, "-m", files["bf16"], *common, "--kl-divergence-base", base])
         for name, path in files.items():
             if name == "bf16":
                 continue
-            out, err = sh([tool, "-m", path, *common, "--kl-divergence-base", base, "--kl-divergence"])
+            out, err = bench.sh([tool, "-m", path, *common, "--kl-divergence-base", base, "--kl-divergence"])
             log = out + err
             kl = float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", log).group(1))
             p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)

@@ -53,29 +53,18 @@ static inline emu_m512 emu_setzero_ps(void) { return (emu_m512){{_mm256_setzero_
 #define _mm512_set1_ps emu_set1_ps
 static inline emu_m512 emu_set1_ps(float v) { return (emu_m512){{_mm256_set1_ps(v), _mm256_set1_ps(v)}}; }
 
+// the same 256-bit value in both halves: the broadcasts and zero
+static inline emu_m512i emu_splat(__m256i h) {
+    emu_m512i r;
+    r.h[0] = r.h[1] = h;
+    return r;
+}
 #undef _mm512_setzero_si512
-#define _mm512_setzero_si512 emu_setzero_si512
-static inline emu_m512i emu_setzero_si512(void) {
-    emu_m512i r;
-    r.h[0] = r.h[1] = _mm256_setzero_si256();
-    return r;
-}
-
+#define _mm512_setzero_si512() emu_splat(_mm256_setzero_si256())
 #undef _mm512_set1_epi8
-#define _mm512_set1_epi8 emu_set1_epi8
-static inline emu_m512i emu_set1_epi8(char v) {
-    emu_m512i r;
-    r.h[0] = r.h[1] = _mm256_set1_epi8(v);
-    return r;
-}
-
+#define _mm512_set1_epi8(v) emu_splat(_mm256_set1_epi8(v))
 #undef _mm512_set1_epi32
-#define _mm512_set1_epi32 emu_set1_epi32
-static inline emu_m512i emu_set1_epi32(int v) {
-    emu_m512i r;
-    r.h[0] = r.h[1] = _mm256_set1_epi32(v);
-    return r;
-}
+#define _mm512_set1_epi32(v) emu_splat(_mm256_set1_epi32(v))
 
 #undef _mm512_loadu_si512
 #define _mm512_loadu_si512 emu_loadu_si512

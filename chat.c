@@ -94,7 +94,9 @@ const char *chat_format(IdList *out, const Tokenizer *t, int bos_id, int eos_id,
             expect = ROLE_ASSISTANT;
         } else {
             ids_push_text(out, t, msg->content, msg->len);
-            ids_push(out, eos_id);
+            int last = 1; // a final assistant message stays open, to be continued
+            for (int j = i + 1; j < c->n; j++) last &= c->msgs[j].role == ROLE_SYSTEM;
+            if (!last) ids_push(out, eos_id);
             expect = ROLE_USER;
         }
     }

@@ -35,7 +35,9 @@ void chat_free(Conversation *c);
 // Appends one user turn: [INST] {system\n\n}{text} [/INST] (system may be NULL).
 void chat_format_user(IdList *out, const Tokenizer *t, const char *system, const char *text, size_t len);
 // Appends the ids of a whole conversation, BOS first; system messages are
-// joined and go before the first user message. Returns NULL, or an error
+// joined and go before the first user message. A final assistant message is
+// left open (no EOS), to be continued, as mistral-common's
+// continue_final_message does. Returns NULL, or an error
 // message if the roles do not alternate user, assistant, user, ...
 const char *chat_format(IdList *out, const Tokenizer *t, int bos_id, int eos_id, const Conversation *c);
 

@@ -38,7 +38,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,8 +71,8 @@ static void *xcalloc(size_t n, size_t size) {
 }
 
 // Reads a whole file (any bytes) into a malloc'd buffer.
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
+static char *read_file(const char *path, size_t *len) { // "-": standard input
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
     if (!f) die("cannot open %s: %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
     char *buf = xcalloc(cap, 1);
@@ -81,7 +83,7 @@ static char *read_file(const char *path, size_t *len) {
         if (!(buf = realloc(buf, cap))) die("out of memory reading %s", path);
     }
     if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
-    fclose(f);
+    if (f != stdin) fclose(f);
     *len = n;
     return buf;
 }
@@ -292,12 +294,34 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
             (unsigned long long)file_size, (unsigned long long)p->file_size, hint);
 }
 
+// The files people give instead of a model file, recognised so that the
+// error can say what to do: a GGUF (llama.cpp), a safetensors shard or a
+// Hugging Face folder all go through export.py first.
+static void refuse_other_formats(const char *path, const uint8_t *head, uint64_t size) {
+    const char *how = "make a mixtral.c model file from it with: python3 export.py";
+    if (size >= 4 && !memcmp(head, "GGUF", 4))
+        die("%s is a GGUF file (llama.cpp's format); %s %s model.bin --type q8", path, how, path);
+    uint64_t json = 0;
+    if (size >= 9) for (int i = 7; i >= 0; i--) json = json << 8 | head[i];
+    if (size >= 9 && head[8] == '{' && json > 0 && json <= size - 8)
+        die("%s looks like a safetensors file (one shard of a Hugging Face model); give export.py the folder that "
+            "holds it, its config.json and tokenizer.model: python3 export.py FOLDER model.bin --type q8", path);
+}
+
 static void model_load(Model *m, const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
+    if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode))
+        die("%s is a folder, not a model file; if it is a Hugging Face model, make a model file from it with: "
+            "python3 export.py %s model.bin --type q8", path, path);
+    if (!S_ISREG(st.st_mode)) die("%s is not a regular file (a model file is mapped into memory)", path);
+    int fd = open(path, O_RDONLY | O_NONBLOCK); // checked first, so a FIFO swapped in cannot block here
+    if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
     uint64_t size = (uint64_t)st.st_size;
+    uint8_t head[16] = {0};
+    if (pread(fd, head, sizeof(head), 0) < 0) die("cannot read %s: %s", path, strerror(errno));
+    refuse_other_formats(path, head, size);
     if (size < HEADER_SIZE) die("%s is %llu bytes, too small to be a model file; re-run export.py", path, (unsigned long long)size);
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -830,15 +854,46 @@ static float *forward(Model *m, State *s, int token, int pos) {
 
 // ----------------------------------------------------------------------------
 // 5. sampler
+//
+// The next token from the logits, in this order: the repetition penalty, then
+// temperature (0: the most likely token, and nothing else applies), then the
+// filters, each on the probabilities left by the one before: top-k, min-p,
+// top-p. The draw is from what the filters keep, renormalised.
 
 typedef struct { float prob; int id; } ProbId;
 
 typedef struct {
-    float temperature;  // 0: greedy
-    float topp;         // nucleus sampling threshold; 1 or more: off
-    uint64_t rng;       // xorshift64* state
-    ProbId *order;      // (V,) scratch for top-p
+    float temperature;    // 0: greedy
+    int top_k;            // keep the k most likely tokens; 0: off
+    float min_p;          // keep tokens at least min_p times as likely as the best; 0: off
+    float top_p;          // keep the smallest set of most likely tokens with this much mass; 1: off
+    float repeat_penalty; // 1: off. A logit of a recent token: divided by it if positive, else multiplied
+    int repeat_last_n;    // how many of the last tokens (prompt included) count as recent
+    int *recent;          // (repeat_last_n,) ring of the last tokens
+    int n_seen;           // tokens seen so far (the ring holds the last repeat_last_n of them)
+    uint32_t *mark;       // (V,) scratch: when each token was last penalised
+    uint32_t stamp;
+    uint64_t rng;         // xorshift64* state
+    ProbId *order;        // (V,) scratch for the filters
 } Sampler;
+
+static void sampler_init(Sampler *sm, int vocab_size) {
+    if (sm->repeat_last_n > 0) sm->recent = xcalloc(sm->repeat_last_n, sizeof(int));
+    sm->mark = xcalloc(vocab_size, sizeof(uint32_t));
+    sm->order = xcalloc(vocab_size, sizeof(ProbId));
+    if (!sm->rng) sm->rng = 0x9E3779B97F4A7C15ULL; // xorshift's state must not be 0
+}
+
+static void sampler_free(Sampler *sm) { free(sm->recent); free(sm->mark); free(sm->order); }
+
+// Every token of the sequence, prompt and generated, goes through here, so that
+// the repetition penalty knows what is recent.
+static void sampler_accept(Sampler *sm, int token) {
+    if (sm->repeat_last_n > 0) sm->recent[sm->n_seen % sm->repeat_last_n] = token;
+    sm->n_seen++;
+}
+
+static void sampler_reset(Sampler *sm) { sm->n_seen = 0; }
 
 static uint32_t random_u32(uint64_t *state) {
     *state ^= *state >> 12;
@@ -860,52 +915,167 @@ static int compare_prob_desc(const void *a, const void *b) {
     return x->prob > y->prob ? -1 : x->prob < y->prob ? 1 : x->id - y->id;
 }
 
-// Picks the next token from logits (V,), which it overwrites with probabilities.
+// Picks the next token from logits (V,), which it overwrites.
 static int sample(Sampler *sm, float *logits, int n) {
+    if (sm->repeat_penalty != 1.0f && sm->repeat_last_n > 0) { // each recent token once
+        int last = sm->n_seen < sm->repeat_last_n ? sm->n_seen : sm->repeat_last_n;
+        if (++sm->stamp == 0) { memset(sm->mark, 0, n * sizeof(uint32_t)); sm->stamp = 1; }
+        for (int i = 0; i < last; i++) {
+            int id = sm->recent[i];
+            if (sm->mark[id] == sm->stamp) continue;
+            sm->mark[id] = sm->stamp;
+            logits[id] = logits[id] > 0 ? logits[id] / sm->repeat_penalty : logits[id] * sm->repeat_penalty;
+        }
+    }
     if (sm->temperature == 0.0f) return argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
-    softmax(logits, n);
-    float r = random_f32(&sm->rng);
-    if (sm->topp <= 0.0f || sm->topp >= 1.0f) {
-        float cdf = 0.0f;
-        for (int i = 0; i < n; i++) { cdf += logits[i]; if (r < cdf) return i; }
-        return n - 1;
+    softmax(logits, n); // now probabilities
+    float best = logits[argmax(logits, n)];
+    // min-p's floor; and when top-p is the only other filter, a second floor:
+    // a token below (1-top_p)/(n-1) of the mass can never be in the nucleus,
+    // which keeps the sort short.
+    float floor = sm->min_p * best;
+    int filtering_top_p = sm->top_p > 0.0f && sm->top_p < 1.0f;
+    double mass = -1; // of what min-p and top-k keep, once known
+    if (filtering_top_p && sm->top_k <= 0 && n > 1) {
+        int kept = 0;
+        mass = 0;
+        for (int i = 0; i < n; i++) if (logits[i] >= floor) { mass += logits[i]; kept++; }
+        float nucleus_floor = kept > 1 ? (float)((1.0 - sm->top_p) * mass / (kept - 1)) : 0.0f;
+        if (nucleus_floor > floor) floor = nucleus_floor;
     }
-    // top-p: the smallest set of most likely tokens whose mass exceeds topp.
-    // Tokens below (1-topp)/(n-1) can never be in it, which keeps the sort short.
     int m = 0;
-    float cutoff = (1.0f - sm->topp) / (n - 1);
-    for (int i = 0; i < n; i++) if (logits[i] >= cutoff) sm->order[m++] = (ProbId){logits[i], i};
-    qsort(sm->order, m, sizeof(ProbId), compare_prob_desc);
-    float mass = 0.0f;
-    int last = m - 1;
-    for (int i = 0; i < m; i++) { mass += sm->order[i].prob; if (mass > sm->topp) { last = i; break; } }
-    float cdf = 0.0f;
-    r *= mass;
-    for (int i = 0; i <= last; i++) { cdf += sm->order[i].prob; if (r < cdf) return sm->order[i].id; }
-    return sm->order[last].id;
+    for (int i = 0; i < n; i++) if (logits[i] >= floor) sm->order[m++] = (ProbId){logits[i], i};
+    if (m == 0) return argmax(logits, n); // NaN probabilities: nothing compares
+    if (sm->top_k > 0 || filtering_top_p) qsort(sm->order, m, sizeof(ProbId), compare_prob_desc);
+    if (sm->top_k > 0 && m > sm->top_k) m = sm->top_k;
+    if (mass < 0) { mass = 0; for (int i = 0; i < m; i++) mass += sm->order[i].prob; }
+    if (filtering_top_p) { // the smallest prefix whose mass exceeds top_p of what is left
+        double cut = sm->top_p * mass, acc = 0;
+        for (int i = 0; i < m; i++) {
+            acc += sm->order[i].prob;
+            if (acc > cut) { m = i + 1; mass = acc; break; }
+        }
+    }
+    double r = random_f32(&sm->rng) * mass, cdf = 0;
+    for (int i = 0; i < m; i++) { cdf += sm->order[i].prob; if (r < cdf) return sm->order[i].id; }
+    return sm->order[m - 1].id;
 }
 
 // ----------------------------------------------------------------------------
 // 6. generation and chat
 
-// Writes decoded text to stdout as soon as it is complete UTF-8.
-static void emit(TokenDecoder *d, const Tokenizer *t, int id, char *buf) {
-    int n = decoder_put(d, t, id, buf);
-    if (n > 0) { fwrite(buf, 1, n, stdout); fflush(stdout); }
+// What a run was asked for on the command line.
+typedef struct {
+    int steps;          // most tokens to generate per reply
+    const char **stop;  // --stop: strings that end a reply (not printed)
+    int n_stop;
+    int stats, trace;   // --expert-stats, --trace-experts
+    int quiet;          // --quiet: stdout's text only, nothing on stderr but errors
+} RunOptions;
+
+// Ctrl-C stops a reply (or a prompt being read in) instead of the program. The
+// handler only raises this flag; the loops below look at it between tokens.
+static volatile sig_atomic_t interrupted;
+
+static void on_interrupt(int sig) { (void)sig; interrupted = 1; }
+
+// restart = 0 lets Ctrl-C end a read() that waits for the user's line.
+static void catch_interrupts(int restart) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_interrupt;
+    sa.sa_flags = restart ? SA_RESTART : 0;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
 }
 
-// Runs ids through the model from position *pos on; the logits of the last
-// one are left in s->logits.
-static void feed(Model *m, State *s, const int *ids, int n, int *pos) {
-    for (int i = 0; i < n; i += s->chunk) { // the prompt goes through in chunks
+// Resident memory in MB: now (Linux's /proc), and the peak so far.
+static double resident_mb(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    long pages = -1, resident = -1;
+    if (f) { if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = -1; fclose(f); }
+    return resident < 0 ? -1 : resident * (double)sysconf(_SC_PAGESIZE) / 1e6;
+}
+
+static double peak_resident_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+#ifdef __APPLE__
+    return ru.ru_maxrss / 1e6; // bytes there, kilobytes elsewhere
+#else
+    return ru.ru_maxrss * 1024.0 / 1e6;
+#endif
+}
+
+static double per_second(double n, double seconds) { return n / (seconds > 0 ? seconds : 1e-9); }
+
+// The line that ends every run, on stderr.
+static void print_summary(int prompt_tokens, double prompt_s, int gen_tokens, double gen_s) {
+    fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s; peak RSS %.0f MB\n",
+            prompt_tokens, per_second(prompt_tokens, prompt_s), gen_tokens, per_second(gen_tokens, gen_s),
+            peak_resident_mb());
+}
+
+// Runs ids through the model from position *pos on, in chunks; the logits of
+// the last one are left in s->logits. Shows progress on a terminal when asked.
+// Returns how many went in: fewer than n when Ctrl-C stopped it between chunks.
+static int feed(Model *m, State *s, Sampler *sm, const int *ids, int n, int *pos, int progress) {
+    double t0 = time_s();
+    int i = 0;
+    while (i < n && !interrupted) {
         int c = n - i < s->chunk ? n - i : s->chunk;
         forward_chunk(m, s, ids + i, c, *pos, 0);
+        for (int j = 0; sm && j < c; j++) sampler_accept(sm, ids[i + j]);
         *pos += c;
+        i += c;
+        if (progress)
+            fprintf(stderr, "\r[prompt: %d/%d tokens, %.1f tok/s]", i, n, per_second(i, time_s() - t0));
     }
+    if (progress) fprintf(stderr, "\r\033[K"); // the progress line goes away
+    return i;
 }
 
-typedef struct { int tokens; int context_full; double seconds; } Reply;
+// The text of a reply on its way to stdout. With --stop strings, text that
+// could be the beginning of one is held back until it is known not to be, and
+// the text from a stop string on is never printed.
+typedef struct {
+    const RunOptions *opt;
+    char *held;
+    size_t n, cap;
+    int stopped;
+} TextOut;
+
+static void text_put(TextOut *o, const char *s, size_t n) {
+    if (o->stopped || n == 0) return;
+    if (o->opt->n_stop == 0) { fwrite(s, 1, n, stdout); fflush(stdout); return; }
+    if (o->n + n > o->cap) {
+        o->cap = 2 * (o->n + n);
+        if (!(o->held = realloc(o->held, o->cap))) die("out of memory");
+    }
+    memcpy(o->held + o->n, s, n);
+    o->n += n;
+    size_t cut = o->n, keep = 0; // cut: where the first stop string begins; keep: a tail that may begin one
+    for (int i = 0; i < o->opt->n_stop; i++) {
+        const char *stop = o->opt->stop[i];
+        size_t len = strlen(stop);
+        const char *at = memmem(o->held, o->n, stop, len);
+        if (at && (size_t)(at - o->held) < cut) cut = at - o->held;
+        for (size_t k = len - 1 < o->n ? len - 1 : o->n; k > keep; k--)
+            if (!memcmp(o->held + o->n - k, stop, k)) { keep = k; break; }
+    }
+    if (cut < o->n) { fwrite(o->held, 1, cut, stdout); o->stopped = 1; o->n = 0; }
+    else { fwrite(o->held, 1, o->n - keep, stdout); memmove(o->held, o->held + o->n - keep, keep); o->n = keep; }
+    fflush(stdout);
+}
+
+static void text_close(TextOut *o) {
+    if (!o->stopped) fwrite(o->held, 1, o->n, stdout);
+    fflush(stdout);
+    free(o->held);
+}
+
+typedef struct { int tokens; int context_full, stopped, interrupted; double seconds; } Reply;
 
 // --trace-experts: the routing of each generated token, printed after generation.
 typedef struct {
@@ -930,26 +1100,31 @@ static void trace_add(Trace *tr, const State *s, const Config *p, int token) {
     tr->n++;
 }
 
-// Samples up to `steps` tokens after what has been fed, streaming their text
+// Samples up to opt->steps tokens after what has been fed, streaming their text
 // through dec (which may already hold the prompt's, so that the text printed is
-// the whole sequence decoded as one stream), until EOS or a full context. The
-// sampled EOS is not fed: the caller does that when the conversation goes on.
-static Reply reply(Model *m, State *s, Sampler *sm, int steps, int *pos, TokenDecoder *dec, Trace *trace) {
+// the whole sequence decoded as one stream), until EOS, a stop string, a full
+// context or Ctrl-C. The sampled EOS is not fed: the caller does that when the
+// conversation goes on.
+static Reply reply(Model *m, State *s, Sampler *sm, const RunOptions *opt, int *pos, TokenDecoder *dec, Trace *trace) {
     const Config *p = &m->config;
-    Reply r = {0, 0, 0};
+    Reply r = {0};
     char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
+    TextOut out = {.opt = opt};
     double t0 = time_s();
-    while (r.tokens < steps) {
+    while (r.tokens < opt->steps && !interrupted) {
         int token = sample(sm, s->logits, p->vocab_size);
         r.tokens++;
         if (token == p->eos_id) break;
-        emit(dec, &m->tokenizer, token, buf);
+        text_put(&out, buf, decoder_put(dec, &m->tokenizer, token, buf));
+        if (out.stopped) { r.stopped = 1; break; }
         if (*pos >= s->max_pos) { r.context_full = 1; break; }
         forward(m, s, token, (*pos)++);
+        sampler_accept(sm, token);
         if (trace) trace_add(trace, s, p, token); // the experts that processed this token
     }
-    fwrite(buf, 1, decoder_flush(dec, buf), stdout);
-    fflush(stdout);
+    text_put(&out, buf, decoder_flush(dec, buf));
+    text_close(&out);
+    r.interrupted = interrupted;
     r.seconds = time_s() - t0;
     free(buf);
     return r;
@@ -983,9 +1158,10 @@ static int utf8_width(const char *s) {
 }
 
 // --expert-stats: how often each expert was chosen, per layer, over every token
-// the model processed (prompt and generated), with a heatmap and two entropies:
-// of the usage counts (load balance; log2(E) bits when perfectly even) and of
-// the router's softmax, averaged over tokens (how decided the router is).
+// the model processed since the counts were last cleared (prompt and generated),
+// with a heatmap and two entropies: of the usage counts (load balance; log2(E)
+// bits when perfectly even) and of the router's softmax, averaged over tokens
+// (how decided the router is).
 static void print_expert_stats(const Config *p, const State *s) {
     int E = p->n_experts, top_k = p->top_k;
     const char *shades = " .:-=+*#%@"; // share of choices relative to an even share 1/E: 0 .. 2x and over
@@ -1013,67 +1189,93 @@ static void print_expert_stats(const Config *p, const State *s) {
     printf("(entropies in bits; even usage over %d experts is %.2f)\n", E, log2(E));
 }
 
+static void clear_expert_stats(const Config *p, State *s) {
+    memset(s->expert_count, 0, (size_t)p->n_layers * p->n_experts * sizeof(uint64_t));
+    memset(s->router_entropy, 0, (size_t)p->n_layers * sizeof(double));
+    s->tokens_routed = 0;
+}
+
 // --trace-experts: for each generated token, the experts that processed it in
-// every layer, as "a+b .62": the chosen experts, best first, and the weight of the best.
+// every layer, as "a+b .62": the chosen experts, best first, and the weight of
+// the best. Layers go in blocks of TRACE_LAYERS columns, each under its header.
+#define TRACE_LAYERS 8
+
 static void print_trace(const Model *m, const Trace *tr) {
     const Config *p = &m->config;
     int top_k = p->top_k, L = p->n_layers;
     int digits = p->n_experts > 100 ? 3 : p->n_experts > 10 ? 2 : 1;
     int col = top_k * digits + (top_k - 1) + 4;
-    char label[64];
+    char label[64], name[16];
     printf("\nexperts per generated token and layer (chosen experts, best first, and the best one's weight)\n");
-    printf("%-14s", "token");
-    for (int l = 0; l < L; l++) printf(" %-*s", col, l == 0 ? "L0" : "");
-    printf("\n");
-    for (int i = 0; i < tr->n; i++) {
-        token_label(&m->tokenizer, tr->token[i], label, 14);
-        printf("%s%*s", label, 14 - utf8_width(label), "");
-        for (int l = 0; l < L; l++) {
-            const int *c = tr->chosen + ((size_t)i * L + l) * top_k;
-            const float *w = tr->weight + ((size_t)i * L + l) * top_k;
-            char cell[64];
-            int o = 0;
-            for (int k = 0; k < top_k && o < 48; k++) o += snprintf(cell + o, sizeof(cell) - o, k ? "+%d" : "%d", c[k]);
-            snprintf(cell + o, sizeof(cell) - o, " .%02d", (int)(w[0] * 100 + 0.5) > 99 ? 99 : (int)(w[0] * 100 + 0.5));
-            printf(" %-*s", col, cell);
-        }
+    for (int l0 = 0; l0 < L; l0 += TRACE_LAYERS) {
+        int l1 = l0 + TRACE_LAYERS < L ? l0 + TRACE_LAYERS : L;
+        printf("%s%-14s", l0 ? "\n" : "", "token");
+        for (int l = l0; l < l1; l++) { snprintf(name, sizeof(name), "L%d", l); printf(" %-*s", col, name); }
         printf("\n");
+        for (int i = 0; i < tr->n; i++) {
+            token_label(&m->tokenizer, tr->token[i], label, 14);
+            printf("%s%*s", label, 14 - utf8_width(label), "");
+            for (int l = l0; l < l1; l++) {
+                const int *c = tr->chosen + ((size_t)i * L + l) * top_k;
+                const float *w = tr->weight + ((size_t)i * L + l) * top_k;
+                char cell[64];
+                int o = 0;
+                for (int k = 0; k < top_k && o < 48; k++) o += snprintf(cell + o, sizeof(cell) - o, k ? "+%d" : "%d", c[k]);
+                int pct = (int)(w[0] * 100 + 0.5);
+                snprintf(cell + o, sizeof(cell) - o, " .%02d", pct > 99 ? 99 : pct < 0 ? 0 : pct);
+                printf(" %-*s", col, cell);
+            }
+            printf("\n");
+        }
     }
 }
 
-static void generate(Model *m, State *s, Sampler *sm, const char *prompt, int steps, int stats, int trace) {
+static void trace_free(Trace *tr) { free(tr->token); free(tr->chosen); free(tr->weight); }
+
+// After a reply: the routing it asked for, on stdout.
+static void print_routing(const Model *m, const State *s, const RunOptions *opt, const Trace *tr) {
+    if (opt->trace) print_trace(m, tr);
+    if (opt->stats) print_expert_stats(&m->config, s);
+    fflush(stdout);
+}
+
+// Continues a prompt. Returns the exit status: 0, or 130 after Ctrl-C.
+static int generate(Model *m, State *s, Sampler *sm, const char *prompt, size_t prompt_len, const RunOptions *opt) {
     const Config *p = &m->config;
     IdList prompt_ids = {0};
     ids_push(&prompt_ids, p->bos_id);
-    ids_push_text(&prompt_ids, &m->tokenizer, prompt, strlen(prompt));
+    ids_push_text(&prompt_ids, &m->tokenizer, prompt, prompt_len);
     int n = prompt_ids.n;
-    if (n > s->max_pos) die("the prompt is %d tokens but the context holds %d; use a larger -c", n, s->max_pos);
+    if (n > s->max_pos)
+        die("the prompt is %d tokens (BOS included) but the context holds %d; use -c %d or more", n, s->max_pos, n + 1);
 
     // echo the prompt, then continue it with the same decoder: one stream of text
     char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
     TokenDecoder dec;
     decoder_init(&dec);
-    for (int i = 1; i < n; i++) emit(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
+    for (int i = 1; i < n; i++) {
+        int k = decoder_put(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
+        fwrite(buf, 1, k, stdout);
+    }
+    fflush(stdout);
     free(buf);
 
     double t0 = time_s();
     int pos = 0;
-    feed(m, s, prompt_ids.ids, n, &pos);
+    int fed = feed(m, s, sm, prompt_ids.ids, n, &pos, !opt->quiet && stderr_is_tty() && n > s->chunk);
     double t_prompt = time_s() - t0;
     Trace tr = {0};
-    Reply r = reply(m, s, sm, steps, &pos, &dec, trace ? &tr : NULL);
+    Reply r = {0};
+    if (fed == n) r = reply(m, s, sm, opt, &pos, &dec, opt->trace ? &tr : NULL);
     printf("\n");
-    if (trace) print_trace(m, &tr);
-    if (stats) print_expert_stats(p, s);
-    free(tr.token);
-    free(tr.chosen);
-    free(tr.weight);
-    fflush(stdout);
+    print_routing(m, s, opt, &tr);
+    trace_free(&tr);
     if (r.context_full)
         fprintf(stderr, "mixtral: stopped: the context of %d tokens is full (use a larger -c)\n", s->max_pos);
-    fprintf(stderr, "prompt: %d tokens, %.2f tok/s; generated: %d tokens, %.2f tok/s\n", n,
-            n / (t_prompt > 0 ? t_prompt : 1e-9), r.tokens, r.tokens / (r.seconds > 0 ? r.seconds : 1e-9));
+    if (interrupted && !opt->quiet) fprintf(stderr, "mixtral: interrupted\n");
+    if (!opt->quiet) print_summary(fed, t_prompt, r.tokens, r.seconds);
     free(prompt_ids.ids);
+    return interrupted ? 130 : 0;
 }
 
 // --- chat --------------------------------------------------------------------
@@ -1089,19 +1291,26 @@ static void read_conversation(const Model *m, const char *path, IdList *ids, Con
     if ((err = chat_format(ids, &m->tokenizer, m->config.bos_id, m->config.eos_id, conv))) die("%s: %s", path, err);
 }
 
-// Reads one line of any length from stdin; NULL at end of input.
+// Reads one line of any length from stdin; NULL at end of input or on Ctrl-C.
 static char *read_line(size_t *len) {
     size_t cap = 256, n = 0;
     char *s = xcalloc(cap, 1);
-    int c;
-    while ((c = getchar()) != EOF && c != '\n') {
+    int c = 0;
+    catch_interrupts(0); // Ctrl-C ends the wait for input
+    while (!interrupted && (c = getchar()) != EOF && c != '\n') {
         if (n + 1 == cap) { cap *= 2; if (!(s = realloc(s, cap))) die("out of memory"); }
         s[n++] = (char)c;
     }
-    if (c == EOF && n == 0) { free(s); return NULL; }
+    catch_interrupts(1);
+    if (interrupted || (c == EOF && n == 0)) { free(s); return NULL; }
     s[n] = 0;
     *len = n;
     return s;
+}
+
+static int is_blank(const char *s) {
+    for (; *s; s++) if (!strchr(" \t\r\v\f", *s)) return 0;
+    return 1;
 }
 
 static void print_context_full(const State *s) {
@@ -1109,29 +1318,62 @@ static void print_context_full(const State *s) {
                     "or restart with a larger -c]\n", s->max_pos);
 }
 
+// Totals over a chat session, for its closing summary.
+typedef struct { int in_tokens, out_tokens; double in_s, out_s; } ChatTotals;
+
+// One assistant reply in chat, after its input has been fed; dec may already
+// hold the beginning of the reply (a conversation file's unfinished message).
+static void chat_reply(Model *m, State *s, Sampler *sm, const RunOptions *opt, int *pos, TokenDecoder *dec,
+                       ChatTotals *tot) {
+    Trace tr = {0};
+    Reply r = reply(m, s, sm, opt, pos, dec, opt->trace ? &tr : NULL);
+    printf("\n");
+    print_routing(m, s, opt, &tr);
+    trace_free(&tr);
+    if (r.context_full) print_context_full(s);
+    if (r.interrupted) { interrupted = 0; if (!opt->quiet) fprintf(stderr, "[reply stopped]\n"); }
+    tot->out_tokens += r.tokens;
+    tot->out_s += r.seconds;
+    if (!opt->quiet)
+        fprintf(stderr, "[%d out, %.2f tok/s; context %d/%d]\n", r.tokens, per_second(r.tokens, r.seconds), *pos,
+                s->max_pos);
+}
+
 // Interactive chat. The KV cache persists between turns, so each turn runs only
-// its new tokens through the model.
-static void chat(Model *m, State *s, Sampler *sm, const char *system, const char *conv_path, int steps) {
+// its new tokens through the model. Ctrl-C stops a reply; at the prompt it
+// leaves, as end of input and /quit do.
+static void chat(Model *m, State *s, Sampler *sm, const char *system, const char *conv_path, const RunOptions *opt) {
     const Config *p = &m->config;
     IdList turn = {0};
+    ChatTotals tot = {0};
     int pos = 0, replied = 0; // replied: an assistant reply whose EOS is not yet in the cache
     if (conv_path) { // pick up a saved conversation
         Conversation conv;
         read_conversation(m, conv_path, &turn, &conv);
-        int last_is_user = 0;
-        for (int i = 0; i < conv.n; i++) if (conv.msgs[i].role != ROLE_SYSTEM) last_is_user = conv.msgs[i].role == ROLE_USER;
-        chat_free(&conv);
+        int last = -1, last_msg = -1;
+        for (int i = 0; i < conv.n; i++) if (conv.msgs[i].role != ROLE_SYSTEM) { last = conv.msgs[i].role; last_msg = i; }
+        if (last < 0) die("%s has no user or assistant message: nothing to reply to", conv_path);
         if (turn.n > s->max_pos) die("%s is %d tokens but the context holds %d; use a larger -c", conv_path, turn.n, s->max_pos);
-        feed(m, s, turn.ids, turn.n, &pos);
-        if (last_is_user) {
-            printf("Assistant: ");
-            TokenDecoder dec;
-            decoder_init(&dec);
-            Reply r = reply(m, s, sm, steps, &pos, &dec, NULL);
-            printf("\n");
-            if (r.context_full) print_context_full(s);
-            replied = 1;
+        TokenDecoder dec;
+        decoder_init(&dec);
+        printf("Assistant: ");
+        if (last == ROLE_ASSISTANT) { // continue the final message: its text, then more of it
+            IdList tail = {0};
+            ids_push_text(&tail, &m->tokenizer, conv.msgs[last_msg].content, conv.msgs[last_msg].len);
+            char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
+            for (int i = turn.n - tail.n; i < turn.n; i++) fwrite(buf, 1, decoder_put(&dec, &m->tokenizer, turn.ids[i], buf), stdout);
+            fflush(stdout);
+            free(buf);
+            free(tail.ids);
         }
+        chat_free(&conv);
+        double t0 = time_s();
+        if (feed(m, s, sm, turn.ids, turn.n, &pos, !opt->quiet && stderr_is_tty() && turn.n > s->chunk) < turn.n)
+            die("interrupted while reading %s", conv_path);
+        tot.in_tokens += turn.n;
+        tot.in_s += time_s() - t0;
+        chat_reply(m, s, sm, opt, &pos, &dec, &tot);
+        replied = 1;
         system = NULL; // it belonged to the file's first user message
     }
     for (;;) {
@@ -1139,35 +1381,45 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         fflush(stdout);
         size_t len;
         char *line = read_line(&len);
-        if (!line || !strcmp(line, "/quit")) { free(line); break; }
+        if (!line) { if (interrupted) printf("\n"); break; }
+        if (!strcmp(line, "/quit")) { free(line); break; }
         if (!strcmp(line, "/reset")) {
             pos = 0;
             replied = 0;
+            sampler_reset(sm);
             printf("[new conversation]\n");
             free(line);
             continue;
         }
+        if (is_blank(line)) { free(line); continue; } // not a turn
+        int start = pos;
         turn.n = 0;
         if (pos == 0) ids_push(&turn, p->bos_id);
         if (replied) ids_push(&turn, p->eos_id); // closes the previous reply
         chat_format_user(&turn, &m->tokenizer, pos == 0 ? system : NULL, line, len);
         free(line);
         if (pos + turn.n >= s->max_pos) { print_context_full(s); continue; }
+        if (opt->stats) clear_expert_stats(p, s); // the statistics of this turn
         double t0 = time_s();
-        feed(m, s, turn.ids, turn.n, &pos);
+        int fed = feed(m, s, sm, turn.ids, turn.n, &pos, !opt->quiet && stderr_is_tty() && turn.n > s->chunk);
         double t_in = time_s() - t0;
+        if (fed < turn.n) { // Ctrl-C before the reply began: the turn never happened
+            pos = start;
+            interrupted = 0;
+            printf("\n");
+            continue;
+        }
+        tot.in_tokens += turn.n;
+        tot.in_s += t_in;
+        // only this turn's tokens went through the model: the cache holds the rest
+        if (!opt->quiet) fprintf(stderr, "[%d new tokens in, %.2f tok/s]\n", turn.n, per_second(turn.n, t_in));
         printf("Assistant: ");
         TokenDecoder dec;
         decoder_init(&dec);
-        Reply r = reply(m, s, sm, steps, &pos, &dec, NULL);
-        printf("\n");
+        chat_reply(m, s, sm, opt, &pos, &dec, &tot);
         replied = 1;
-        if (r.context_full) print_context_full(s);
-        // only this turn's tokens went through the model: the cache holds the rest
-        fprintf(stderr, "[%d new tokens in, %.2f tok/s; %d out, %.2f tok/s; context %d/%d]\n", turn.n,
-                turn.n / (t_in > 0 ? t_in : 1e-9), r.tokens, r.tokens / (r.seconds > 0 ? r.seconds : 1e-9), pos,
-                s->max_pos);
     }
+    if (!opt->quiet) print_summary(tot.in_tokens, tot.in_s, tot.out_tokens, tot.out_s);
     free(turn.ids);
 }
 
@@ -1188,7 +1440,7 @@ static void bench(Model *m, State *s, int threads) {
     for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
     double t0 = time_s();
-    feed(m, s, ids, PROMPT, &pos);
+    feed(m, s, NULL, ids, PROMPT, &pos, 0);
     double t1 = time_s();
     uint64_t bytes0 = s->bytes_read;
     for (int i = 0; i < DECODE; i++) forward(m, s, argmax(s->logits, p->vocab_size), pos++);
@@ -1429,26 +1681,36 @@ static void print_usage(FILE *out) {
     fprintf(out,
         "usage: mixtral MODEL.bin [options]   (mixtral -h: this help; mixtral --version)\n"
         "  -i, --prompt TEXT     prompt (default: empty, generation starts from BOS)\n"
-        "  -n, --steps N         tokens to generate (default 256)\n"
-        "  -t, --temp T          temperature, 0 = greedy (default 1.0)\n"
-        "  -p, --top-p P         nucleus sampling threshold, 1 = off (default 0.9)\n"
-        "  -s, --seed N          random seed (default: time)\n"
+        "  -f, --file F          prompt from file F (- for standard input), one final newline dropped\n"
+        "  -n, --steps N         most tokens to generate (per reply in chat; default 256)\n"
         "  -c, --context N       KV-cache length in tokens (default min(4096, model max))\n"
         "  -m, --mode MODE       generate or chat (default generate)\n"
         "  -y, --system TEXT     chat: system prompt, placed before the first user message\n"
         "      --chat-file F     chat: continue the conversation in F, a JSON object\n"
         "                        {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}]}\n"
-        "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
-        "      --threads N       threads (default: all online CPUs)\n"
+        "                        (a final assistant message is continued, not closed)\n"
+        "sampling, applied in this order:\n"
+        "      --repeat-penalty R  recent tokens' logits divided by R (multiplied if negative); 1 = off (default)\n"
+        "      --repeat-last-n N   tokens that count as recent, prompt included (default 64)\n"
+        "  -t, --temp T          temperature, 0 = greedy and nothing below applies (default 1.0)\n"
+        "      --top-k K         keep the K most likely tokens, 0 = off (default)\n"
+        "      --min-p P         keep tokens at least P times as likely as the best, 0 = off (default)\n"
+        "  -p, --top-p P         keep the fewest most likely tokens holding P of the mass, 1 = off (default 0.9)\n"
+        "  -s, --seed N          random seed (default: from the clock, printed to stderr)\n"
+        "      --stop STR        end the reply where STR appears, not printing it (repeatable)\n"
+        "output and speed:\n"
+        "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
+        "      --threads N       threads (default: the CPUs this process may run on)\n"
         "      --chunk N         prompt tokens processed together, each expert once per chunk (default 128)\n"
         "      --info            print the model's configuration and exit\n"
-        "      --expert-stats    after generating, print per-layer expert usage and routing entropy\n"
-        "      --trace-experts   after generating, print each token's experts and weights per layer\n"
+        "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
+        "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
         "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
         "      --perplexity F    perplexity over text file F, in windows of -c tokens, each from BOS\n"
         "      --kl-base OUT     with --perplexity: save every position's log-probabilities to OUT\n"
         "      --kl-divergence B with --perplexity: KL divergence from, and top-1 agreement with, base file B\n"
         "test hooks:\n"
+        "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
         "      --detokenize IDS  print the text of space-separated ids and exit\n"
         "      --ids 1,415,2936  run these token ids instead of a prompt\n"
@@ -1480,27 +1742,39 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc < 2 || argv[1][0] == '-') { print_usage(stderr); die("the first argument must be a model file"); }
-    const char *model_path = argv[1], *prompt = "", *ids_arg = NULL;
+    const char *model_path = argv[1], *prompt = NULL, *prompt_path = NULL, *ids_arg = NULL;
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *ppl_path = NULL, *kl_out = NULL, *kl_in = NULL;
-    const char *mode = "generate", *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int steps = 256, context = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), info = 0, do_bench = 0, stats = 0, trace = 0, chunk = 128;
-    float temperature = 1.0f, topp = 0.9f;
+    const char *mode = NULL, *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
+    int context = 0, threads = 0, info = 0, do_bench = 0, chunk = 128, seeded = 0;
+    RunOptions opt = {.steps = 256};
+    opt.stop = xcalloc(argc, sizeof(char *));
+    Sampler sm = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
     uint64_t seed = (uint64_t)time(NULL);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--info")) { info = 1; continue; }
         if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
-        if (!strcmp(a, "--expert-stats")) { stats = 1; continue; }
-        if (!strcmp(a, "--trace-experts")) { trace = 1; continue; }
+        if (!strcmp(a, "--expert-stats")) { opt.stats = 1; continue; }
+        if (!strcmp(a, "--trace-experts")) { opt.trace = 1; continue; }
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { opt.quiet = 1; continue; }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { print_usage(stdout); return 0; }
         if (i + 1 >= argc) { print_usage(stderr); die("%s needs a value", a); }
         const char *v = argv[++i];
         if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
-        else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) steps = (int)parse_int(a, v, 0, INT_MAX);
-        else if (!strcmp(a, "-t") || !strcmp(a, "--temp")) temperature = parse_float(a, v, 0.0f, 100.0f);
-        else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) topp = parse_float(a, v, 0.0f, 1.0f);
-        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) seed = (uint64_t)parse_int(a, v, 0, LONG_MAX);
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) prompt_path = v;
+        else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) opt.steps = (int)parse_int(a, v, 0, INT_MAX);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--temp")) sm.temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) sm.top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--top-k")) sm.top_k = (int)parse_int(a, v, 0, INT_MAX);
+        else if (!strcmp(a, "--min-p")) sm.min_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--repeat-penalty")) sm.repeat_penalty = parse_float(a, v, 1e-3f, 1e3f);
+        else if (!strcmp(a, "--repeat-last-n")) sm.repeat_last_n = (int)parse_int(a, v, 0, 1 << 20);
+        else if (!strcmp(a, "--stop")) {
+            if (!*v) die("--stop: the stop string is empty");
+            opt.stop[opt.n_stop++] = v;
+        }
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { seed = (uint64_t)parse_int(a, v, 0, LONG_MAX); seeded = 1; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--context")) context = (int)parse_int(a, v, 1, INT_MAX);
         else if (!strcmp(a, "-m") || !strcmp(a, "--mode")) mode = v;
         else if (!strcmp(a, "-y") || !strcmp(a, "--system")) system = v;
@@ -1518,13 +1792,24 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
         else { print_usage(stderr); die("unknown option %s", a); }
     }
-    if (strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
-    if (chat_path && strcmp(mode, "chat")) die("--chat-file needs -m chat");
+    // options that contradict each other, or that the chosen mode would ignore
+    if (mode && strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
+    int chatting = mode && !strcmp(mode, "chat");
+    const char *other = do_bench ? "--bench" : ppl_path ? "--perplexity" : ids_arg ? "--ids" : info ? "--info"
+                      : chat_ids_path ? "--chat-ids-file" : tokenize_path ? "--tokenize-file"
+                      : detokenize_ids ? "--detokenize" : NULL;
+    if (other && mode) die("-m %s does not go with %s, which runs on its own", mode, other);
+    if (prompt && prompt_path) die("-i and -f both give the prompt: choose one");
+    if (chatting && (prompt || prompt_path)) die("-i and -f are for -m generate; in chat, type the messages (or use --chat-file)");
+    if (!chatting && (system || chat_path)) die("%s needs -m chat", system ? "-y" : "--chat-file");
+    if (system && chat_path) die("-y and --chat-file both give the system prompt: put it in the file as a system message");
     if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");
     if ((kl_out || kl_in) && !ppl_path) die("--kl-base and --kl-divergence need --perplexity FILE (the text)");
 
+    double t_load = time_s();
     Model model;
     model_load(&model, model_path);
+    t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (info) {
         printf("weights %s, dim %d, hidden_dim %d, layers %d, heads %d, kv heads %d, head_dim %d,\n"
@@ -1556,12 +1841,33 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (context == 0) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+    if (context > p->max_seq_len)
+        fprintf(stderr, "mixtral: warning: -c %d is beyond the %d positions the model was trained for; "
+                        "expect worse text past %d\n", context, p->max_seq_len, p->max_seq_len);
+    if (threads == 0) threads = pool_usable_cpus();
+
+    // the prompt: -i, -f FILE or -f - (standard input)
+    size_t prompt_len = prompt ? strlen(prompt) : 0;
+    char *prompt_text = NULL;
+    if (prompt_path) {
+        prompt = prompt_text = read_file(prompt_path, &prompt_len);
+        if (prompt_len && prompt[prompt_len - 1] == '\n') prompt_len--; // the newline that ends a file
+    }
+    int running = !do_bench && !ppl_path && !ids_arg;
+    if (running && !opt.quiet) {
+        double rss = resident_mb();
+        fprintf(stderr, "mixtral: loaded %s (%s, %.2f GB) in %.2f s, %.0f MB resident; %d threads, context %d\n",
+                model_path, weight_type_name[p->weight_type], model.map_size / 1e9, t_load,
+                rss >= 0 ? rss : peak_resident_mb(), threads, context);
+        if (!seeded && sm.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)seed);
+    }
 
     ThreadPool pool;
     if (pool_init(&pool, threads) != 0) die("cannot start %d threads (try fewer with --threads)", threads);
     State state;
     state_init(&state, p, context, chunk, &pool);
 
+    int status = 0;
     if (do_bench) {
         bench(&model, &state, threads);
     } else if (ppl_path) {
@@ -1573,14 +1879,18 @@ int main(int argc, char **argv) {
         dump_logits(&model, &state, model_path, ids.ids, ids.n, logits_path, experts_path);
         free(ids.ids);
     } else {
-        Sampler sm = {temperature, topp, seed ? seed : 0x9E3779B97F4A7C15ULL, xcalloc(p->vocab_size, sizeof(ProbId))};
-        if (!strcmp(mode, "chat")) chat(&model, &state, &sm, system, chat_path, steps);
-        else generate(&model, &state, &sm, prompt, steps, stats, trace);
-        free(sm.order);
+        sm.rng = seed;
+        sampler_init(&sm, p->vocab_size);
+        catch_interrupts(1);
+        if (chatting) chat(&model, &state, &sm, system, chat_path, &opt);
+        else status = generate(&model, &state, &sm, prompt ? prompt : "", prompt_len, &opt);
+        sampler_free(&sm);
     }
+    free(prompt_text);
+    free(opt.stop);
     state_free(&state, p);
     pool_free(&pool);
     model_free(&model);
-    return 0;
+    return status;
 }
 #endif

@@ -3,12 +3,16 @@
 // Jobs come in quick succession while a token is computed (a few per layer),
 // so a waiting thread first spins briefly on an atomic counter, then sleeps on
 // a condition variable: between tokens and while the user types, idle
-// workers hold no core.
+// workers hold no core. With more threads than CPUs, spinning would only take
+// the CPU from the thread being waited for, so then nobody spins.
 
 #include "pool.h"
 
+#include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define POOL_SPIN 20000 // polls before sleeping, roughly 50-100 microseconds
 
@@ -29,7 +33,7 @@ static void *pool_worker(void *p) {
     uint64_t seen = 0;
     for (;;) {
         uint64_t r = atomic_load_explicit(&pool->round, memory_order_acquire);
-        for (int spin = 0; r == seen && spin < POOL_SPIN; spin++) {
+        for (int spin = 0; r == seen && spin < pool->spin; spin++) {
             cpu_relax();
             r = atomic_load_explicit(&pool->round, memory_order_acquire);
         }
@@ -53,9 +57,19 @@ static void *pool_worker(void *p) {
     return NULL;
 }
 
+int pool_usable_cpus(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 int pool_init(ThreadPool *pool, int n) {
     memset(pool, 0, sizeof(*pool));
     pool->n = n;
+    pool->spin = n <= pool_usable_cpus() ? POOL_SPIN : 0;
     atomic_init(&pool->round, 0);
     atomic_init(&pool->pending, 0);
     atomic_init(&pool->quit, 0);
@@ -65,14 +79,19 @@ int pool_init(ThreadPool *pool, int n) {
     pool->threads = calloc(n, sizeof(pthread_t));
     pool->shares = aligned_alloc(64, n * sizeof(struct Share));
     if (!pool->threads || !pool->shares) return -1;
-    for (int i = 1; i < n; i++) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); // workers inherit the mask: signals go to the caller
+    int err = 0;
+    for (int i = 1; i < n && !err; i++) {
         WorkerArg *wa = calloc(1, sizeof(WorkerArg));
-        if (!wa) return -1;
+        if (!wa) { err = -1; break; }
         wa->pool = pool;
         wa->tid = i;
-        if (pthread_create(&pool->threads[i - 1], NULL, pool_worker, wa) != 0) { free(wa); return -1; }
+        if (pthread_create(&pool->threads[i - 1], NULL, pool_worker, wa) != 0) { free(wa); err = -1; }
     }
-    return 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return err;
 }
 
 void pool_run(ThreadPool *pool, PoolFn fn, void *arg) {
@@ -85,7 +104,7 @@ void pool_run(ThreadPool *pool, PoolFn fn, void *arg) {
     if (pool->sleepers) pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->n);
-    for (int spin = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0 && spin < POOL_SPIN; spin++)
+    for (int spin = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0 && spin < pool->spin; spin++)
         cpu_relax();
     if (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
         pthread_mutex_lock(&pool->mu);

@@ -22,6 +22,7 @@ struct Share { _Alignas(64) _Atomic uint64_t span; }; // front << 32 | back
 
 typedef struct {
     int n;                      // threads, the caller included
+    int spin;                   // polls before sleeping: none when there are more threads than CPUs
     pthread_t *threads;         // (n-1,)
     PoolFn fn;                  // the current job, published by the release store to round
     void *arg;
@@ -35,7 +36,9 @@ typedef struct {
     struct Share *shares;       // (n,) one per worker
 } ThreadPool;
 
-// Starts n-1 workers. Returns 0, or -1 if memory or a thread could not be had.
+// The CPUs this process may run on: its affinity mask (taskset, containers).
+int pool_usable_cpus(void);
+// Starts n-1 workers, with every signal blocked (the caller's thread takes them). Returns 0, or -1 if memory or a thread could not be had.
 int pool_init(ThreadPool *pool, int n);
 // Runs fn(arg, tid, n) on all n threads and returns when every one has finished.
 void pool_run(ThreadPool *pool, PoolFn fn, void *arg);

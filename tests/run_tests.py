@@ -320,7 +320,13 @@ def expert_stats_and_trace(tmp):
     for l in trace:
         cells = l[14:].split()
         check(len(cells) == 6 and all("+" in c for c in cells[::2]), f"trace row {l!r}")
-    return f"{tokens} tokens routed, {len(trace)} traced"
+    # many layers: blocks of 8 columns, each under a header naming its layers
+    d, cfg, _, _ = random_model(tmp, 18, 1, 0, name="deep", layers=10, experts=4, top_k=2)
+    r = run([ENGINE, export(d, os.path.join(tmp, "deep.bin"), "bf16"), "-i", "Hi", "-n", "3", "-t", "0",
+             "--trace-experts"])
+    heads = [l.split()[1:] for l in r.stdout.splitlines() if l.startswith("token")]
+    check(heads == [[f"L{i}" for i in range(8)], ["L8", "L9"]], f"trace headers for 10 layers: {heads}\n{r.stdout}")
+    return f"{tokens} tokens routed, {len(trace)} traced; 10 layers in two blocks"
 
 
 def sp_ids(d, text):
@@ -646,17 +652,19 @@ CONVERSATIONS = [
 
 
 def mistral_common_ids(sp, conv, v3):
-    """mistral-common's instruct format, written from its rule independently of mixtral.c."""
+    """mistral-common's instruct format, written from its rule independently of mixtral.c; a final
+    assistant message is left open (continue_final_message)."""
     system = "\n\n".join(c for r, c in conv if r == "system")
     ids, first = [1], True
-    for role, content in conv:
+    last = max(i for i, (r, _) in enumerate(conv) if r != "system")
+    for i, (role, content) in enumerate(conv):
         if role == "user":
             if first and system:
                 content = system + "\n\n" + content
             first = False
             ids += [3] + sp.encode(content) + [4] if v3 else sp.encode(f"[INST] {content} [/INST]")
         elif role == "assistant":
-            ids += sp.encode(content) + [2]
+            ids += sp.encode(content) + ([2] if i != last else [])
     return ids
 
 
@@ -776,10 +784,10 @@ def bad_model_files(tmp):
     open(empty, "wb").close()
     expect_error([ENGINE, empty])
     expect_error([ENGINE, os.path.join(tmp, "does-not-exist.bin")], "cannot open")
-    expect_error([ENGINE, tmp], "not a regular file")
+    expect_error([ENGINE, tmp], "is a folder")
     foreign = os.path.join(tmp, "foreign.bin")
     with open(foreign, "wb") as g:
-        g.write(b"GGUF" + bytes(range(256)) * 40)
+        g.write(b"PK\x03\x04" + bytes(range(256)) * 40)
     expect_error([ENGINE, foreign], "not a mixtral.c model file")
     sys.path.insert(0, ROOT)
     import export as exporter
@@ -997,6 +1005,280 @@ def export_errors(tmp):
         check(expected[name] in lines[0], f"export {name}: message does not name {expected[name]!r}: {lines[0]}")
         check(not os.path.exists(out) and not os.path.exists(out + ".partial"), f"export {name}: left a file behind")
     return f"{len(cases)} malformed checkpoints rejected with one-line errors"
+
+
+# ----------------------------------------------------------------------------
+# the command line: prompts, sampling, stop strings, Ctrl-C, summaries, chat
+
+def greedy_reference(d, cfg, prompt, n, penalty=1.0, last_n=64):
+    """Greedy continuation by the numpy reference, with llama.cpp's repetition penalty (a recent
+    token's logit divided by the penalty if positive, multiplied if not), written from that rule."""
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+    W = reference.load_safetensors(d)
+    ids = [1] + sp.encode(prompt)
+    for _ in range(n):
+        logits, _ = reference.forward(W, cfg, ids)
+        x = logits[-1].astype(np.float32)
+        for t in set(ids[-last_n:]):
+            x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
+        nxt = int(np.argmax(x))
+        if nxt == 2:
+            break
+        ids.append(nxt)
+    return sp.decode(ids), ids
+
+
+@test
+def sampling_options(tmp):
+    """--top-k 1 and --min-p 1 are greedy at any temperature; --repeat-penalty equals the reference's
+    greedy decoding with the penalty; a seed from the clock is printed and repeats the run; --stop ends
+    the text where the stop string begins, printing none of it."""
+    model = small_model(tmp)
+    base = [ENGINE, model, "-i", "Hello world", "-n", "16"]
+    greedy = run(base + ["-t", "0"])
+    check(greedy.returncode == 0, greedy.stderr)
+    for extra in (["--top-k", "1"], ["--min-p", "1"], ["--top-k", "1", "--top-p", "0.5", "--min-p", "0.2"]):
+        r = run(base + ["-t", "1.5", "-s", "3"] + extra)
+        check(r.returncode == 0 and r.stdout == greedy.stdout,
+              f"{' '.join(extra)} at -t 1.5 is not greedy:\n  {r.stdout!r}\n  greedy {greedy.stdout!r}")
+    r = run(base + ["-t", "1.5", "-s", "3", "--top-k", "40", "--min-p", "0.01"])
+    check(r.returncode == 0 and r.stdout != greedy.stdout, "--top-k 40 sampled the greedy text; is it sampling?")
+    # the repetition penalty against the reference, on the trained demo model, whose greedy text
+    # repeats itself (a random model's never does, so a penalty would change nothing there)
+    demo = os.path.join(ROOT, "demo", "model")
+    demo_cfg = json.load(open(os.path.join(demo, "config.json")))
+    demo_bin = export(demo, os.path.join(tmp, "demo.bin"), "bf16")
+    prompt = "And it came to pass"
+    plain, plain_ids = greedy_reference(demo, demo_cfg, prompt, 16)
+    changed = 0
+    for penalty, last_n in ((1.5, 16), (1.2, 64), (0.8, 8)):
+        want, ids = greedy_reference(demo, demo_cfg, prompt, 16, penalty=penalty, last_n=last_n)
+        changed += ids != plain_ids
+        r = run([ENGINE, demo_bin, "-i", prompt, "-n", "16", "-t", "0", "--repeat-penalty", str(penalty),
+                 "--repeat-last-n", str(last_n)])
+        check(r.returncode == 0 and r.stdout == want + "\n",
+              f"--repeat-penalty {penalty} --repeat-last-n {last_n}:\n  engine    {r.stdout!r}\n  reference {want!r}")
+    check(changed == 3, "a penalty left the greedy text as it was: the test would not see a broken penalty")
+    # the clock's seed is printed, and repeats the run
+    r = run(base + ["-t", "1"])
+    m = re.search(r"seed (\d+)", r.stderr)
+    check(r.returncode == 0 and m, f"no seed on stderr: {r.stderr!r}")
+    again = run(base + ["-t", "1", "-s", m.group(1)])
+    check(again.stdout == r.stdout and "seed" not in again.stderr,
+          f"-s {m.group(1)} does not repeat the run:\n  {r.stdout!r}\n  {again.stdout!r}")
+    # stop strings: cut where the first one begins, in the generated text only
+    prompt_text = "Hello world"
+    gen = greedy.stdout[len(prompt_text):-1]
+    check(len(gen) > 12, f"too little text to test --stop: {gen!r}")
+    stop = gen[6:10]
+    want = prompt_text + gen[:gen.index(stop)] + "\n"
+    r = run(base + ["-t", "0", "--stop", "no such text here", "--stop", stop])
+    check(r.returncode == 0 and r.stdout == want, f"--stop {stop!r}: printed {r.stdout!r}, expected {want!r}")
+    r = run(base + ["-t", "0", "--stop", prompt_text])
+    check(r.stdout == greedy.stdout, f"a stop string in the prompt only must not stop: {r.stdout!r}")
+    expect_error([ENGINE, model, "--stop", ""], "--stop")
+    expect_error([ENGINE, model, "--top-k", "-1"], "--top-k")
+    expect_error([ENGINE, model, "--min-p", "1.5"], "--min-p")
+    return f"greedy filters, penalties equal the reference ({changed} of 3 change the text), seed printed and repeated, stop at {stop!r}"
+
+
+@test
+def prompt_files_and_summary(tmp):
+    """-f FILE and -f - give the same text as -i (one final newline dropped); a prompt longer than
+    the context names both lengths; stderr has the load line and one summary line with peak RSS;
+    --quiet leaves stdout alone; -c past the model's positions warns with both numbers; the default
+    thread count follows the CPU affinity mask."""
+    model = small_model(tmp)
+    text = "The quick brown fox\njumps over"
+    path = os.path.join(tmp, "prompt.txt")
+    open(path, "w").write(text + "\n")
+    ref = run([ENGINE, model, "-i", text, "-n", "8", "-t", "0"])
+    check(ref.returncode == 0, ref.stderr)
+    r = run([ENGINE, model, "-f", path, "-n", "8", "-t", "0"])
+    check(r.stdout == ref.stdout, f"-f {path}: {r.stdout!r}, -i: {ref.stdout!r}")
+    r = run([ENGINE, model, "-f", "-", "-n", "8", "-t", "0"], input=text + "\n")
+    check(r.stdout == ref.stdout, f"-f -: {r.stdout!r}, -i: {ref.stdout!r}")
+    lines = ref.stderr.strip().splitlines()
+    check(lines[0].startswith("mixtral: loaded") and "resident" in lines[0], f"no load line: {ref.stderr!r}")
+    check(re.fullmatch(r"prompt: \d+ tokens, [\d.]+ tok/s; generated: 8 tokens, [\d.]+ tok/s; peak RSS \d+ MB", lines[-1]),
+          f"summary line: {lines[-1]!r}")
+    q = run([ENGINE, model, "-i", text, "-n", "8", "-t", "0", "--quiet"])
+    check(q.returncode == 0 and q.stdout == ref.stdout and q.stderr == "", f"--quiet: stderr {q.stderr!r}")
+    long_prompt = os.path.join(tmp, "long.txt")
+    open(long_prompt, "w").write("word " * 300)
+    err = expect_error([ENGINE, model, "-f", long_prompt, "-c", "64"], "context holds 64")
+    check(re.search(r"prompt is 30\d tokens", err), f"the prompt's length is not named: {err}")
+    expect_error([ENGINE, model, "-f", path, "-i", "x"], "-f")
+    expect_error([ENGINE, model, "-f", os.path.join(tmp, "missing.txt")], "missing.txt")
+    r = run([ENGINE, model, "-i", "x", "-n", "1", "-c", "5000"])
+    check(r.returncode == 0 and "5000" in r.stderr and "4096" in r.stderr and "warning" in r.stderr,
+          f"-c 5000 past 4096 positions: {r.stderr!r}")
+    if shutil.which("taskset"):
+        r = run(["taskset", "-c", "0", ENGINE, model, "-i", "x", "-n", "1"])
+        check(r.returncode == 0 and "; 1 threads," in r.stderr, f"taskset -c 0: {r.stderr!r}")
+    return "files, stdin, summary, --quiet, long prompt, -c warning, affinity"
+
+
+@test
+def other_formats_given_as_model(tmp):
+    """A GGUF file, a safetensors file, a folder or a FIFO given as MODEL: an error that says what it
+    is and how to make a model file (export.py), never a hang."""
+    small_model(tmp)
+    gguf = os.path.join(tmp, "m.gguf")
+    with open(gguf, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + bytes(300))
+    expect_error([ENGINE, gguf], "GGUF", "export.py")
+    st = next(os.path.join(_small["hf"], f) for f in os.listdir(_small["hf"]) if f.endswith(".safetensors"))
+    expect_error([ENGINE, st], "safetensors", "export.py")
+    expect_error([ENGINE, _small["hf"]], "folder", "export.py")
+    fifo = os.path.join(tmp, "fifo")
+    os.mkfifo(fifo)
+    expect_error([ENGINE, fifo], "not a regular file")
+    return "GGUF, safetensors, folder, FIFO"
+
+
+@test
+def contradictory_options(tmp):
+    """Options that would be silently ignored are errors."""
+    model = small_model(tmp)
+    conv = os.path.join(tmp, "c.json")
+    json.dump({"messages": [{"role": "user", "content": "hi"}]}, open(conv, "w"))
+    sysonly = os.path.join(tmp, "s.json")
+    json.dump({"messages": [{"role": "system", "content": "be brief"}]}, open(sysonly, "w"))
+    expect_error([ENGINE, model, "-m", "chat", "--chat-file", conv, "-y", "x"], "-y")
+    expect_error([ENGINE, model, "-m", "chat", "--chat-file", sysonly], "nothing to reply to")
+    expect_error([ENGINE, model, "-m", "chat", "--ids", "1,2", "--dump-logits", os.path.join(tmp, "l")], "--ids")
+    expect_error([ENGINE, model, "-m", "chat", "-i", "hello"], "-i")
+    expect_error([ENGINE, model, "-y", "system"], "-m chat")
+    expect_error([ENGINE, model, "--chat-file", conv], "-m chat")
+    expect_error([ENGINE, model, "-m", "generate", "--bench"], "--bench")
+    return "7 contradictions refused"
+
+
+def slow_model(tmp):
+    """A model slow enough (4 layers of 512, one thread: a few hundred tokens/s) that a reply of
+    thousands of tokens is still running when the test interrupts it."""
+    d = os.path.join(tmp, "slow")
+    hf.write_checkpoint(d, hf.make_config(dim=512, hidden_dim=512, layers=4, heads=8, kv_heads=2, experts=8),
+                        seed=3)
+    return d, export(d, os.path.join(tmp, "slow.bin"), "bf16")
+
+
+class Session:
+    """A running mixtral with its output collected as it comes."""
+
+    def __init__(self, cmd):
+        import threading
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out, self.err = bytearray(), bytearray()
+        for f, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(f, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(f, buf):
+        while True:
+            b = f.read1(4096)
+            if not b:
+                break
+            buf.extend(b)
+
+    def wait_for(self, text, count=1, timeout=60):
+        import time
+        t0 = time.time()
+        while self.out.count(text) < count:
+            check(time.time() - t0 < timeout and self.p.poll() is None,
+                  f"waiting for {count} x {text!r}; exit {self.p.poll()}\nstdout {bytes(self.out)[-300:]!r}\n"
+                  f"stderr {bytes(self.err).decode(errors='replace')}")
+            time.sleep(0.01)
+
+    def send(self, line):
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+
+    def interrupt_after(self, text, count):
+        """Once `count` x text has appeared and a little more, Ctrl-C."""
+        import signal
+        import time
+        self.wait_for(text, count)
+        time.sleep(0.3)
+        self.p.send_signal(signal.SIGINT)
+
+    def finish(self, timeout=30):
+        rc = self.p.wait(timeout)
+        import time
+        time.sleep(0.1)
+        return rc, bytes(self.out).decode(errors="replace"), bytes(self.err).decode(errors="replace")
+
+
+@test
+def ctrl_c(tmp):
+    """A real SIGINT: in chat it stops the reply and returns to the prompt, and the conversation goes
+    on (the next turn feeds the EOS closing the stopped reply, then its own tokens); at the prompt it
+    exits 0. In generate mode it stops generation and still prints the summary line."""
+    import sentencepiece
+    d, model = slow_model(tmp)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+    s = Session([ENGINE, model, "-m", "chat", "-n", "100000", "-c", "4096", "--threads", "1"])
+    s.wait_for(b"User: ")
+    s.send("hello there")
+    s.interrupt_after(b"Assistant: ", 1)
+    s.wait_for(b"User: ", 2)
+    s.send("second")
+    s.interrupt_after(b"Assistant: ", 2)
+    s.wait_for(b"User: ", 3)
+    s.interrupt_after(b"User: ", 3)
+    rc, out, err = s.finish()
+    check(rc == 0, f"Ctrl-C at the prompt: exit {rc}\n{err}")
+    check(err.count("[reply stopped]") == 2, f"two replies stopped?\n{err}")
+    fed = [int(l.split()[0][1:]) for l in err.splitlines() if "new tokens in" in l]
+    want = [1 + len(sp.encode("[INST] hello there [/INST]")), 1 + len(sp.encode("[INST] second [/INST]"))]
+    check(fed == want, f"tokens fed per turn {fed}, expected {want}")
+    check(re.search(r"peak RSS \d+ MB", err.splitlines()[-1]), f"no summary at the end: {err!r}")
+    s = Session([ENGINE, model, "-n", "100000", "-c", "4096", "--threads", "1", "-i", "Once"])
+    s.interrupt_after(b"Once", 1)
+    rc, out, err = s.finish()
+    check(rc == 130 and "interrupted" in err and re.search(r"generated: \d+ tokens", err),
+          f"Ctrl-C in generate: exit {rc}, stderr {err!r}")
+    return "chat: two replies stopped, conversation continued, exit 0 at the prompt; generate: 130 with summary"
+
+
+@test
+def chat_details(tmp):
+    """Blank lines are not turns; a conversation file ending with the assistant's message continues
+    it (no EOS; its text printed, then more); --expert-stats after every chat reply, counting that
+    turn's tokens."""
+    import sentencepiece
+    model = small_model(tmp)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(_small["hf"], "tokenizer.model"))
+    r = run([ENGINE, model, "-m", "chat", "-n", "4", "-t", "0"], input="\n   \nhello\n\t\n")
+    check(r.returncode == 0 and r.stderr.count("new tokens in") == 1 and r.stdout.count("Assistant: ") == 1,
+          f"blank lines sent as turns:\n{r.stdout}\n{r.stderr}")
+    conv = os.path.join(tmp, "c.json")
+    json.dump({"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "Once upon"}]},
+              open(conv, "w"))
+    ids = [int(x) for x in run([ENGINE, model, "--chat-ids-file", conv]).stdout.split()]
+    want = [1] + sp.encode("[INST] Say it [/INST]") + sp.encode("Once upon")
+    check(ids == want, f"final assistant message: {ids}, expected {want} (no EOS)")
+    # the continuation is the greedy continuation of those ids, printed after the message's text
+    W, cfg = reference.load_safetensors(_small["hf"]), hf.make_config()
+    cont = list(ids)
+    for _ in range(3):
+        logits, _ = reference.forward(W, cfg, cont)
+        cont.append(int(np.argmax(logits[-1])))
+    r = run([ENGINE, model, "-m", "chat", "--chat-file", conv, "-n", "3", "-t", "0"], input="")
+    text = sp.decode(cont[len(ids) - len(sp.encode("Once upon")):])
+    check(r.returncode == 0 and r.stdout.startswith("Assistant: " + text + "\n"),
+          f"continued message: {r.stdout!r}, expected 'Assistant: {text}'")
+    r = run([ENGINE, model, "-m", "chat", "-n", "5", "-t", "0", "--expert-stats"], input="one\ntwo three\n")
+    check(r.returncode == 0, r.stderr)
+    fed = [int(l.split()[0][1:]) for l in r.stderr.splitlines() if "new tokens in" in l]
+    outs = [int(l.split()[0][1:]) for l in r.stderr.splitlines() if " out, " in l]
+    routed = [int(l.split()[3]) for l in r.stdout.splitlines() if l.startswith("expert usage over")]
+    # every fed token is routed: the turn's, and the reply's but for an EOS that ended it
+    want = [f + o for f, o in zip(fed, outs)]
+    check(all(r_ in (w, w - 1) for r_, w in zip(routed, want)) and len(routed) == len(want) == 2, f"expert stats per reply over {routed} tokens, expected {want} (fed {fed}, out {outs})")
+    return "blank lines skipped, final message continued, stats per reply"
 
 
 # ----------------------------------------------------------------------------

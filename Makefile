@@ -41,7 +41,7 @@ $(DEMO_BIN): export.py demo/model/config.json demo/model/model.safetensors.index
 	$(PYTHON) export.py demo/model $@ --type bf16
 
 run: mixtral $(DEMO_BIN)
-	./mixtral $(DEMO_BIN) -i "And it came to pass" -n 96 -t 0.8
+	./mixtral $(DEMO_BIN) -i "And it came to pass" -n 96 -t 0.8 -s 2
 
 # Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py); with
 # LLAMA_BENCH / IK_BENCH (peers' llama-bench) and GGUF_Q8 / GGUF_Q4 / GGUF_BF16 (the same

@@ -1070,7 +1070,7 @@ static void text_put(TextOut *o, const char *s, size_t n) {
 }
 
 static void text_close(TextOut *o) {
-    if (!o->stopped) fwrite(o->held, 1, o->n, stdout);
+    if (!o->stopped && o->n) fwrite(o->held, 1, o->n, stdout);
     fflush(stdout);
     free(o->held);
 }

@@ -1281,6 +1281,42 @@ def chat_details(tmp):
     return "blank lines skipped, final message continued, stats per reply"
 
 
+@test
+def command_line_under_sanitizers(tmp):
+    """The options of this section once more under AddressSanitizer and UBSan (make debug)."""
+    model = small_model(tmp)
+    conv = os.path.join(tmp, "c.json")
+    json.dump({"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "Once"}]},
+              open(conv, "w"))
+    runs = [(["-i", "Hello", "-n", "20", "-t", "0.9", "-s", "1", "--top-k", "5", "--min-p", "0.05", "--top-p", "0.8",
+              "--repeat-penalty", "1.3", "--stop", "e", "--stop", "the", "--expert-stats", "--trace-experts"], None),
+            (["-f", "-", "-n", "5", "-t", "0", "--quiet"], "from standard input\n"),
+            (["-m", "chat", "--chat-file", conv, "-n", "4", "--expert-stats", "--stop", "a"], "\n  \nnext\n/reset\nx\n")]
+    for args, stdin in runs:
+        r = run([DEBUG_ENGINE, model] + args, input=stdin)
+        check(r.returncode == 0 and "runtime error" not in r.stderr and "Sanitizer" not in r.stderr,
+              f"mixtral-debug {' '.join(args)}: exit {r.returncode}\n{r.stderr}")
+    return f"{len(runs)} runs clean"
+
+
+@test
+def readme_sample_is_make_run(tmp):
+    """The sample under the README's first commands is what `make run` prints (its command taken
+    from the Makefile, the demo model exported afresh)."""
+    recipe = next(l.strip() for l in open(os.path.join(ROOT, "Makefile")) if l.startswith("\t./mixtral $(DEMO_BIN)"))
+    model = export(os.path.join(ROOT, "demo", "model"), os.path.join(tmp, "demo.bin"), "bf16")
+    import shlex
+    args = shlex.split(recipe)[2:]
+    r = run([ENGINE, model] + args)
+    check(r.returncode == 0, r.stderr)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(r"`make run` prints[^\n]*\n\n```\n(.*?)```", readme, re.S)
+    check(m, "no sample of `make run` in the README")
+    check(m.group(1).rstrip("\n") == r.stdout.rstrip("\n"),
+          f"README sample differs from `make run`:\n--- README\n{m.group(1)}--- make run\n{r.stdout}")
+    return f"{len(r.stdout)} characters identical"
+
+
 # ----------------------------------------------------------------------------
 
 def main():

@@ -264,22 +264,31 @@ static inline int32_t load_i32(const int8_t *p) {
 #define T_MAX 8
 // One group against T tokens (T, q4 and full are constants where this is inlined).
 static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
-                                                              int T, float *out, size_t ldo, int nrows, int fetch) {
+                                                              int T, float *out, size_t ldo, int nrows, int fetch,
+                                                              int b0, int b1) {
     int nb = K / QBLOCK;
     const uint16_t *scale = (const uint16_t *)grp;
     const uint8_t *wq = grp + (size_t)nb * 32;
     const int32_t off = q4 ? 8 : 128;
     const __m512i low = _mm512_set1_epi8(0x0F);
+    const __mmask16 rows = (__mmask16)((1u << nrows) - 1);
     __m512 acc[T_MAX];
     QuantX xt[T_MAX];
-    for (int t = 0; t < T; t++) { acc[t] = _mm512_setzero_ps(); xt[t] = quantx_token(x, t, K); }
-    for (int b = 0; b < nb; b++) {
+    for (int t = 0; t < T; t++) {
+        acc[t] = b0 ? _mm512_maskz_loadu_ps(rows, out + t * ldo) : _mm512_setzero_ps(); // blocks b0.. go on from there
+        xt[t] = quantx_token(x, t, K);
+    }
+    // With 5 tokens or more their chains alone cover vpdpbusd's latency, and each
+    // starts from -off * sum(x), which takes the offset out at no cost; with
+    // fewer, each token gets two chains (even and odd steps), added at the end.
+    const int two = T < 5;
+    for (int b = b0; b < b1; b++) {
         __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + b * QROWS)));
-        __m512i is[T_MAX];
-        for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
-        // two chains of vpdpbusd (even and odd steps), added at the end of the block
-        __m512i is2[T_MAX];
-        for (int t = 0; t < T; t++) is2[t] = _mm512_setzero_si512();
+        __m512i is[T_MAX], is2[T_MAX];
+        for (int t = 0; t < T; t++) {
+            if (two) is[t] = is2[t] = _mm512_setzero_si512();
+            else is[t] = _mm512_set1_epi32(-off * xt[t].qsum[b]);
+        }
         if (q4) {
             const uint8_t *wb = wq + (size_t)b * 256;
             for (int c = 0; c < 4; c++) {
@@ -289,7 +298,8 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
                 for (int t = 0; t < T; t++) {
                     const int8_t *xq = xt[t].q + b * QBLOCK + 8 * c;
                     is[t] = _mm512_dpbusd_epi32(is[t], lo, _mm512_set1_epi32(load_i32(xq)));
-                    is2[t] = _mm512_dpbusd_epi32(is2[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+                    if (two) is2[t] = _mm512_dpbusd_epi32(is2[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+                    else is[t] = _mm512_dpbusd_epi32(is[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
                 }
             }
         } else {
@@ -298,32 +308,44 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
                 if (fetch) { prefetch(wb + 64 * s); prefetch(wb + 64 * s + 64); }
                 __m512i w0 = _mm512_loadu_si512(wb + 64 * s), w1 = _mm512_loadu_si512(wb + 64 * s + 64);
                 for (int t = 0; t < T; t++) {
-                    is[t] = _mm512_dpbusd_epi32(is[t], w0, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s)));
-                    is2[t] = _mm512_dpbusd_epi32(is2[t], w1, _mm512_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s + 4)));
+                    const int8_t *xq = xt[t].q + b * QBLOCK + 4 * s;
+                    is[t] = _mm512_dpbusd_epi32(is[t], w0, _mm512_set1_epi32(load_i32(xq)));
+                    if (two) is2[t] = _mm512_dpbusd_epi32(is2[t], w1, _mm512_set1_epi32(load_i32(xq + 4)));
+                    else is[t] = _mm512_dpbusd_epi32(is[t], w1, _mm512_set1_epi32(load_i32(xq + 4)));
                 }
             }
         }
-        for (int t = 0; t < T; t++) is[t] = _mm512_add_epi32(is[t], is2[t]);
-        for (int t = 0; t < T; t++) {
-            __m512i c = _mm512_sub_epi32(is[t], _mm512_set1_epi32(off * xt[t].qsum[b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(dw, _mm512_set1_ps(xt[t].scale[b])), acc[t]);
-        }
+        if (two)
+            for (int t = 0; t < T; t++)
+                is[t] = _mm512_sub_epi32(_mm512_add_epi32(is[t], is2[t]), _mm512_set1_epi32(off * xt[t].qsum[b]));
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(dw, _mm512_set1_ps(xt[t].scale[b])), acc[t]);
     }
-    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, (__mmask16)((1u << nrows) - 1), acc[t]);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
 }
 #else
 #define T_MAX 2
 // One group against T tokens, as two halves of 8 rows (AVX2 has 16 registers).
 static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
-                                                              int T, float *out, size_t ldo, int nrows, int fetch) {
+                                                              int T, float *out, size_t ldo, int nrows, int fetch,
+                                                              int b0, int b1) {
     int nb = K / QBLOCK;
     const uint16_t *scale = (const uint16_t *)grp;
     const uint8_t *wq = grp + (size_t)nb * 32;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     __m256 acc[T_MAX][2];
     QuantX xt[T_MAX];
-    for (int t = 0; t < T; t++) { acc[t][0] = acc[t][1] = _mm256_setzero_ps(); xt[t] = quantx_token(x, t, K); }
-    for (int b = 0; b < nb; b++) {
+    for (int t = 0; t < T; t++) {
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        if (b0) { // blocks b0.. go on from where the previous ones left the sums
+            float tmp[QROWS] = {0};
+            memcpy(tmp, out + t * ldo, nrows * sizeof(float));
+            acc[t][0] = _mm256_loadu_ps(tmp);
+            acc[t][1] = _mm256_loadu_ps(tmp + 8);
+        }
+        xt[t] = quantx_token(x, t, K);
+    }
+    for (int b = b0; b < b1; b++) {
         __m256 dw[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS))),
                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS + 8)))};
         __m256i is[T_MAX][2];
@@ -396,21 +418,34 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
 #define T_SHAPES(nt, GROUP) switch (nt) { case 1: GROUP(1); break; default: GROUP(2); break; }
 #endif
 
+// With more tokens than one pass takes, a group's K is cut into spans of about
+// SPAN_BYTES of weights, and every pass runs over one span before the next
+// span begins: the passes after the first find the span in L1, not L2. (The
+// sums go on from span to span in the same order: the results do not change.)
+#ifndef SPAN_BYTES
+#define SPAN_BYTES 8192
+#endif
+
 static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
-    size_t gbytes = quant_group_bytes(type, K);
+    size_t gbytes = quant_group_bytes(type, K), block_bytes = (gbytes - (size_t)K) / (K / QBLOCK); // weights only
+    int nb = K / QBLOCK, span = M <= T_MAX ? nb : (int)(SPAN_BYTES / block_bytes);
+    if (span < 1) span = 1;
     for (int g = 0; g * QROWS < N; g++) {
         const uint8_t *grp = w + (size_t)g * gbytes;
         int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
-        for (int t = 0; t < M; t += T_MAX) {
-            int nt = M - t < T_MAX ? M - t : T_MAX;
-            QuantX xt = quantx_token(x, t, K);
-            float *o = out + (size_t)t * ldo + g * QROWS;
-#define Q8_GROUP(T) quant_group(0, grp, K, &xt, T, o, ldo, nrows, t == 0)
-#define Q4_GROUP(T) quant_group(1, grp, K, &xt, T, o, ldo, nrows, t == 0)
-            if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_GROUP)
-            else T_SHAPES(nt, Q4_GROUP)
+        for (int b0 = 0; b0 < nb; b0 += span) {
+            int b1 = b0 + span < nb ? b0 + span : nb;
+            for (int t = 0; t < M; t += T_MAX) { // the first pass prefetches along the stream
+                int nt = M - t < T_MAX ? M - t : T_MAX;
+                QuantX xt = quantx_token(x, t, K);
+                float *o = out + (size_t)t * ldo + g * QROWS;
+#define Q8_GROUP(T) quant_group(0, grp, K, &xt, T, o, ldo, nrows, t == 0, b0, b1)
+#define Q4_GROUP(T) quant_group(1, grp, K, &xt, T, o, ldo, nrows, t == 0, b0, b1)
+                if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_GROUP)
+                else T_SHAPES(nt, Q4_GROUP)
 #undef Q8_GROUP
 #undef Q4_GROUP
+            }
         }
     }
 }

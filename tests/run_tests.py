@@ -91,10 +91,10 @@ def export(hf_dir, out, wtype="f32"):
 
 
 def engine_logits(model, ids, engine=ENGINE, threads=2, context=None, vocab=None, layers=None, top_k=None,
-                  chunk=None):
+                  chunk=None, extra=()):
     out = model + ".logits"
     cmd = [engine, model, "--ids", ",".join(map(str, ids)), "--dump-logits", out, "--dump-experts",
-           model + ".experts", "--threads", str(threads)]
+           model + ".experts", "--threads", str(threads), *extra]
     if chunk:
         cmd += ["--chunk", str(chunk)]
     if context:
@@ -200,7 +200,12 @@ def threads_identical(tmp):
                     if not np.array_equal(got, base):
                         raise Failure(f"{wtype}: {os.path.basename(engine)} --threads {threads} --chunk {chunk} differs "
                                       f"from --threads 1 by up to {np.abs(got - base).max():.3g}")
-    return "f32, bf16, q8, q4; 1/2/3/7 threads, whole prompt and token by token, SIMD and portable (ASan) builds"
+        # the file mapped, or read into memory: the same numbers
+        for flag in ("--mmap", "--no-mmap"):
+            got, _ = engine_logits(model, ids, threads=2, extra=(flag,), **shape)
+            base, _ = engine_logits(model, ids, threads=2, **shape)
+            check(np.array_equal(got, base), f"{wtype}: {flag} differs from the default load")
+    return "f32, bf16, q8, q4; 1/2/3/7 threads, whole prompt and token by token, SIMD and portable (ASan) builds; mapped or read in"
 
 
 @test

@@ -699,35 +699,40 @@ static inline const float *kv_at(const AttentionJob *j, const float *cache, cons
                         : cache + ((size_t)kvh * S + slot) * hd;
 }
 
-// Scaled dot-product attention for a share of the heads, for every query of
-// the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
-// query attention (repeat_kv); the query heads of a kv head are neighbours, so a
-// worker reads a kv head's cache once from memory and then from its own cache.
+// Scaled dot-product attention for a share of the kv heads, for every query
+// of the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
+// query attention (repeat_kv). A worker takes whole kv heads and runs all their
+// query heads together, key by key and value by value, so that each key and
+// value is read from memory once per query, not once per query head.
 // Keys before the chunk come from the KV cache, the chunk's own from s->k, s->v.
 static void attention_job(void *arg, int tid, int nthreads) {
     AttentionJob *j = arg;
     const Config *p = j->p;
     State *s = j->s;
-    int hd = p->head_dim, Q = p->n_heads * hd, q_per_kv = p->n_heads / p->n_kv_heads;
+    int hd = p->head_dim, Q = p->n_heads * hd, group = p->n_heads / p->n_kv_heads, S = s->n_slots;
     float scale = 1.0f / sqrtf((float)hd);
-    int h0, h1;
-    split_range(p->n_heads, tid, nthreads, &h0, &h1);
-    for (int h = h0; h < h1; h++) {
-        int kvh = h / q_per_kv;
-        float *att = s->att + (size_t)h * s->n_slots;
+    int g0, g1;
+    split_range(p->n_kv_heads, tid, nthreads, &g0, &g1);
+    for (int kvh = g0; kvh < g1; kvh++) {
+        int h0 = kvh * group; // its query heads: h0 .. h0 + group - 1
         for (int i = 0; i < j->n; i++) {
             int pos = j->pos0 + i;
             // keys in view: the last W positions with a window, else all of 0..pos
             int first = p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
-            const float *q = s->q + (size_t)i * Q + h * hd;
-            for (int t = first, slot = first % s->n_slots; t <= pos; t++, slot = slot + 1 == s->n_slots ? 0 : slot + 1)
-                att[t - first] = dot_f32(q, kv_at(j, j->kc, s->k, kvh, t, slot), hd) * scale;
-            softmax(att, pos - first + 1);
-            float *out = s->att_out + (size_t)i * Q + h * hd;
-            memset(out, 0, hd * sizeof(float));
-            for (int t = first, slot = first % s->n_slots; t <= pos; t++, slot = slot + 1 == s->n_slots ? 0 : slot + 1) {
-                const float *v = kv_at(j, j->vc, s->v, kvh, t, slot), a = att[t - first];
-                for (int d = 0; d < hd; d++) out[d] += a * v[d];
+            const float *q = s->q + (size_t)i * Q + (size_t)h0 * hd;
+            float *att = s->att + (size_t)h0 * S, *out = s->att_out + (size_t)i * Q + (size_t)h0 * hd;
+            for (int t = first, slot = first % S; t <= pos; t++, slot = slot + 1 == S ? 0 : slot + 1) {
+                const float *k = kv_at(j, j->kc, s->k, kvh, t, slot);
+                for (int r = 0; r < group; r++) att[(size_t)r * S + t - first] = dot_f32(q + r * hd, k, hd) * scale;
+            }
+            for (int r = 0; r < group; r++) softmax(att + (size_t)r * S, pos - first + 1);
+            memset(out, 0, (size_t)group * hd * sizeof(float));
+            for (int t = first, slot = first % S; t <= pos; t++, slot = slot + 1 == S ? 0 : slot + 1) {
+                const float *v = kv_at(j, j->vc, s->v, kvh, t, slot);
+                for (int r = 0; r < group; r++) {
+                    float a = att[(size_t)r * S + t - first], *o = out + r * hd;
+                    for (int d = 0; d < hd; d++) o[d] += a * v[d];
+                }
             }
         }
     }
@@ -1468,34 +1473,69 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
 
 // --bench: a 128-token prompt of fixed pseudo-random ids, then 64 greedy
 // tokens (EOS does not stop it). Decode speed is reported with the bytes of
-// weights and cache it read, and the closing JSON line is for scripts.
-static void bench(Model *m, State *s, int threads) {
-    const Config *p = &m->config;
-    enum { PROMPT = 128, DECODE = 64 };
-    if (s->max_pos < PROMPT + DECODE) die("--bench needs a context of at least %d tokens (-c)", PROMPT + DECODE);
-    int ids[PROMPT];
+// weights and cache it read, and the closing JSON line is for scripts. With
+// --bench-depth also a 512-token prompt, and decoding (32 tokens) after 1024
+// and after 4096 tokens of context, as far as -c allows.
+static double bench_decode(Model *m, State *s, int n, int *pos) {
+    double t0 = time_s();
+    for (int i = 0; i < n; i++) forward(m, s, argmax(s->logits, m->config.vocab_size), (*pos)++);
+    return n / (time_s() - t0);
+}
+
+static double bench_prompt(Model *m, State *s, int n, int *pos) {
+    int *ids = xcalloc(n, sizeof(int));
     uint64_t rng = 0x2545F4914F6CDD1DULL;
-    ids[0] = p->bos_id;
-    for (int i = 1; i < PROMPT; i++) ids[i] = (int)(random_u32(&rng) % (uint32_t)p->vocab_size);
+    ids[0] = m->config.bos_id;
+    for (int i = 1; i < n; i++) ids[i] = (int)(random_u32(&rng) % (uint32_t)m->config.vocab_size);
+    double t0 = time_s();
+    feed(m, s, NULL, ids, n, pos, 0);
+    double rate = n / (time_s() - t0);
+    free(ids);
+    return rate;
+}
+
+static void bench(Model *m, State *s, int threads, int depth) {
+    const Config *p = &m->config;
+    enum { PROMPT = 128, DECODE = 64, DEPTH_DECODE = 32 };
+    if (s->max_pos < PROMPT + DECODE) die("--bench needs a context of at least %d tokens (-c)", PROMPT + DECODE);
     // Warm-up, as llama-bench has one: touch every page of the file once, so
     // that the timings measure the engine rather than the kernel mapping the
     // weights into this process on their first use.
     for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
-    double t0 = time_s();
-    feed(m, s, NULL, ids, PROMPT, &pos, 0);
-    double t1 = time_s();
+    double prefill = bench_prompt(m, s, PROMPT, &pos);
     uint64_t bytes0 = s->bytes_read;
-    for (int i = 0; i < DECODE; i++) forward(m, s, argmax(s->logits, p->vocab_size), pos++);
-    double t2 = time_s();
-    double prefill = PROMPT / (t1 - t0), decode = DECODE / (t2 - t1);
+    double decode = bench_decode(m, s, DECODE, &pos);
     double bytes = (double)(s->bytes_read - bytes0) / DECODE;
     fprintf(stderr, "%s weights, %s kernels, %d threads: prefill %.2f tok/s, decode %.2f tok/s, "
                     "%.1f MB read per token, %.2f GB/s\n", weight_type_name[p->weight_type], kernels_simd_name, threads,
             prefill, decode, bytes / 1e6, bytes * decode / 1e9);
+    char extra[256] = "";
+    if (depth) {
+        int o = 0;
+        if (s->max_pos >= 512) {
+            pos = 0;
+            double pp512 = bench_prompt(m, s, 512, &pos);
+            fprintf(stderr, "512-token prompt: %.2f tok/s\n", pp512);
+            o += snprintf(extra + o, sizeof(extra) - o, ", \"pp512_tok_s\": %.3f", pp512);
+        }
+        static const int depths[] = {1024, 4096};
+        for (int i = 0; i < 2; i++) {
+            if (s->max_pos < depths[i] + DEPTH_DECODE) {
+                fprintf(stderr, "decoding after %d tokens: skipped, -c %d is too short\n", depths[i], s->max_pos);
+                continue;
+            }
+            pos = 0;
+            bench_prompt(m, s, depths[i], &pos);
+            double d = bench_decode(m, s, DEPTH_DECODE, &pos);
+            fprintf(stderr, "decoding after %d tokens: %.2f tok/s\n", depths[i], d);
+            o += snprintf(extra + o, sizeof(extra) - o, ", \"decode_at_%d_tok_s\": %.3f", depths[i], d);
+        }
+    }
     printf("{\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"threads\": %d, \"bytes_per_token\": %.0f, "
-           "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"}\n",
-           prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], kernels_simd_name);
+           "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"%s}\n",
+           prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], kernels_simd_name,
+           extra);
 }
 
 // Parses "1,415,2936" (commas or spaces) into ids, checking every one against
@@ -1752,6 +1792,7 @@ static void print_usage(FILE *out) {
         "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
         "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
+        "      --bench-depth     --bench, then a 512-token prompt and decoding after 1024 and 4096 tokens\n"
         "      --perplexity F    perplexity over text file F, in windows of -c tokens, each from BOS\n"
         "      --kl-base OUT     with --perplexity: save every position's log-probabilities to OUT\n"
         "      --kl-divergence B with --perplexity: KL divergence from, and top-1 agreement with, base file B\n"
@@ -1792,7 +1833,7 @@ int main(int argc, char **argv) {
     const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
     const char *ppl_path = NULL, *kl_out = NULL, *kl_in = NULL;
     const char *mode = NULL, *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int context = 0, threads = 0, info = 0, do_bench = 0, chunk = 128, seeded = 0, load = LOAD_AUTO;
+    int context = 0, threads = 0, info = 0, do_bench = 0, chunk = 128, seeded = 0, load = LOAD_AUTO, bench_depth = 0;
     RunOptions opt = {.steps = 256};
     opt.stop = xcalloc(argc, sizeof(char *));
     Sampler sm = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
@@ -1801,6 +1842,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--info")) { info = 1; continue; }
         if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
+        if (!strcmp(a, "--bench-depth")) { do_bench = bench_depth = 1; continue; }
         if (!strcmp(a, "--expert-stats")) { opt.stats = 1; continue; }
         if (!strcmp(a, "--trace-experts")) { opt.trace = 1; continue; }
         if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { opt.quiet = 1; continue; }
@@ -1920,7 +1962,7 @@ int main(int argc, char **argv) {
 
     int status = 0;
     if (do_bench) {
-        bench(&model, &state, threads);
+        bench(&model, &state, threads, bench_depth);
     } else if (ppl_path) {
         quality(&model, &state, model_path, ppl_path, kl_out, kl_in);
     } else if (ids_arg) {

@@ -325,23 +325,56 @@ static uint64_t available_memory(void) {
 // Reads the whole file into anonymous memory, in 2 MB pages where the kernel
 // allows: with 4 KB pages a core streaming weights misses the TLB every 4 KB,
 // and the hardware prefetchers stop at every page boundary (measured on a
-// Xeon: 10-30% slower prompts and decoding from a mapped file).
-static uint8_t *read_in(int fd, uint64_t size, const char *path, size_t *alloc_size) {
+// Xeon: 10-30% slower prompts and decoding from a mapped file). Each thread
+// reads a share: the kernel zeroes and fills the pages on every core at once
+// (measured: 1.2 GB/s with one thread, 4-7 GB/s with two).
+typedef struct { int fd; uint8_t *mem; uint64_t size; int n; _Atomic uint64_t done; int failed; } ReadIn;
+
+static void *read_share(void *arg, int t) {
+    ReadIn *r = arg;
+    uint64_t huge = 2u << 20, lo = r->size * t / r->n / huge * huge;
+    uint64_t hi = t + 1 == r->n ? r->size : r->size * (t + 1) / r->n / huge * huge;
+    for (uint64_t at = lo; at < hi;) {
+        uint64_t n = hi - at < (64u << 20) ? hi - at : (64u << 20);
+        ssize_t got = pread(r->fd, r->mem + at, n, (off_t)at);
+        if (got <= 0) { r->failed = 1; break; }
+        at += (uint64_t)got;
+        atomic_fetch_add(&r->done, (uint64_t)got);
+    }
+    return NULL;
+}
+
+static void *read_share_thread(void *arg) {
+    void **a = arg;
+    return read_share(a[0], (int)(intptr_t)a[1]);
+}
+
+static uint8_t *read_in(int fd, uint64_t size, const char *path, int threads, size_t *alloc_size) {
     size_t huge = 2u << 20, bytes = (size_t)((size + huge - 1) / huge * huge);
     void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) die("cannot allocate %.2f GB to read %s into (try --mmap)", bytes / 1e9, path);
 #ifdef MADV_HUGEPAGE
     madvise(mem, bytes, MADV_HUGEPAGE);
 #endif
-    int progress = stderr_is_tty() && size > (1u << 30);
-    for (uint64_t at = 0; at < size;) {
-        uint64_t n = size - at < (64u << 20) ? size - at : (64u << 20);
-        ssize_t r = pread(fd, (uint8_t *)mem + at, n, (off_t)at);
-        if (r <= 0) die("cannot read %s: %s", path, r < 0 ? strerror(errno) : "the file got shorter");
-        at += (uint64_t)r;
-        if (progress) fprintf(stderr, "\r[reading the model: %.1f of %.1f GB]", at / 1e9, size / 1e9);
+    ReadIn r = {fd, mem, size, threads < 1 ? 1 : threads > 64 ? 64 : threads, 0, 0};
+    pthread_t th[64];
+    void *args[64][2];
+    int started = 1;
+    for (; started < r.n; started++) {
+        args[started][0] = &r;
+        args[started][1] = (void *)(intptr_t)started;
+        if (pthread_create(&th[started], NULL, read_share_thread, args[started]) != 0) break;
     }
+    for (int t = started; t < r.n; t++) read_share(&r, t); // shares no thread took
+    int progress = stderr_is_tty() && size > (1u << 30);
+    read_share(&r, 0);
+    while (progress && atomic_load(&r.done) < size && !r.failed) { // the others may still be reading
+        fprintf(stderr, "\r[reading the model: %.1f of %.1f GB]", atomic_load(&r.done) / 1e9, size / 1e9);
+        usleep(100000);
+    }
+    for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
     if (progress) fprintf(stderr, "\r\033[K");
+    if (r.failed) die("cannot read %s: %s", path, errno ? strerror(errno) : "the file got shorter");
     *alloc_size = bytes;
     return mem;
 }
@@ -351,7 +384,7 @@ static uint8_t *read_in(int fd, uint64_t size, const char *path, size_t *alloc_s
 // when it fits in the memory available (LOAD_AUTO).
 enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ };
 
-static void model_load(Model *m, const char *path, int load) {
+static void model_load(Model *m, const char *path, int load, int threads) {
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode))
@@ -371,7 +404,7 @@ static void model_load(Model *m, const char *path, int load) {
     config_validate(p, size, path);
     m->map_size = size;
     m->in_memory = load == LOAD_READ || (load == LOAD_AUTO && size + size / 8 < available_memory());
-    m->map = m->in_memory ? read_in(fd, size, path, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    m->map = m->in_memory ? read_in(fd, size, path, threads, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
 
@@ -1900,7 +1933,8 @@ int main(int argc, char **argv) {
     Model model;
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = info || chat_ids_path || tokenize_path || detokenize_ids;
-    model_load(&model, model_path, quick ? LOAD_MMAP : load);
+    if (threads == 0) threads = pool_usable_cpus();
+    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (info) {
@@ -1936,7 +1970,6 @@ int main(int argc, char **argv) {
     if (context > p->max_seq_len)
         fprintf(stderr, "mixtral: warning: -c %d is beyond the %d positions the model was trained for; "
                         "expect worse text past %d\n", context, p->max_seq_len, p->max_seq_len);
-    if (threads == 0) threads = pool_usable_cpus();
 
     // the prompt: -i, -f FILE or -f - (standard input)
     size_t prompt_len = prompt ? strlen(prompt) : 0;

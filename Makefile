@@ -14,7 +14,7 @@ mixtral: $(SRC) $(HDR)
 
 # sanitizers, no optimisation surprises: what the tests also build and run
 mixtral-debug: $(SRC) $(HDR)
-	$(CC) -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -o $@ $(SRC) $(LDLIBS)
+	$(CC) -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -o $@ $(SRC) $(LDLIBS)
 
 debug: mixtral-debug
 
@@ -62,7 +62,36 @@ quality: mixtral
 	tests/deps.sh
 	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) $(QUALITY_ARGS)
 
-clean:
-	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth
+# Fuzzing: each target of tests/fuzz with clang's libFuzzer, ASan and UBSan, for FUZZ_SECONDS,
+# starting from the committed seeds (tests/fuzz/corpus) and keeping what it finds in .cache/fuzz.
+# `make test` replays the committed corpus through the same targets without libFuzzer.
+FUZZ_SECONDS ?= 60
+EXPORT_MUTATIONS ?= 10000
+FUZZ_CC ?= clang
+FUZZ_TARGETS = model tokenizer chat options
+FUZZ_MODEL = .cache/fuzz/tokenizer-v1.bin
 
-.PHONY: all debug test test-cross run bench quality clean
+tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(SRC) $(HDR)
+	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined,float-cast-overflow -fno-sanitize-recover=all \
+		-std=c11 -D_GNU_SOURCE -Wno-unused-function -I. -o $@ $< kernels.c pool.c chat.c tokenizer.c $(LDLIBS)
+
+$(FUZZ_MODEL): export.py tests/fuzz/make_seeds.py
+	@mkdir -p .cache/fuzz
+	$(PYTHON) tests/fuzz/make_seeds.py --tokenizer-model $@
+
+fuzz: mixtral $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%) $(FUZZ_MODEL)
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p .cache/fuzz/corpus_$$t; \
+		echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
+		MIXTRAL_FUZZ_MODEL=$(FUZZ_MODEL) tests/fuzz/fuzz_$$t .cache/fuzz/corpus_$$t tests/fuzz/corpus/$$t \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 -detect_leaks=0 -print_final_stats=1 \
+			-artifact_prefix=.cache/fuzz/crash_$$t- 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss|==|SUMMARY|.*(ERROR|crash|timeout))" \
+			|| true; \
+		ls .cache/fuzz/crash_$$t-* 2>/dev/null && { echo "fuzz_$$t: crashes saved above"; exit 1; } || true; \
+	done
+	$(PYTHON) tests/export_mutations.py --n $(EXPORT_MUTATIONS)
+
+clean:
+	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
+
+.PHONY: all debug test test-cross run bench quality fuzz clean

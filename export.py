@@ -42,6 +42,8 @@ llama.cpp's Q8_0 and Q4_0.
 import argparse
 import json
 import os
+import re
+import signal
 import struct
 import sys
 import time
@@ -79,6 +81,19 @@ def die(msg):
     raise ExportError(msg)
 
 
+def short(v, n=80):
+    """A value for an error message: repr, cut to n characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+# What mixtral.c's loader accepts (config_validate in mixtral.c); export.py
+# refuses anything else, so that every file it writes loads.
+LIMITS = dict(dim=1 << 20, hidden_dim=1 << 22, n_layers=1 << 12, n_heads=1 << 12, n_kv_heads=1 << 12,
+              head_dim=1 << 14, n_experts=1 << 12, top_k=1 << 12, vocab_size=1 << 24,
+              rope_theta=(1.0, 1e12), rms_norm_eps=(1e-12, 1e-1))
+
+
 # ----------------------------------------------------------------------------
 # config.json
 
@@ -89,31 +104,32 @@ def read_config(model_dir):
     try:
         with open(path, "rb") as f:
             cfg = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         die(f"{path}: not valid JSON: {e}")
     if not isinstance(cfg, dict):
         die(f"{path}: expected a JSON object")
     if cfg.get("model_type") != "mixtral":
-        die(f"{path}: model_type is {cfg.get('model_type')!r}; only 'mixtral' is supported")
+        die(f"{path}: model_type is {short(cfg.get('model_type'))}; only 'mixtral' is supported")
 
-    def geti(key, default=None, minimum=1):
+    def geti(key, default=None, minimum=1, maximum=2**31 - 1):
         v = cfg.get(key, default)
-        if v is None or isinstance(v, bool) or not isinstance(v, int) or v < minimum or v > 2**31 - 1:
-            die(f"{path}: field {key} must be an integer >= {minimum}, got {v!r}")
+        if v is None or isinstance(v, bool) or not isinstance(v, int) or v < minimum or v > maximum:
+            die(f"{path}: field {key} must be an integer in {minimum}..{maximum}, got {short(v)}")
         return v
 
-    def getf(key, default):
+    def getf(key, default, lo, hi):
         v = cfg.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or v == float("inf"):
-            die(f"{path}: field {key} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+            die(f"{path}: field {key} must be a number in {lo:g}..{hi:g}, got {short(v)}")
         return float(v)
 
     c = {}
-    c["dim"] = geti("hidden_size")
-    c["hidden_dim"] = geti("intermediate_size")
-    c["n_layers"] = geti("num_hidden_layers")
-    c["n_heads"] = geti("num_attention_heads")
-    c["n_kv_heads"] = geti("num_key_value_heads", c["n_heads"])
+    # the bounds mixtral.c's loader enforces (config_validate), so that what is written loads
+    c["dim"] = geti("hidden_size", maximum=LIMITS["dim"])
+    c["hidden_dim"] = geti("intermediate_size", maximum=LIMITS["hidden_dim"])
+    c["n_layers"] = geti("num_hidden_layers", maximum=LIMITS["n_layers"])
+    c["n_heads"] = geti("num_attention_heads", maximum=LIMITS["n_heads"])
+    c["n_kv_heads"] = geti("num_key_value_heads", c["n_heads"], maximum=LIMITS["n_kv_heads"])
     if c["n_heads"] % c["n_kv_heads"]:
         die(f"{path}: num_attention_heads {c['n_heads']} is not a multiple of num_key_value_heads {c['n_kv_heads']}")
     if cfg.get("head_dim") is None:
@@ -121,14 +137,16 @@ def read_config(model_dir):
             die(f"{path}: hidden_size {c['dim']} is not divisible by num_attention_heads {c['n_heads']}")
         c["head_dim"] = c["dim"] // c["n_heads"]
     else:
-        c["head_dim"] = geti("head_dim")
+        c["head_dim"] = geti("head_dim", maximum=LIMITS["head_dim"])
+    if c["head_dim"] > LIMITS["head_dim"]:
+        die(f"{path}: head_dim {c['head_dim']} is more than mixtral.c's {LIMITS['head_dim']}")
     if c["head_dim"] % 2:
         die(f"{path}: head_dim {c['head_dim']} must be even for rotary embeddings")
-    c["n_experts"] = geti("num_local_experts")
-    c["top_k"] = geti("num_experts_per_tok")
+    c["n_experts"] = geti("num_local_experts", maximum=LIMITS["n_experts"])
+    c["top_k"] = geti("num_experts_per_tok", maximum=LIMITS["top_k"])
     if c["top_k"] > c["n_experts"]:
         die(f"{path}: num_experts_per_tok {c['top_k']} > num_local_experts {c['n_experts']}")
-    c["vocab_size"] = geti("vocab_size")
+    c["vocab_size"] = geti("vocab_size", maximum=LIMITS["vocab_size"])
     c["max_seq_len"] = geti("max_position_embeddings", 32768)
     sw = cfg.get("sliding_window")
     c["sliding_window"] = 0 if sw is None else geti("sliding_window")
@@ -137,14 +155,14 @@ def read_config(model_dir):
     for key in ("bos_id", "eos_id"):
         if c[key] >= c["vocab_size"]:
             die(f"{path}: {key} {c[key]} is outside the vocabulary of {c['vocab_size']}")
-    c["rope_theta"] = getf("rope_theta", 1e6)
-    c["rms_norm_eps"] = getf("rms_norm_eps", 1e-5)
+    c["rope_theta"] = getf("rope_theta", 1e6, *LIMITS["rope_theta"])
+    c["rms_norm_eps"] = getf("rms_norm_eps", 1e-5, *LIMITS["rms_norm_eps"])
     c["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     if cfg.get("rope_scaling") not in (None, {}):
-        die(f"{path}: rope_scaling {cfg['rope_scaling']!r} is not supported")
+        die(f"{path}: rope_scaling {short(cfg['rope_scaling'])} is not supported")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        die(f"{path}: hidden_act {act!r} is not supported (Mixtral uses silu)")
+        die(f"{path}: hidden_act {short(act)} is not supported (Mixtral uses silu)")
     return c
 
 
@@ -174,7 +192,7 @@ def read_safetensors_header(path):
             die(f"{path}: truncated or malformed safetensors (header length {hlen}, file size {size})")
         try:
             header = json.loads(f.read(hlen))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             die(f"{path}: malformed safetensors header: {e}")
     if not isinstance(header, dict):
         die(f"{path}: malformed safetensors header: expected a JSON object")
@@ -184,15 +202,18 @@ def read_safetensors_header(path):
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or not all(k in info for k in ("dtype", "shape", "data_offsets")):
-            die(f"{path}: tensor {name}: malformed entry {info!r}")
+            die(f"{path}: tensor {short(name)}: malformed entry {short(info)}")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in ST_DTYPES:
-            die(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: BF16, F16, F32)")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            die(f"{path}: tensor {short(name)}: unsupported dtype {short(dtype)} (supported: BF16, F16, F32)")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]):
-            die(f"{path}: tensor {name}: malformed shape {shape!r} or data_offsets {offs!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[dtype]
+                or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]
+                or len(shape) > 8 or any(d > 1 << 40 for d in shape)):
+            die(f"{path}: tensor {short(name)}: malformed shape {short(shape)} or data_offsets {short(offs)}")
+        nbytes = ST_DTYPES[dtype]
+        for d in shape:  # in Python integers: no overflow
+            nbytes *= d
         if offs[1] - offs[0] != nbytes:
             die(f"{path}: tensor {name}: data_offsets span {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {nbytes}")
         if data_start + offs[1] > size:
@@ -210,7 +231,7 @@ def read_checkpoint_index(model_dir):
             with open(index, "rb") as f:
                 weight_map = json.load(f)["weight_map"]
             assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError, RecursionError) as e:
             die(f"{index}: malformed index (need a JSON object with a weight_map): {e!r}")
         shards = sorted(set(weight_map.values()))
     elif os.path.isfile(single):
@@ -581,6 +602,11 @@ def read_tokenizer(model_dir):
 def tokenizer_blob(pieces, flags, unk_id, vocab_size, path):
     if len(pieces) > vocab_size:
         die(f"{path}: {len(pieces)} pieces but config.json vocab_size is {vocab_size}")
+    if not -2**31 <= unk_id < 2**31:
+        die(f"{path}: unk_id {unk_id} is out of range")
+    for i, (p, _, ptype) in enumerate(pieces):  # what mixtral.c's tokenizer_init checks
+        if ptype == PIECE_BYTE and not re.fullmatch(rb"<0x[0-9A-F]{2}>", p):
+            die(f"{path}: piece {i} is a byte piece but reads {short(p)}, not <0xXX>")
     # A config may pad the vocabulary past the tokenizer: those ids decode to nothing.
     pieces = pieces + [(b"", 0.0, PIECE_UNUSED)] * (vocab_size - len(pieces))
     out = [struct.pack("<IIiI", len(pieces), flags, unk_id, max(len(p) for p, _, _ in pieces))]
@@ -643,6 +669,31 @@ def tensor_bytes(shape, wtype):
 
 def align(x, a):
     return (x + a - 1) // a * a
+
+
+def check_limits(c, where):
+    """The loader's bounds (LIMITS), for a config from config.json or from a GGUF."""
+    for key, limit in LIMITS.items():
+        v = c[key]
+        lo, hi = limit if isinstance(limit, tuple) else (1, limit)
+        if not lo <= v <= hi:
+            die(f"{where}: {key} = {short(v)} is outside what mixtral.c reads ({lo:g}..{hi:g})")
+    if c["max_seq_len"] > 2**31 - 1 or c["sliding_window"] > 2**31 - 1:
+        die(f"{where}: max_seq_len {c['max_seq_len']} or sliding_window {c['sliding_window']} is too large")
+
+
+def check_counts(c, tensors):
+    """Before any work whose size the config sets: the checkpoint has the layers, experts and
+    embedding that config.json describes (a config that claims a million layers stops here)."""
+    names = [n for n in tensors if not n.endswith("rotary_emb.inv_freq")]
+    want = 2 + (not c["tie_word_embeddings"]) + c["n_layers"] * (7 + 3 * c["n_experts"])
+    if want > 2 * len(names) + 64:  # near the count, check_tensors names what is missing
+        die(f"checkpoint: {len(names)} tensors, but a Mixtral with the config's {c['n_layers']} layers and "
+            f"{c['n_experts']} experts has {want}")
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is None or tuple(emb.shape) != (c["vocab_size"], c["dim"]):
+        die(f"checkpoint: model.embed_tokens.weight has shape {short(None if emb is None else list(emb.shape))}, "
+            f"the config implies {[c['vocab_size'], c['dim']]}")
 
 
 def check_tensors(c, tensors):
@@ -755,6 +806,8 @@ def write_tensor(out, files, t, shape, wtype):
         nr = min(step, rows - r0)
         if gguf:
             x = t.rows_f32(f, r0, nr)
+            if not np.isfinite(x).all():
+                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
             out.write(f32_to_bf16(x.ravel()).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
             continue
         if wtype == BF16 and t.dtype == "BF16":  # bf16 to bf16: copy the bits
@@ -762,9 +815,13 @@ def write_tensor(out, files, t, shape, wtype):
             raw = f.read(nr * cols * 2)
             if len(raw) != nr * cols * 2:
                 die(f"{t.path}: truncated safetensors while reading {t.name}")
+            if ((np.frombuffer(raw, "<u2") & 0x7F80) == 0x7F80).any():  # exponent all ones: NaN or infinity
+                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
             out.write(raw)
             continue
         x = read_rows_f32(f, t, r0, nr, cols)
+        if not np.isfinite(x).all():
+            die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
         out.write(f32_to_bf16(x).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
 
 
@@ -776,6 +833,7 @@ def export(model_dir, out_path, type_name):
         c, pieces, flags, unk_id, tensors = read_gguf(model_dir)
     else:
         c = read_config(model_dir)
+    check_limits(c, model_dir)
     quantized = any(ty in (Q8, Q4) for ty in kinds.values())
     block = BLOCK if quantized else 0
     if block:
@@ -785,8 +843,10 @@ def export(model_dir, out_path, type_name):
                 die(f"config.json: {key} = {v} is not a multiple of {block}, which --type {type_name} needs; "
                     f"use --type bf16")
     if not gguf:
-        pieces, flags, unk_id = read_tokenizer(model_dir)
         tensors = read_checkpoint_index(model_dir)
+    check_counts(c, tensors)
+    if not gguf:
+        pieces, flags, unk_id = read_tokenizer(model_dir)
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"],
                          model_dir if gguf else os.path.join(model_dir, "tokenizer.model"))
     plan = check_tensors(c, tensors)
@@ -807,7 +867,8 @@ def export(model_dir, out_path, type_name):
 
     tmp = out_path + ".partial"
     files = {}
-    t0, done, last = time.time(), 0, 0.0
+    t0, done = time.time(), 0
+    last = t0  # progress every 0.2 s on a terminal, every 10 s otherwise
     tty = sys.stderr.isatty()
     try:
         with open(tmp, "wb") as out:
@@ -858,14 +919,30 @@ def main():
     ap.add_argument("--type", default="bf16", choices=sorted(WEIGHT_TYPES),
                     help="weight type for the matrices (default bf16)")
     args = ap.parse_args()
+    # SIGTERM as SIGINT: either ends the export with the partial output removed (export() cleans up)
+    signal.signal(signal.SIGTERM, on_terminate)
     try:
         export(args.model_dir, args.out, args.type)
-    except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    except (ExportError, OSError) as e:
+        fail(str(e))
+    except (RecursionError, MemoryError, OverflowError, ValueError, TypeError, KeyError, IndexError,
+            struct.error, UnicodeError) as e:  # malformed input none of the checks above foresaw
+        fail(f"malformed input ({type(e).__name__}: {e})")
+
+
+def on_terminate(sig, frame):
+    raise KeyboardInterrupt
+
+
+def fail(msg, status=1):
+    """One bounded line on stderr, whatever the message held."""
+    msg = " ".join(msg.split())
+    if len(msg) > 400:
+        msg = msg[:400] + "..."
+    print(f"export.py: error: {msg}", file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,17 @@
 // ----------------------------------------------------------------------------
 // 1. utilities
 
+#ifdef MIXTRAL_FUZZ
+#include <setjmp.h>
+static jmp_buf die_jump; // the fuzz targets (tests/fuzz) take every die() back here
+#endif
+
 // The one way out on bad input: say what was wrong and what to do, exit non-zero.
 static void die(const char *fmt, ...) {
+#ifdef MIXTRAL_FUZZ
+    (void)fmt;
+    longjmp(die_jump, 1);
+#else
     va_list ap;
     va_start(ap, fmt);
     fputs("mixtral: error: ", stderr);
@@ -62,6 +71,7 @@ static void die(const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
     exit(1);
+#endif
 }
 
 static void *xcalloc(size_t n, size_t size) {
@@ -286,8 +296,11 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
     if (p->sliding_window < 0) die("%s: corrupt header: sliding_window %d; %s", path, p->sliding_window, hint);
     if (p->bos_id < 0 || p->bos_id >= p->vocab_size || p->eos_id < 0 || p->eos_id >= p->vocab_size)
         die("%s: corrupt header: bos/eos ids %d/%d outside the vocabulary; %s", path, p->bos_id, p->eos_id, hint);
-    if (!(p->rope_theta > 0) || !isfinite(p->rope_theta) || !(p->rms_norm_eps > 0) || !isfinite(p->rms_norm_eps))
-        die("%s: corrupt header: rope_theta %g, rms_norm_eps %g; %s", path, p->rope_theta, p->rms_norm_eps, hint);
+    // NaN fails both comparisons; export.py's LIMITS are the same ranges
+    if (!(p->rope_theta >= 1.0f && p->rope_theta <= 1e12f))
+        die("%s: corrupt header: rope_theta %g (must be 1..1e12); %s", path, p->rope_theta, hint);
+    if (!(p->rms_norm_eps >= 1e-12f && p->rms_norm_eps <= 0.1f))
+        die("%s: corrupt header: rms_norm_eps %g (must be 1e-12..0.1); %s", path, p->rms_norm_eps, hint);
     if (p->tokenizer_offset != HEADER_SIZE || p->tokenizer_size > file_size ||
         p->weights_offset < p->tokenizer_offset + p->tokenizer_size || p->weights_offset % WEIGHTS_ALIGN)
         die("%s: corrupt header: section offsets; %s", path, hint);
@@ -379,6 +392,29 @@ static uint8_t *read_in(int fd, uint64_t size, const char *path, int threads, si
     return mem;
 }
 
+// The checks on a model file's header (in m->config) against the file's size,
+// before any of the file is read: every field, and the size the dimensions
+// imply. Then model_attach() points the weights and the tokenizer into the
+// file's bytes at m->map. (tests/fuzz/fuzz_model.c runs both on any bytes.)
+static void model_check(Model *m, uint64_t size, const char *path) {
+    const Config *p = &m->config;
+    config_validate(p, size, path);
+    Weights *w = &m->weights;
+    w->layers = xcalloc(p->n_layers, sizeof(Layer));
+    for (int l = 0; l < p->n_layers; l++) w->layers[l].experts = xcalloc(p->n_experts, sizeof(Expert));
+    uint64_t end = model_map_weights(p, w, NULL); // measures only
+    if (end != size)
+        die("%s: the header's dimensions imply %llu bytes of file, the file has %llu; corrupt header? re-run export.py",
+            path, (unsigned long long)end, (unsigned long long)size);
+}
+
+static void model_attach(Model *m, const char *path) {
+    const Config *p = &m->config;
+    model_map_weights(p, &m->weights, m->map);
+    const char *err = tokenizer_init(&m->tokenizer, m->map + p->tokenizer_offset, p->tokenizer_size, p->vocab_size);
+    if (err) die("%s: tokenizer section: %s; re-run export.py", path, err);
+}
+
 // How the model gets into memory: read into the process (LOAD_READ), mapped
 // (LOAD_MMAP: instant, shared with the page cache, but 4 KB pages), or read
 // when it fits in the memory available (LOAD_AUTO).
@@ -400,26 +436,13 @@ static void model_load(Model *m, const char *path, int load, int threads) {
     refuse_other_formats(path, head, size);
     if (size < HEADER_SIZE) die("%s is %llu bytes, too small to be a model file; re-run export.py", path, (unsigned long long)size);
     if (pread(fd, &m->config, sizeof(Config), 0) != (ssize_t)sizeof(Config)) die("cannot read %s: %s", path, strerror(errno));
-    const Config *p = &m->config;
-    config_validate(p, size, path);
+    model_check(m, size, path);
     m->map_size = size;
     m->in_memory = load == LOAD_READ || (load == LOAD_AUTO && size + size / 8 < available_memory());
     m->map = m->in_memory ? read_in(fd, size, path, threads, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
-
-    // Measure the weights section first, then point into it.
-    Weights *w = &m->weights;
-    w->layers = xcalloc(p->n_layers, sizeof(Layer));
-    for (int l = 0; l < p->n_layers; l++) w->layers[l].experts = xcalloc(p->n_experts, sizeof(Expert));
-    uint64_t end = model_map_weights(p, w, NULL);
-    if (end != size)
-        die("%s: the header's dimensions imply %llu bytes of file, the file has %llu; corrupt header? re-run export.py",
-            path, (unsigned long long)end, (unsigned long long)size);
-    model_map_weights(p, w, m->map);
-
-    const char *err = tokenizer_init(&m->tokenizer, m->map + p->tokenizer_offset, p->tokenizer_size, p->vocab_size);
-    if (err) die("%s: tokenizer section: %s; re-run export.py", path, err);
+    model_attach(m, path);
 }
 
 static void model_free(Model *m) {
@@ -1302,8 +1325,8 @@ static void print_trace(const Model *m, const Trace *tr) {
                 char cell[64];
                 int o = 0;
                 for (int k = 0; k < top_k && o < 48; k++) o += snprintf(cell + o, sizeof(cell) - o, k ? "+%d" : "%d", c[k]);
-                int pct = (int)(w[0] * 100 + 0.5);
-                snprintf(cell + o, sizeof(cell) - o, " .%02d", pct > 99 ? 99 : pct < 0 ? 0 : pct);
+                int pct = w[0] >= 0.0f && w[0] < 0.995f ? (int)(w[0] * 100 + 0.5f) : w[0] >= 0.995f ? 99 : 0; // NaN: 0
+                snprintf(cell + o, sizeof(cell) - o, " .%02d", pct);
                 printf(" %-*s", col, cell);
             }
             printf("\n");
@@ -1854,80 +1877,112 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return x;
 }
 
-#ifndef MIXTRAL_NO_MAIN
-int main(int argc, char **argv) {
-    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { print_usage(stdout); return 0; }
+// Everything the command line sets.
+typedef struct {
+    const char *model_path, *prompt, *prompt_path, *ids_arg;
+    const char *logits_path, *experts_path, *tokenize_path, *detokenize_ids;
+    const char *ppl_path, *kl_out, *kl_in;
+    const char *mode, *system, *chat_path, *chat_ids_path;
+    int context, threads, info, do_bench, bench_depth, chunk, seeded, load, chatting;
+    uint64_t seed;
+    RunOptions run;
+    Sampler sampler;
+} Options;
+
+// Reads argv into o, or dies saying what is wrong. Returns 1 when the work is
+// done (-h, --version: printed), 0 when the program goes on. o->run.stop
+// points into argv, in an array the caller frees.
+static int parse_options(int argc, char **argv, Options *o) {
+    memset(o, 0, sizeof(*o));
+    o->chunk = 128;
+    o->load = LOAD_AUTO;
+    o->run.steps = 256;
+    o->sampler = (Sampler){.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
+    o->seed = (uint64_t)time(NULL);
+    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { print_usage(stdout); return 1; }
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
         printf("mixtral.c %s, model file format %d, kernels %s\n", PROGRAM_VERSION, MODEL_VERSION, kernels_simd_name);
-        return 0;
+        return 1;
     }
     if (argc < 2 || argv[1][0] == '-') { print_usage(stderr); die("the first argument must be a model file"); }
-    const char *model_path = argv[1], *prompt = NULL, *prompt_path = NULL, *ids_arg = NULL;
-    const char *logits_path = NULL, *experts_path = NULL, *tokenize_path = NULL, *detokenize_ids = NULL;
-    const char *ppl_path = NULL, *kl_out = NULL, *kl_in = NULL;
-    const char *mode = NULL, *system = NULL, *chat_path = NULL, *chat_ids_path = NULL;
-    int context = 0, threads = 0, info = 0, do_bench = 0, chunk = 128, seeded = 0, load = LOAD_AUTO, bench_depth = 0;
-    RunOptions opt = {.steps = 256};
-    opt.stop = xcalloc(argc, sizeof(char *));
-    Sampler sm = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
-    uint64_t seed = (uint64_t)time(NULL);
+    o->model_path = argv[1];
+    o->run.stop = xcalloc(argc, sizeof(char *));
+    Sampler *sm = &o->sampler;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--info")) { info = 1; continue; }
-        if (!strcmp(a, "--bench")) { do_bench = 1; continue; }
-        if (!strcmp(a, "--bench-depth")) { do_bench = bench_depth = 1; continue; }
-        if (!strcmp(a, "--expert-stats")) { opt.stats = 1; continue; }
-        if (!strcmp(a, "--trace-experts")) { opt.trace = 1; continue; }
-        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { opt.quiet = 1; continue; }
-        if (!strcmp(a, "--mmap")) { load = LOAD_MMAP; continue; }
-        if (!strcmp(a, "--no-mmap")) { load = LOAD_READ; continue; }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { print_usage(stdout); return 0; }
+        if (!strcmp(a, "--info")) { o->info = 1; continue; }
+        if (!strcmp(a, "--bench")) { o->do_bench = 1; continue; }
+        if (!strcmp(a, "--bench-depth")) { o->do_bench = o->bench_depth = 1; continue; }
+        if (!strcmp(a, "--expert-stats")) { o->run.stats = 1; continue; }
+        if (!strcmp(a, "--trace-experts")) { o->run.trace = 1; continue; }
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { o->run.quiet = 1; continue; }
+        if (!strcmp(a, "--mmap")) { o->load = LOAD_MMAP; continue; }
+        if (!strcmp(a, "--no-mmap")) { o->load = LOAD_READ; continue; }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { print_usage(stdout); return 1; }
         if (i + 1 >= argc) { print_usage(stderr); die("%s needs a value", a); }
         const char *v = argv[++i];
-        if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) prompt = v;
-        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) prompt_path = v;
-        else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) opt.steps = (int)parse_int(a, v, 0, INT_MAX);
-        else if (!strcmp(a, "-t") || !strcmp(a, "--temp")) sm.temperature = parse_float(a, v, 0.0f, 100.0f);
-        else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) sm.top_p = parse_float(a, v, 0.0f, 1.0f);
-        else if (!strcmp(a, "--top-k")) sm.top_k = (int)parse_int(a, v, 0, INT_MAX);
-        else if (!strcmp(a, "--min-p")) sm.min_p = parse_float(a, v, 0.0f, 1.0f);
-        else if (!strcmp(a, "--repeat-penalty")) sm.repeat_penalty = parse_float(a, v, 1e-3f, 1e3f);
-        else if (!strcmp(a, "--repeat-last-n")) sm.repeat_last_n = (int)parse_int(a, v, 0, 1 << 20);
+        if (!strcmp(a, "-i") || !strcmp(a, "--prompt")) o->prompt = v;
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) o->prompt_path = v;
+        else if (!strcmp(a, "-n") || !strcmp(a, "--steps")) o->run.steps = (int)parse_int(a, v, 0, INT_MAX);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--temp")) sm->temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-p") || !strcmp(a, "--top-p")) sm->top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--top-k")) sm->top_k = (int)parse_int(a, v, 0, INT_MAX);
+        else if (!strcmp(a, "--min-p")) sm->min_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--repeat-penalty")) sm->repeat_penalty = parse_float(a, v, 1e-3f, 1e3f);
+        else if (!strcmp(a, "--repeat-last-n")) sm->repeat_last_n = (int)parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--stop")) {
             if (!*v) die("--stop: the stop string is empty");
-            opt.stop[opt.n_stop++] = v;
+            o->run.stop[o->run.n_stop++] = v;
         }
-        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { seed = (uint64_t)parse_int(a, v, 0, LONG_MAX); seeded = 1; }
-        else if (!strcmp(a, "-c") || !strcmp(a, "--context")) context = (int)parse_int(a, v, 1, INT_MAX);
-        else if (!strcmp(a, "-m") || !strcmp(a, "--mode")) mode = v;
-        else if (!strcmp(a, "-y") || !strcmp(a, "--system")) system = v;
-        else if (!strcmp(a, "--chat-file")) chat_path = v;
-        else if (!strcmp(a, "--chat-ids-file")) chat_ids_path = v;
-        else if (!strcmp(a, "--threads")) threads = (int)parse_int(a, v, 1, 1024);
-        else if (!strcmp(a, "--chunk")) chunk = (int)parse_int(a, v, 1, 4096);
-        else if (!strcmp(a, "--ids")) ids_arg = v;
-        else if (!strcmp(a, "--dump-logits")) logits_path = v;
-        else if (!strcmp(a, "--dump-experts")) experts_path = v;
-        else if (!strcmp(a, "--perplexity")) ppl_path = v;
-        else if (!strcmp(a, "--kl-base")) kl_out = v;
-        else if (!strcmp(a, "--kl-divergence")) kl_in = v;
-        else if (!strcmp(a, "--tokenize-file")) tokenize_path = v;
-        else if (!strcmp(a, "--detokenize")) detokenize_ids = v;
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o->seed = (uint64_t)parse_int(a, v, 0, LONG_MAX); o->seeded = 1; }
+        else if (!strcmp(a, "-c") || !strcmp(a, "--context")) o->context = (int)parse_int(a, v, 1, INT_MAX);
+        else if (!strcmp(a, "-m") || !strcmp(a, "--mode")) o->mode = v;
+        else if (!strcmp(a, "-y") || !strcmp(a, "--system")) o->system = v;
+        else if (!strcmp(a, "--chat-file")) o->chat_path = v;
+        else if (!strcmp(a, "--chat-ids-file")) o->chat_ids_path = v;
+        else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
+        else if (!strcmp(a, "--chunk")) o->chunk = (int)parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--ids")) o->ids_arg = v;
+        else if (!strcmp(a, "--dump-logits")) o->logits_path = v;
+        else if (!strcmp(a, "--dump-experts")) o->experts_path = v;
+        else if (!strcmp(a, "--perplexity")) o->ppl_path = v;
+        else if (!strcmp(a, "--kl-base")) o->kl_out = v;
+        else if (!strcmp(a, "--kl-divergence")) o->kl_in = v;
+        else if (!strcmp(a, "--tokenize-file")) o->tokenize_path = v;
+        else if (!strcmp(a, "--detokenize")) o->detokenize_ids = v;
         else { print_usage(stderr); die("unknown option %s", a); }
     }
     // options that contradict each other, or that the chosen mode would ignore
+    const char *mode = o->mode;
     if (mode && strcmp(mode, "generate") && strcmp(mode, "chat")) die("-m: mode must be generate or chat, got \"%s\"", mode);
-    int chatting = mode && !strcmp(mode, "chat");
-    const char *other = do_bench ? "--bench" : ppl_path ? "--perplexity" : ids_arg ? "--ids" : info ? "--info"
-                      : chat_ids_path ? "--chat-ids-file" : tokenize_path ? "--tokenize-file"
-                      : detokenize_ids ? "--detokenize" : NULL;
+    o->chatting = mode && !strcmp(mode, "chat");
+    const char *other = o->do_bench ? "--bench" : o->ppl_path ? "--perplexity" : o->ids_arg ? "--ids" : o->info ? "--info"
+                      : o->chat_ids_path ? "--chat-ids-file" : o->tokenize_path ? "--tokenize-file"
+                      : o->detokenize_ids ? "--detokenize" : NULL;
     if (other && mode) die("-m %s does not go with %s, which runs on its own", mode, other);
-    if (prompt && prompt_path) die("-i and -f both give the prompt: choose one");
-    if (chatting && (prompt || prompt_path)) die("-i and -f are for -m generate; in chat, type the messages (or use --chat-file)");
-    if (!chatting && (system || chat_path)) die("%s needs -m chat", system ? "-y" : "--chat-file");
-    if (system && chat_path) die("-y and --chat-file both give the system prompt: put it in the file as a system message");
-    if ((logits_path || experts_path) && !ids_arg) die("--dump-logits and --dump-experts need --ids");
-    if ((kl_out || kl_in) && !ppl_path) die("--kl-base and --kl-divergence need --perplexity FILE (the text)");
+    if (o->prompt && o->prompt_path) die("-i and -f both give the prompt: choose one");
+    if (o->chatting && (o->prompt || o->prompt_path))
+        die("-i and -f are for -m generate; in chat, type the messages (or use --chat-file)");
+    if (!o->chatting && (o->system || o->chat_path)) die("%s needs -m chat", o->system ? "-y" : "--chat-file");
+    if (o->system && o->chat_path) die("-y and --chat-file both give the system prompt: put it in the file as a system message");
+    if ((o->logits_path || o->experts_path) && !o->ids_arg) die("--dump-logits and --dump-experts need --ids");
+    if ((o->kl_out || o->kl_in) && !o->ppl_path) die("--kl-base and --kl-divergence need --perplexity FILE (the text)");
+    return 0;
+}
+
+#ifndef MIXTRAL_NO_MAIN
+int main(int argc, char **argv) {
+    Options o;
+    if (parse_options(argc, argv, &o)) return 0;
+    const char *model_path = o.model_path, *prompt = o.prompt, *prompt_path = o.prompt_path, *ids_arg = o.ids_arg;
+    const char *logits_path = o.logits_path, *experts_path = o.experts_path, *tokenize_path = o.tokenize_path;
+    const char *detokenize_ids = o.detokenize_ids, *ppl_path = o.ppl_path, *kl_out = o.kl_out, *kl_in = o.kl_in;
+    const char *system = o.system, *chat_path = o.chat_path, *chat_ids_path = o.chat_ids_path;
+    int context = o.context, threads = o.threads, info = o.info, do_bench = o.do_bench, chunk = o.chunk;
+    int seeded = o.seeded, load = o.load, bench_depth = o.bench_depth, chatting = o.chatting;
+    uint64_t seed = o.seed;
+    RunOptions opt = o.run;
+    Sampler sm = o.sampler;
 
     double t_load = time_s();
     Model model;

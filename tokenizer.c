@@ -32,6 +32,51 @@ static int hex_digit(char c) {
     return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
 }
 
+// The trie of user-defined pieces: a walk from a position of the text finds
+// the longest one there in time proportional to its length (trying every length
+// with the hash table made long user-defined pieces cost cubic time). A piece
+// whose text an earlier piece already has is not one (the first id wins, as in
+// the lookup table).
+static const char *build_trie(Tokenizer *t) {
+    size_t bytes = 0;
+    for (int id = 0; id < t->vocab_size; id++) if (t->type[id] == PIECE_USER_DEFINED) bytes += t->piece_len[id];
+    t->trie = malloc((bytes + 1) * sizeof(*t->trie));
+    if (!t->trie) return "out of memory";
+    t->trie[0] = (struct TrieNode){-1, -1, -1, 0};
+    t->trie_n = 1;
+    for (int id = 0; id < t->vocab_size; id++) {
+        int len = t->piece_len[id];
+        if (t->type[id] != PIECE_USER_DEFINED || len == 0 || tokenizer_lookup(t, t->piece[id], len) != id) continue;
+        int node = 0;
+        for (int k = 0; k < len; k++) {
+            uint8_t b = (uint8_t)t->piece[id][k];
+            int c = t->trie[node].child;
+            while (c >= 0 && t->trie[c].byte != b) c = t->trie[c].sibling;
+            if (c < 0) {
+                c = t->trie_n++;
+                t->trie[c] = (struct TrieNode){-1, t->trie[node].child, -1, b};
+                t->trie[node].child = c;
+            }
+            node = c;
+        }
+        t->trie[node].id = id;
+    }
+    return NULL;
+}
+
+// Bytes of the longest user-defined piece at s (n bytes available), or 0.
+static int longest_user_piece(const Tokenizer *t, const char *s, size_t n) {
+    int node = 0, best = 0;
+    for (size_t k = 0; k < n; k++) {
+        int c = t->trie[node].child;
+        while (c >= 0 && t->trie[c].byte != (uint8_t)s[k]) c = t->trie[c].sibling;
+        if (c < 0) break;
+        node = c;
+        if (t->trie[node].id >= 0) best = (int)k + 1;
+    }
+    return best;
+}
+
 const char *tokenizer_init(Tokenizer *t, const void *section, uint64_t size, int vocab_size) {
     memset(t, 0, sizeof(*t));
     const unsigned char *p = section, *end = p + size;
@@ -69,7 +114,6 @@ const char *tokenizer_init(Tokenizer *t, const void *section, uint64_t size, int
         t->type[id] = (uint8_t)type;
         p += len;
         if (len > t->max_piece_len) t->max_piece_len = len;
-        if (type == PIECE_USER_DEFINED && len > t->max_user_len) t->max_user_len = len;
         if (type == PIECE_BYTE) { // "<0xAB>"
             int hi, lo;
             if (len != 6 || memcmp(t->piece[id], "<0x", 3) || t->piece[id][5] != '>' ||
@@ -86,11 +130,11 @@ const char *tokenizer_init(Tokenizer *t, const void *section, uint64_t size, int
         t->table[i] = (int)id;
     }
     if (p != end) return "trailing bytes after the last piece";
-    return NULL;
+    return build_trie(t);
 }
 
 void tokenizer_free(Tokenizer *t) {
-    free(t->piece); free(t->piece_len); free(t->score); free(t->type); free(t->table);
+    free(t->piece); free(t->piece_len); free(t->score); free(t->type); free(t->table); free(t->trie);
     memset(t, 0, sizeof(*t));
 }
 
@@ -215,11 +259,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int **ids
     // Split into symbols: the longest user-defined piece at this point, else
     // one UTF-8 character (normalize() made every character valid).
     for (size_t i = 0; i < nlen;) {
-        int n = 0, frozen = 0;
-        for (int l = t->max_user_len < (int)(nlen - i) ? t->max_user_len : (int)(nlen - i); l > 0; l--) {
-            int id = tokenizer_lookup(t, norm + i, l);
-            if (id >= 0 && t->type[id] == PIECE_USER_DEFINED) { n = l; frozen = 1; break; }
-        }
+        int n = longest_user_piece(t, norm + i, nlen - i), frozen = n > 0;
         if (!n) n = utf8_valid_len((const unsigned char *)norm + i, nlen - i);
         sym[nsym] = (Symbol){(int)i, n, nsym - 1, -1, frozen};
         if (nsym > 0) sym[nsym - 1].next = nsym;

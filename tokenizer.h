@@ -27,7 +27,10 @@ typedef struct {
     int *table;          // open-addressing hash of piece bytes -> id, (table_mask+1,)
     uint32_t table_mask;
     int max_piece_len;   // bytes
-    int max_user_len;    // longest USER_DEFINED piece, bytes (0 if none)
+    // the user-defined pieces, which match literally (longest first), as a
+    // trie of their bytes: node 0 is the root; a node's children are a list
+    struct TrieNode { int child, sibling, id; uint8_t byte; } *trie;
+    int trie_n;
 } Tokenizer;
 
 // Parses the tokenizer section of a model file. Returns NULL on success, or a

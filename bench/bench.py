@@ -88,6 +88,22 @@ def peer_run(tool, gguf, threads, ik):
     return pp[0], tg[0]
 
 
+DEPTHS = (1024, 4096)
+
+
+def peer_depth_run(tool, gguf, threads):
+    """ik_llama.cpp at depth: a 512-token prompt, and 32 tokens decoded after 1024 and after 4096 tokens
+    of context (its -gp): {"pp512": tok/s, 1024: tok/s, 4096: tok/s}."""
+    cmd = [tool, "-m", gguf, "-p", "512", "-n", "0", "-t", str(threads), "-r", "1", "-rtr", "1", "-o", "json"]
+    for d in DEPTHS:
+        cmd += ["-gp", f"{d},32"]
+    rows = json.loads(sh(cmd)[0])
+    out = {"pp512": next(r["avg_ts"] for r in rows if r.get("n_prompt") == 512 and r.get("n_gen") == 0)}
+    for d in DEPTHS:
+        out[d] = next(r["avg_ts"] for r in rows if r.get("n_prompt") == d and r.get("n_gen") == 32)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
@@ -95,6 +111,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="rounds per row; the median is shown")
     ap.add_argument("--llama-bench", help="a llama.cpp llama-bench to run beside ours, round by round")
     ap.add_argument("--ik-bench", help="an ik_llama.cpp llama-bench (run with -rtr 1), the same way")
+    ap.add_argument("--depth", default="", metavar="TYPES",
+                    help="also a 512-token prompt and decoding after 1024 and 4096 tokens for these types (e.g. q8,q4), "
+                         "beside ik_llama.cpp's -p 512 and -gp when it is given")
     ap.add_argument("--gguf", action="append", default=[], metavar="TYPE=PATH",
                     help="the peers' GGUF of the same checkpoint for one of our types, e.g. q8=m-q8_0.gguf")
     a = ap.parse_args()
@@ -112,13 +131,17 @@ def main():
     V = SHAPE["vocab"]
     edge = {"f32": 4.0, "bf16": 2.0, "q8": 17 / 16, "q4": 17 / 16}
 
-    rows, peer_rows = [], []
+    depth_types = [t for t in a.depth.split(",") if t]
+    rows, peer_rows, depth_rows = [], [], []
     for t in types:
         for n in threads:
-            runs, ratios = [], {}
+            runs, ratios, depth_runs = [], {}, []
             for _ in range(a.repeat):  # one round: bandwidth, ours, bandwidth, then each peer
+                depth = t in depth_types
                 before = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
-                res = last_json(sh([engine, paths[t], "--bench", "--threads", str(n)])[0])
+                cmd = [engine, paths[t], "--threads", str(n)]
+                cmd += ["--bench-depth", "-c", str(DEPTHS[-1] + 64)] if depth else ["--bench"]
+                res = last_json(sh(cmd)[0])
                 after = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
                 bw = (before + after) / 2
                 runs.append(dict(res, bw=bw, ratio=res["gb_per_s"] / bw))
@@ -127,6 +150,10 @@ def main():
                         continue
                     pp, tg = peer_run(tool, ggufs[t], n, ik)
                     ratios.setdefault(name, []).append((res["prefill_tok_s"] / pp, res["decode_tok_s"] / tg, pp, tg))
+                    if depth and ik:
+                        peer = peer_depth_run(tool, ggufs[t], n)
+                        ours = {"pp512": res["pp512_tok_s"], **{d: res[f"decode_at_{d}_tok_s"] for d in DEPTHS}}
+                        depth_runs.append((ours, peer))
             res = {k: median([r[k] for r in runs]) for k in ("prefill_tok_s", "decode_tok_s", "bytes_per_token",
                                                                "gb_per_s", "bw", "ratio")}
             bw, ratio = res["bw"], res["ratio"]
@@ -139,6 +166,11 @@ def main():
             for name, r in ratios.items():
                 peer_rows.append((t, n, name, median(x[2] for x in r), median(x[3] for x in r),
                                   median(x[0] for x in r), median(x[1] for x in r)))
+            if depth_runs:
+                keys = ["pp512"] + list(DEPTHS)
+                depth_rows.append((t, n, {k: median(o[k] for o, _ in depth_runs) for k in keys},
+                                   {k: median(p[k] for _, p in depth_runs) for k in keys},
+                                   {k: median(o[k] / p[k] for o, p in depth_runs) for k in keys}))
             print(f"  {t} x{n}: prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.2f} tok/s, "
                   f"{res['gb_per_s']:.1f} of {bw:.1f} GB/s ({100 * ratio:.0f}%)", flush=True)
 
@@ -160,6 +192,15 @@ def main():
               f"{'ours/peer decode':>16}")
         for t, n, name, pp, tg, rp, rd in peer_rows:
             print(f"{t:6} {n:3d} {name:14} {pp:12.2f} {tg:12.2f} {rp:16.2f} {rd:16.2f}")
+
+    if depth_rows:
+        print()
+        print("At depth, beside ik_llama.cpp (its -p 512 and -gp D,32), medians; ratio = median of the per-round ours/ik")
+        print(f"{'format':6} {'thr':>3} {'what':22} {'ours tok/s':>10} {'ik tok/s':>9} {'ours/ik':>8}")
+        for t, n, ours, ik, ratio in depth_rows:
+            for k in ["pp512"] + list(DEPTHS):
+                what = "512-token prompt" if k == "pp512" else f"decode after {k} tokens"
+                print(f"{t:6} {n:3d} {what:22} {ours[k]:10.2f} {ik[k]:9.2f} {ratio[k]:8.2f}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def check(cond, msg):
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600, **kw)
+    kw.setdefault("timeout", 600)
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", **kw)
 
 
 def export(hf_dir, out, wtype="f32"):
@@ -993,23 +994,73 @@ def export_errors(tmp):
     variant("truncated_safetensors", truncate)
     variant("malformed_header", bad_header)
     variant("huge_header_length", huge_header)
+    # what a fuzzer found (issue 14): tracebacks, hangs, and files the engine would refuse
+    variant("nested_json", lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100000 + "]" * 100000))
+    variant("huge_float", lambda d: open(os.path.join(d, "config.json"), "w").write(
+        open(os.path.join(src, "config.json")).read().replace('"rope_theta": 1000000.0', '"rope_theta": 1e999')))
+    variant("eps_underflows", edit_config("rms_norm_eps", 1e-50))
+    variant("theta_denormal", edit_config("rope_theta", 1e-300))
+    variant("head_dim_too_big", edit_config("head_dim", 16386))
+    variant("million_layers", edit_config("num_hidden_layers", 1000000))
+    variant("huge_vocab", edit_config("vocab_size", 200000000))
+    variant("dtype_list", edit_tensors(lambda t: t.update({"model.norm.weight": (["F32"], *t["model.norm.weight"][1:])})))
+    variant("huge_shape", edit_tensors(lambda t: t.update({"model.norm.weight": ("F32", [2**62, 2**62], b"")})))
+    variant("nan_weights", edit_tensors(lambda t: t.update({"model.norm.weight": (
+        "F32", t["model.norm.weight"][1], np.full(t["model.norm.weight"][1], np.nan, "<f4").tobytes())})))
+    variant("inf_bf16", edit_tensors(lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": (
+        "BF16", t["model.layers.0.self_attn.q_proj.weight"][1],
+        b"\x80\x7f" + t["model.layers.0.self_attn.q_proj.weight"][2][2:])})))
+    tok_model = open(os.path.join(src, "tokenizer.model"), "rb").read()
+
+    def tokenizer_edit(old, new):
+        def f(d):
+            check(old in tok_model, f"tokenizer.model lacks {old!r}")
+            open(os.path.join(d, "tokenizer.model"), "wb").write(tok_model.replace(old, new, 1))
+        return f
+    variant("malformed_byte_piece", tokenizer_edit(b"<0x41>", b"<0xZ1>"))
+    # unk_id (TrainerSpec field 40) of 2^40: a varint the file format cannot hold
+    variant("unk_id_huge", lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(
+        tok_model + b"\x12\x08" + b"\xc0\x02" + b"\x80\x80\x80\x80\x80\x20"))
+    variant("long_error", edit_config("model_type", "x" * 300000))
     expected = {"no_config": "config.json", "bad_config_json": "config.json", "llama": "model_type",
                 "heads_zero": "num_attention_heads", "topk_too_big": "num_experts_per_tok",
                 "shape_mismatch": "w1.weight", "no_tokenizer": "tokenizer.model", "bad_tokenizer": "tokenizer.model",
                 "no_weights": "model.safetensors", "missing_tensor": "experts.2.w3.weight",
                 "unexpected_tensor": "model.layers.0.extra.weight", "unsupported_dtype": "I16",
                 "truncated_safetensors": "truncated", "malformed_header": "model.safetensors",
-                "huge_header_length": "model.safetensors"}
+                "huge_header_length": "model.safetensors", "nested_json": "config.json", "huge_float": "rope_theta",
+                "eps_underflows": "rms_norm_eps", "theta_denormal": "rope_theta", "head_dim_too_big": "head_dim",
+                "million_layers": "num_hidden_layers", "huge_vocab": "vocab_size", "dtype_list": "dtype",
+                "huge_shape": "model.norm.weight", "nan_weights": "NaN", "inf_bf16": "q_proj",
+                "malformed_byte_piece": "byte piece", "unk_id_huge": "unk_id", "long_error": "model_type"}
     for name, d in cases:
         out = os.path.join(tmp, name + ".bin")
-        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, out])
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, out], timeout=60)
         lines = [l for l in r.stderr.strip().splitlines() if l]
-        check(r.returncode == 1, f"export {name}: exit {r.returncode}, expected 1\n{r.stderr}")
-        check(len(lines) == 1 and lines[0].startswith("export.py: error:"),
-              f"export {name}: expected a one-line error, got:\n{r.stderr}")
+        check(r.returncode == 1, f"export {name}: exit {r.returncode}, expected 1\n{r.stderr[-2000:]}")
+        check(len(lines) == 1 and lines[0].startswith("export.py: error:") and len(lines[0]) < 600,
+              f"export {name}: expected one bounded error line, got:\n{r.stderr[:2000]}")
         check(expected[name] in lines[0], f"export {name}: message does not name {expected[name]!r}: {lines[0]}")
         check(not os.path.exists(out) and not os.path.exists(out + ".partial"), f"export {name}: left a file behind")
-    return f"{len(cases)} malformed checkpoints rejected with one-line errors"
+    # SIGTERM and SIGINT during an export: the partial file removed, one line, no traceback
+    import signal
+    import time
+    big = os.path.join(tmp, "big")
+    hf.write_checkpoint(big, hf.make_config(dim=512, hidden_dim=1024, layers=4, experts=8), seed=2)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = os.path.join(tmp, "big.bin")
+        p = subprocess.Popen([PYTHON, os.path.join(ROOT, "export.py"), big, out, "--type", "q4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(300):  # until the partial file exists
+            if os.path.exists(out + ".partial"):
+                break
+            time.sleep(0.02)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        check(p.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1,
+              f"export.py after {sig.name}: exit {p.returncode}, stderr:\n{err[-2000:]}")
+        check(not os.path.exists(out + ".partial") and not os.path.exists(out), f"{sig.name} left a file behind")
+    return f"{len(cases)} malformed checkpoints rejected with one-line errors; SIGTERM and SIGINT clean up"
 
 
 # ----------------------------------------------------------------------------
@@ -1320,6 +1371,189 @@ def readme_sample_is_make_run(tmp):
     check(m.group(1).rstrip("\n") == r.stdout.rstrip("\n"),
           f"README sample differs from `make run`:\n--- README\n{m.group(1)}--- make run\n{r.stdout}")
     return f"{len(r.stdout)} characters identical"
+
+
+# ----------------------------------------------------------------------------
+# hardening (issue 14): what fuzzing found, each kept fixed by a test
+
+def tensor_offset(model, name):
+    """Byte offset of a tensor in a model file, from export.py's own layout (tensor_plan, MATRIX_TYPES)."""
+    sys.path.insert(0, ROOT)
+    import export as ex
+    head = open(model, "rb").read(ex.HEADER_SIZE)
+    f = struct.unpack_from(ex.HEADER_FORMAT, head)
+    names = ("magic version header_size weight_type block_size dim hidden_dim n_layers n_heads n_kv_heads "
+             "head_dim n_experts top_k vocab_size max_seq_len sliding_window bos_id eos_id row_group rope_theta "
+             "rms_norm_eps tokenizer_offset tokenizer_size weights_offset file_size").split()
+    h = dict(zip(names, f))
+    kinds = dict(zip(ex.MATRIX_KINDS, f[len(names):]))
+    c = {k: h[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_experts",
+                           "top_k", "vocab_size")}
+    c["tie_word_embeddings"] = False
+    off = h["weights_offset"]
+    for tname, shape, kind in ex.tensor_plan(c):
+        off = ex.align(off, ex.TENSOR_ALIGN)
+        if tname == name:
+            return off
+        off += ex.tensor_bytes(shape, ex.F32 if kind is None else kinds[kind])
+    raise Failure(f"no tensor {name}")
+
+
+def sanitized_ok(r, what):
+    check(r.returncode == 0 and "runtime error" not in r.stderr and "Sanitizer" not in r.stderr,
+          f"{what}: exit {r.returncode}\n{r.stderr[-3000:]}")
+
+
+@test
+def hardened_engine(tmp):
+    """Sampling from NaN logits (-t 1.2e-38) and from a vocabulary of one token; NaN router weights in
+    --trace-experts/--expert-stats; rope_theta and rms_norm_eps outside sane ranges; 16 threads on this
+    machine: under the sanitizers, each a clean run or a clear error."""
+    m = small_model(tmp)
+    for engine in (ENGINE, DEBUG_ENGINE):
+        r = run([engine, m, "-i", "hi", "-n", "4", "-t", "1.2e-38", "-s", "1"])
+        sanitized_ok(r, f"{os.path.basename(engine)} -t 1.2e-38")
+    # NaN router weights (export.py refuses them, so the file is patched)
+    nan = os.path.join(tmp, "nan_router.bin")
+    shutil.copy(m, nan)
+    with open(nan, "r+b") as f:
+        f.seek(tensor_offset(nan, "model.layers.0.block_sparse_moe.gate.weight"))
+        f.write(np.full(64, np.nan, "<f4").tobytes())
+    r = run([DEBUG_ENGINE, nan, "-i", "hi", "-n", "3", "--trace-experts", "--expert-stats", "-t", "0.8", "-s", "1"])
+    sanitized_ok(r, "NaN router weights")
+    # a vocabulary of one piece: BOS = EOS = 0
+    d = os.path.join(tmp, "one")
+    cfg = hf.make_config(vocab=1)
+    cfg["bos_token_id"] = cfg["eos_token_id"] = 0
+    hf.write_checkpoint(d, cfg, seed=4)
+    sys.path.insert(0, os.path.join(HERE, "fuzz"))
+    import make_seeds
+    open(os.path.join(d, "tokenizer.model"), "wb").write(make_seeds.sentencepiece_model([("<unk>", 0.0, 2)]))
+    one = export(d, os.path.join(tmp, "one.bin"), "bf16")
+    for args in (["-t", "1", "-p", "0.5"], ["-t", "0.5", "--top-k", "2", "--min-p", "0.5"], ["-t", "0"]):
+        r = run([DEBUG_ENGINE, one, "-i", "x", "-n", "3", "-s", "2"] + args)
+        sanitized_ok(r, f"vocabulary of 1, {' '.join(args)}")
+    # rope_theta and rms_norm_eps: finite, normal, in range, or the loader names the field
+    sys.path.insert(0, ROOT)
+    import export as ex
+    fmt = ex.HEADER_FORMAT
+    theta_at = struct.calcsize(fmt[:fmt.index("f")])  # the first float field
+    for value, field, at in ((1e-300, "rope_theta", 0), (1e-40, "rope_theta", 0), (float("inf"), "rope_theta", 0),
+                             (float("nan"), "rope_theta", 0), (1e13, "rope_theta", 0), (0.0, "rms_norm_eps", 4),
+                             (1e-45, "rms_norm_eps", 4), (2.0, "rms_norm_eps", 4)):
+        expect_error([ENGINE, patched(tmp, f"{field}_{value}.bin", theta_at + at, "<f", value)], field)
+    # oversubscribed: 16 threads on this machine, same numbers as 1
+    ids = [1, 415, 2936, 9060, 285, 1142, 13]
+    a, _ = engine_logits(m, ids, threads=1, vocab=32000, layers=2, top_k=2)
+    b, _ = engine_logits(m, ids, threads=16, vocab=32000, layers=2, top_k=2)
+    check(np.array_equal(a, b), "--threads 16 gives other logits than --threads 1")
+    return "NaN logits, NaN router, 1-token vocabulary, 8 bad theta/eps headers, 16 threads"
+
+
+@test
+def chat_file_memory_is_linear(tmp):
+    """A conversation file of 32k messages (1.5 MB) reads within a 256 MB address-space limit: memory
+    grows with the file, not with its square (each string once took the rest of the file: 18 GB)."""
+    import resource
+    model = tokenizer_model("mistral-v1.model")
+    path = os.path.join(tmp, "long.json")
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i}"} for i in range(32000)]
+    json.dump({"messages": msgs}, open(path, "w"))
+    limit = 256 << 20
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    r = subprocess.run([ENGINE, model, "--chat-ids-file", path], capture_output=True, text=True, preexec_fn=cap,
+                       timeout=120)
+    check(r.returncode == 0 and len(r.stdout.split()) > 32000, f"exit {r.returncode}: {r.stderr[-500:]}")
+    return f"{os.path.getsize(path) / 1e6:.1f} MB, 32000 messages, under a 256 MB limit"
+
+
+@test
+def long_user_defined_piece(tmp):
+    """A vocabulary with a user-defined piece of 5000 bytes: text is split at it as sentencepiece
+    splits it (compared with the library), in time linear in the text (it was cubic in the piece)."""
+    import sentencepiece
+    import time
+    piece = "ab" * 2500
+    src = open(os.path.join(ROOT, "tokenizers", "mistral-v1.model"), "rb").read()
+    sys.path.insert(0, os.path.join(HERE, "fuzz"))
+    import make_seeds
+    extra = make_seeds.field(1, 2, make_seeds.field(1, 2, piece.encode()) + make_seeds.field(2, 5, struct.pack("<f", 0.0))
+                             + make_seeds.field(3, 0, 4))
+    d = os.path.join(tmp, "hf")
+    hf.write_checkpoint(d, hf.make_config(dim=8, hidden_dim=8, layers=1, heads=2, kv_heads=1, experts=2, top_k=1,
+                                          vocab=32001), seed=1)
+    tok = os.path.join(d, "tokenizer.model")
+    open(tok, "wb").write(src + extra)
+    model = export(d, os.path.join(tmp, "m.bin"), "f32")
+    sp = sentencepiece.SentencePieceProcessor(model_file=tok)
+    text = ("x " + piece + "abab y " + piece[:4999] + " ") * 3
+    path = os.path.join(tmp, "t.txt")
+    open(path, "w").write(text)
+    r = run([ENGINE, model, "--tokenize-file", path])
+    got, want = [int(x) for x in r.stdout.split()], sp.encode(text)
+    check(got == want, f"ids differ from sentencepiece's: first at {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))}")
+    big = os.path.join(tmp, "big.txt")
+    open(big, "w").write(piece[:4999] * 40)  # 200 KB that nearly matches at every position
+    t0 = time.time()
+    r = run([ENGINE, model, "--tokenize-file", big], timeout=120)
+    check(r.returncode == 0, r.stderr)
+    return f"same ids as sentencepiece; 200 KB of near-matches in {time.time() - t0:.1f} s"
+
+
+@test
+def fuzz_corpus_replay(tmp):
+    """Every committed fuzz input (tests/fuzz/corpus) through its target, built with ASan and UBSan
+    without libFuzzer (tests/fuzz/replay.c): what `make fuzz` once passed keeps passing."""
+    model = tokenizer_model("mistral-v1.model")
+    total = 0
+    for target in ("model", "tokenizer", "chat", "options"):
+        exe = os.path.join(tmp, f"replay_{target}")
+        r = run([CC, "-O1", "-g", "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
+                 "-std=c11", "-D_GNU_SOURCE", "-Wno-unused-function", "-I" + ROOT, "-o", exe,
+                 os.path.join(HERE, "fuzz", f"fuzz_{target}.c"), os.path.join(HERE, "fuzz", "replay.c"),
+                 *[os.path.join(ROOT, f) for f in ("kernels.c", "pool.c", "chat.c", "tokenizer.c")], "-lm", "-lpthread"])
+        check(r.returncode == 0, f"building the {target} replay:\n{r.stderr[-3000:]}")
+        corpus = os.path.join(HERE, "fuzz", "corpus", target)
+        r = run([exe, corpus], env=dict(os.environ, MIXTRAL_FUZZ_MODEL=model, ASAN_OPTIONS="detect_leaks=0"))
+        check(r.returncode == 0 and "runtime error" not in r.stderr, f"replaying {corpus}:\n{r.stderr[-3000:]}")
+        total += int(r.stdout.split()[1])
+    return f"{total} inputs replayed clean"
+
+
+@test
+def thread_pool_under_tsan(tmp):
+    """The engine built with ThreadSanitizer: prompts in chunks and decoding on 3 threads, and chat,
+    report no data race."""
+    exe = os.path.join(tmp, "mixtral-tsan")
+    r = run([CC, "-O1", "-g", "-fsanitize=thread", "-std=c11", "-D_GNU_SOURCE", "-o", exe,
+             *[os.path.join(ROOT, f) for f in ("mixtral.c", "kernels.c", "pool.c", "chat.c", "tokenizer.c")],
+             "-lm", "-lpthread"])
+    if r.returncode != 0:
+        raise Skip(f"{CC} cannot build with -fsanitize=thread: {r.stderr.strip().splitlines()[-1:]}")
+    m = small_model(tmp)
+    probe = run([exe, "--version"])
+    prefix = []
+    if probe.returncode != 0 and shutil.which("setarch"):  # TSan and a randomised address space
+        prefix = ["setarch", platform.machine(), "-R"]
+        probe = run(prefix + [exe, "--version"])
+    if probe.returncode != 0:
+        raise Skip(f"ThreadSanitizer does not run here: {probe.stderr.strip()[:200]}")
+    for args, stdin in ((["-i", "Hello world, once more", "-n", "12", "--threads", "3", "--chunk", "3"], None),
+                        (["-m", "chat", "-n", "6", "--threads", "2", "-t", "0"], "hi\nagain\n")):
+        r = run(prefix + [exe, m] + args, input=stdin, env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1"))
+        check(r.returncode == 0 and "ThreadSanitizer" not in r.stderr, f"TSan, {' '.join(args)}:\n{r.stderr[-3000:]}")
+    return "no data race: chunked prompt and decoding on 3 threads, chat on 2"
+
+
+@test
+def export_mutations(tmp):
+    """300 mutated checkpoints through export.py (tests/export_mutations.py; make fuzz runs 10,000):
+    no traceback, no hang, one bounded error line, and whatever it writes mixtral runs."""
+    r = run([PYTHON, os.path.join(HERE, "export_mutations.py"), "--n", "300", "--seed", "7"], timeout=900)
+    check(r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:])
+    return r.stdout.strip().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+// fuzz.h: what the fuzz targets share. Each target is one .c file defining
+// LLVMFuzzerTestOneInput; `make fuzz` builds them with clang's libFuzzer
+// (ASan + UBSan) and runs each for FUZZ_SECONDS; replay.c runs the committed
+// corpus through them without libFuzzer, which `make test` does.
+//
+// The engine is included whole, with MIXTRAL_FUZZ: its die() then jumps back
+// to die_jump instead of exiting, so an input that is refused ends the run of
+// that input, and the fuzzer goes on.
+#define MIXTRAL_NO_MAIN
+#define MIXTRAL_FUZZ
+#include "../../mixtral.c"
+
+#include <stdio.h>
+
+// The tokenizer of the model file named by MIXTRAL_FUZZ_MODEL (tokenizer and
+// chat targets), loaded once.
+static Model fuzz_model;
+
+static const Tokenizer *fuzz_tokenizer(void) {
+    static int loaded;
+    if (!loaded) {
+        const char *path = getenv("MIXTRAL_FUZZ_MODEL");
+        if (!path) { fprintf(stderr, "set MIXTRAL_FUZZ_MODEL to a model file (its tokenizer is used)\n"); abort(); }
+        if (setjmp(die_jump)) { fprintf(stderr, "MIXTRAL_FUZZ_MODEL=%s does not load\n", path); abort(); }
+        model_load(&fuzz_model, path, LOAD_MMAP, 1);
+        loaded = 1;
+    }
+    return &fuzz_model.tokenizer;
+}

@@ -202,6 +202,9 @@ typedef struct {
     uint64_t map_size;      // the file's size
     int in_memory;          // read in (alloc_size bytes), not mapped
     size_t alloc_size;
+    struct ExpertCache *cache; // the experts in a cache of slots (model larger than memory), or NULL
+    uint8_t *resident;      // with the cache: everything but the experts, read in (resident_bytes)
+    size_t resident_bytes;
 } Model;
 
 // Walks the tensor order once; with map == NULL it only measures. Every step
@@ -415,12 +418,297 @@ static void model_attach(Model *m, const char *path) {
     if (err) die("%s: tokenizer section: %s; re-run export.py", path, err);
 }
 
+// --- the expert cache ------------------------------------------------------------
+//
+// For a model larger than the memory it may use (--mem, or what the system has
+// available): everything but the experts is read into memory once (attention,
+// norms, routers, embedding, lm_head: a small share of the bytes), and the
+// experts live in a fixed number of slots, each holding one expert's w1, w3
+// and w2 exactly as they lie in the file. A layer's chosen experts are looked
+// up; a miss is read into the least recently used slot, in large pread()s on
+// the I/O threads. And while layer l computes, the experts that layer l+1's
+// router picks from layer l's hidden state are read ahead (speculative
+// prefetch, after Eliseev and Mazur, "Fast Inference of Mixture-of-Experts
+// Language Models with Offloading", 2023): the residual stream changes slowly,
+// so the guess is often right, and a wrong one costs only a read. The kernels
+// read the same bytes from a slot as from the file: the output is identical.
+
+#define CACHE_IO_THREADS 4
+#define CACHE_PIECE (4u << 20) // bytes per pread
+
+typedef struct { int slot; uint64_t file_offset, slot_offset, bytes; } Load;
+
+typedef struct ExpertCache {
+    int fd;                    // the model file
+    int n_layers, n_experts;
+    uint64_t *span;            // (L*E) file offset of expert (l, e)'s w1, w3, w2, one span
+    uint64_t span_bytes;       // the same for every expert
+    int n_slots;
+    size_t slot_bytes;
+    uint8_t *slots;            // (n_slots, slot_bytes)
+    int *slot_of;              // (L*E) the slot holding (or reading) expert (l, e), or -1
+    int *owner;                // (n_slots) the expert l*E+e in the slot, or -1
+    uint64_t *last_use;        // (n_slots) the LRU clock when it was last used or read ahead
+    uint64_t clock;
+    uint8_t *pinned;           // (n_slots) in use by the layer being computed
+    int *pending;              // (n_slots) pieces of its read not yet done (under mu); 0: ready
+    uint8_t *guessed;          // (L*E) read ahead for its layer, not yet needed there
+    // the I/O threads and their queue of pieces
+    pthread_t io[CACHE_IO_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    Load *queue;               // a ring of q_cap pieces
+    int q_head, q_n, q_cap, quit, failed;
+    int in_flight;             // pieces queued or being read
+    double busy_since, busy_seconds; // wall time with reads in flight: for the read speed
+    // what --expert-stats and the summary report
+    uint64_t hits, misses, prefetched, prefetch_used, bytes_read;
+    double wait_seconds;       // time the forward pass waited for reads
+} ExpertCache;
+
+static void *cache_io_thread(void *arg) {
+    ExpertCache *c = arg;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (!c->quit && c->q_n == 0) pthread_cond_wait(&c->work, &c->mu);
+        if (c->quit) break;
+        Load ld = c->queue[c->q_head];
+        c->q_head = (c->q_head + 1) % c->q_cap;
+        c->q_n--;
+        pthread_mutex_unlock(&c->mu);
+        uint8_t *to = c->slots + (size_t)ld.slot * c->slot_bytes + ld.slot_offset;
+        uint64_t got = 0;
+        while (got < ld.bytes) {
+            ssize_t r = pread(c->fd, to + got, ld.bytes - got, (off_t)(ld.file_offset + got));
+            if (r <= 0) break;
+            got += (uint64_t)r;
+        }
+        pthread_mutex_lock(&c->mu);
+        if (got < ld.bytes) c->failed = 1;
+        c->bytes_read += got;
+        c->pending[ld.slot]--;
+        if (--c->in_flight == 0) c->busy_seconds += time_s() - c->busy_since;
+        pthread_cond_broadcast(&c->done);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+// Queues the read of expert x = l*E+e into slot s (under mu).
+static void cache_read(ExpertCache *c, int x, int s) {
+    if (c->owner[s] >= 0) c->slot_of[c->owner[s]] = -1;
+    c->owner[s] = x;
+    c->slot_of[x] = s;
+    for (uint64_t off = 0; off < c->span_bytes; off += CACHE_PIECE) {
+        if (c->q_n == c->q_cap) die("expert cache: read queue full"); // sized for every slot at once
+        uint64_t n = c->span_bytes - off < CACHE_PIECE ? c->span_bytes - off : CACHE_PIECE;
+        c->queue[(c->q_head + c->q_n++) % c->q_cap] = (Load){s, c->span[x] + off, off, n};
+        c->pending[s]++;
+        if (c->in_flight++ == 0) c->busy_since = time_s();
+    }
+    pthread_cond_broadcast(&c->work);
+}
+
+// The least recently used slot that is neither in use nor being read, or -1.
+static int cache_victim(const ExpertCache *c) {
+    int best = -1;
+    for (int s = 0; s < c->n_slots; s++)
+        if (!c->pinned[s] && c->pending[s] == 0 && (best < 0 || c->last_use[s] < c->last_use[best])) best = s;
+    return best;
+}
+
+// Reads ahead experts es[0..n) of layer l, into slots no one is using (under mu).
+static void cache_prefetch_locked(ExpertCache *c, int l, const int *es, int n) {
+    for (int i = 0; i < n; i++) {
+        int x = l * c->n_experts + es[i];
+        if (c->slot_of[x] >= 0) continue; // there, or on its way
+        int s = cache_victim(c);
+        if (s < 0) break;
+        c->guessed[x] = 1;
+        c->prefetched++;
+        c->last_use[s] = ++c->clock; // as if used: not the next victim
+        cache_read(c, x, s);
+    }
+}
+
+// Makes experts es[0..n) of layer l ready to use, as many as there are slots for
+// (a prefix of es: fewer than n only when the layer needs more experts at once
+// than the cache holds), and pins them; out[i] gets expert es[i] with its
+// matrices pointing into its slot. Returns how many. Queues the reads ahead of
+// ahead[0..n_ahead) for layer l+1 behind its own, then waits for its own.
+static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, int n, Expert *out,
+                         const int *ahead, int n_ahead) {
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < n; i++) { // what is there already is not a victim for what is not
+        int s = c->slot_of[l * c->n_experts + es[i]];
+        if (s >= 0) c->pinned[s] = 1;
+    }
+    int got = 0;
+    for (; got < n; got++) {
+        int x = l * c->n_experts + es[got], s = c->slot_of[x];
+        if (s >= 0) {
+            c->hits++;
+        } else {
+            if ((s = cache_victim(c)) < 0) break;
+            c->misses++;
+            cache_read(c, x, s);
+        }
+        if (c->guessed[x]) { c->prefetch_used++; c->guessed[x] = 0; }
+        c->pinned[s] = 1;
+        c->last_use[s] = ++c->clock;
+    }
+    if (got == 0) die("expert cache: no free slot (every slot is in use or being read)");
+    for (int i = got; i < n; i++) { // those for a later wave: unpinned again
+        int s = c->slot_of[l * c->n_experts + es[i]];
+        if (s >= 0) c->pinned[s] = 0;
+    }
+    for (int e = 0; e < c->n_experts; e++) c->guessed[l * c->n_experts + e] = 0; // the guesses for l are settled
+    if (n_ahead && l + 1 < c->n_layers) cache_prefetch_locked(c, l + 1, ahead, n_ahead); // after this layer's reads
+    double t0 = time_s();
+    for (int i = 0; i < got; i++)
+        while (c->pending[c->slot_of[l * c->n_experts + es[i]]] > 0 && !c->failed) pthread_cond_wait(&c->done, &c->mu);
+    c->wait_seconds += time_s() - t0;
+    if (c->failed) die("expert cache: cannot read the model file: %s", strerror(errno));
+    for (int i = 0; i < got; i++) { // the expert's matrices, moved from the file's span into the slot
+        const Expert *ex = &L->experts[es[i]];
+        const uint8_t *base = (const uint8_t *)ex->w1.data, *slot = c->slots + (size_t)c->slot_of[l * c->n_experts + es[i]] * c->slot_bytes;
+        out[i] = *ex;
+        out[i].w1.data = slot;
+        out[i].w3.data = slot + ((const uint8_t *)ex->w3.data - base);
+        out[i].w2.data = slot + ((const uint8_t *)ex->w2.data - base);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return got;
+}
+
+static void cache_release(ExpertCache *c, int l, const int *es, int n) {
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < n; i++) c->pinned[c->slot_of[l * c->n_experts + es[i]]] = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+// Sets up a cache of as many slots as `slot_budget` bytes hold, for the
+// experts of a model whose file is mapped at map (for their offsets) and open as fd.
+static ExpertCache *cache_init(const Model *m, int fd, uint64_t slot_budget) {
+    const Config *p = &m->config;
+    ExpertCache *c = xcalloc(1, sizeof(ExpertCache));
+    int L = p->n_layers, E = p->n_experts;
+    c->fd = fd;
+    c->n_layers = L;
+    c->n_experts = E;
+    c->span = xcalloc((size_t)L * E, sizeof(uint64_t));
+    const Expert *first = &m->weights.layers[0].experts[0];
+    c->span_bytes = (const uint8_t *)first->w2.data + first->w2.bytes - (const uint8_t *)first->w1.data;
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < E; e++) c->span[l * E + e] = (const uint8_t *)m->weights.layers[l].experts[e].w1.data - m->map;
+    c->slot_bytes = (c->span_bytes + 4095) / 4096 * 4096;
+    c->n_slots = (int)(slot_budget / c->slot_bytes);
+    if (c->n_slots > L * E) c->n_slots = L * E;
+    if (c->n_slots < 1) return c; // the caller says what is missing
+    size_t bytes = (size_t)c->n_slots * c->slot_bytes;
+    c->slots = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (c->slots == MAP_FAILED) die("expert cache: cannot allocate %.2f GB of slots", bytes / 1e9);
+#ifdef MADV_HUGEPAGE
+    madvise(c->slots, bytes, MADV_HUGEPAGE);
+#endif
+    c->slot_of = xcalloc((size_t)L * E, sizeof(int));
+    for (int x = 0; x < L * E; x++) c->slot_of[x] = -1;
+    c->owner = xcalloc(c->n_slots, sizeof(int));
+    for (int s = 0; s < c->n_slots; s++) c->owner[s] = -1;
+    c->last_use = xcalloc(c->n_slots, sizeof(uint64_t));
+    c->pinned = xcalloc(c->n_slots, 1);
+    c->pending = xcalloc(c->n_slots, sizeof(int));
+    c->guessed = xcalloc((size_t)L * E, 1);
+    c->q_cap = (int)(c->n_slots * (c->span_bytes / CACHE_PIECE + 1));
+    c->queue = xcalloc(c->q_cap, sizeof(Load));
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->work, NULL);
+    pthread_cond_init(&c->done, NULL);
+    for (int i = 0; i < CACHE_IO_THREADS; i++)
+        if (pthread_create(&c->io[i], NULL, cache_io_thread, c) != 0) die("expert cache: cannot start I/O threads");
+    return c;
+}
+
+static void cache_free(ExpertCache *c) {
+    if (!c) return;
+    if (c->n_slots >= 1) {
+        pthread_mutex_lock(&c->mu);
+        c->quit = 1;
+        pthread_cond_broadcast(&c->work);
+        pthread_mutex_unlock(&c->mu);
+        for (int i = 0; i < CACHE_IO_THREADS; i++) pthread_join(c->io[i], NULL);
+        munmap(c->slots, (size_t)c->n_slots * c->slot_bytes);
+    }
+    free(c->span); free(c->slot_of); free(c->owner); free(c->last_use); free(c->pinned); free(c->pending);
+    free(c->guessed); free(c->queue);
+    free(c);
+}
+
+// One line on the cache, for --expert-stats and the run's summary.
+static void cache_report(const ExpertCache *c, FILE *out) {
+    uint64_t lookups = c->hits + c->misses;
+    fprintf(out, "expert cache: %d slots of %.0f MB; hit rate %.1f%% (%llu of %llu); prefetch accuracy %.1f%% "
+                 "(%llu of %llu read ahead were used); read %.0f MB at %.0f MB/s; waited %.2f s\n",
+            c->n_slots, c->slot_bytes / 1e6, lookups ? 100.0 * c->hits / lookups : 0.0, (unsigned long long)c->hits,
+            (unsigned long long)lookups, c->prefetched ? 100.0 * c->prefetch_used / c->prefetched : 0.0,
+            (unsigned long long)c->prefetch_used, (unsigned long long)c->prefetched, c->bytes_read / 1e6,
+            c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, c->wait_seconds);
+}
+
+// With the expert cache: every weight but the experts' read into memory of the
+// process (the file stays mapped only to find the experts' offsets; nothing
+// reads through the mapping), so that they stay resident whatever the page
+// cache does.
+static void keep_resident(Model *m, int fd, const char *path) {
+    const Config *p = &m->config;
+    Weights *w = &m->weights;
+    int n = 0, most = 3 + 7 * p->n_layers;
+    const void ***ptr = xcalloc(most, sizeof(*ptr));
+    uint64_t *size = xcalloc(most, sizeof(*size));
+#define KEEP(field, bytes) (ptr[n] = (const void **)&(field), size[n++] = (bytes))
+    KEEP(w->embed.data, w->embed.bytes);
+    KEEP(w->norm, (uint64_t)p->dim * sizeof(float));
+    KEEP(w->lm_head.data, w->lm_head.bytes);
+    for (int l = 0; l < p->n_layers; l++) {
+        Layer *L = &w->layers[l];
+        KEEP(L->attn_norm, (uint64_t)p->dim * sizeof(float));
+        KEEP(L->wq.data, L->wq.bytes);
+        KEEP(L->wk.data, L->wk.bytes);
+        KEEP(L->wv.data, L->wv.bytes);
+        KEEP(L->wo.data, L->wo.bytes);
+        KEEP(L->ffn_norm, (uint64_t)p->dim * sizeof(float));
+        KEEP(L->gate, (uint64_t)p->n_experts * p->dim * sizeof(float));
+    }
+#undef KEEP
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += (size[i] + 63) / 64 * 64;
+    m->resident_bytes = (total + 4095) / 4096 * 4096;
+    m->resident = mmap(NULL, m->resident_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m->resident == MAP_FAILED) die("cannot allocate %.2f GB for the weights besides the experts", total / 1e9);
+#ifdef MADV_HUGEPAGE
+    madvise(m->resident, m->resident_bytes, MADV_HUGEPAGE);
+#endif
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t from = (const uint8_t *)*ptr[i] - m->map;
+        for (uint64_t got = 0; got < size[i];) {
+            ssize_t r = pread(fd, m->resident + at + got, size[i] - got, (off_t)(from + got));
+            if (r <= 0) die("cannot read %s: %s", path, r < 0 ? strerror(errno) : "the file got shorter");
+            got += (uint64_t)r;
+        }
+        *ptr[i] = m->resident + at;
+        at += (size[i] + 63) / 64 * 64;
+    }
+    free(ptr);
+    free(size);
+}
+
 // How the model gets into memory: read into the process (LOAD_READ), mapped
 // (LOAD_MMAP: instant, shared with the page cache, but 4 KB pages), or read
 // when it fits in the memory available (LOAD_AUTO).
 enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ };
 
-static void model_load(Model *m, const char *path, int load, int threads) {
+static void model_load(Model *m, const char *path, int load, int threads, uint64_t mem, int context) {
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode))
@@ -438,11 +726,27 @@ static void model_load(Model *m, const char *path, int load, int threads) {
     if (pread(fd, &m->config, sizeof(Config), 0) != (ssize_t)sizeof(Config)) die("cannot read %s: %s", path, strerror(errno));
     model_check(m, size, path);
     m->map_size = size;
-    m->in_memory = load == LOAD_READ || (load == LOAD_AUTO && size + size / 8 < available_memory());
+    uint64_t avail = available_memory();
+    // the expert cache: when --mem is less than the file, or (by default) the file is more than the memory available
+    int cached = mem ? mem < size : load == LOAD_AUTO && avail && size + size / 8 > avail;
+    m->in_memory = !cached && (load == LOAD_READ || (load == LOAD_AUTO && size + size / 8 < avail));
     m->map = m->in_memory ? read_in(fd, size, path, threads, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
     if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     model_attach(m, path);
+    if (!cached) { close(fd); return; }
+    // by default: what is free, less a tenth and the KV cache
+    const Config *p = &m->config;
+    uint64_t slots = context ? (uint64_t)context : (uint64_t)(p->max_seq_len < 4096 ? p->max_seq_len : 4096);
+    if (p->sliding_window > 0 && (uint64_t)p->sliding_window < slots) slots = (uint64_t)p->sliding_window;
+    uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * slots * p->n_kv_heads * p->head_dim * sizeof(float);
+    uint64_t budget = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
+    keep_resident(m, fd, path);
+    if (budget < m->resident_bytes) budget = m->resident_bytes; // (no slot: reported below)
+    m->cache = cache_init(m, fd, budget - m->resident_bytes);
+    const ExpertCache *c = m->cache;
+    if (c->n_slots < 1)
+        die("%s: %.1f MB of memory is too little: the weights other than the experts take %.1f MB, and one expert "
+            "%.1f MB more (give --mem a larger size)", path, budget / 1e6, m->resident_bytes / 1e6, c->slot_bytes / 1e6);
 }
 
 static void model_free(Model *m) {
@@ -450,6 +754,11 @@ static void model_free(Model *m) {
     free(m->weights.layers);
     tokenizer_free(&m->tokenizer);
     munmap((void *)m->map, m->in_memory ? m->alloc_size : m->map_size);
+    if (m->cache) {
+        close(m->cache->fd);
+        cache_free(m->cache);
+        munmap(m->resident, m->resident_bytes);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -500,6 +809,7 @@ typedef struct {
     float *chosen_w;    // (C, n_layers, top_k) their routing weights
     QuantInput *xq;     // (n_experts,) a batch's inputs quantized for q8/q4 weights, C rows each
     ThreadPool *pool;
+    struct ExpertCache *cache; // the model's expert cache, or NULL
     uint64_t bytes_read; // weight and cache bytes read so far (for --bench)
     // routing statistics (--expert-stats), over every token run through the model
     uint64_t *expert_count;  // (n_layers, E) times each expert was chosen
@@ -869,7 +1179,25 @@ static void swiglu_job(void *arg, int tid, int nthreads) {
 // The mixture of experts of one layer for the chunk; adds its output to x.
 // Step 4, the expert loop, runs each chosen expert once over all the tokens
 // that chose it: out = sum_k weight_k * w2(silu(w1 xb) * w3 xb).
-static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
+// The experts the next layer's router would pick for the chunk's tokens from
+// their residual stream as it is now (before this layer's experts add to it):
+// what the expert cache reads ahead. Returns how many, into es (E,).
+static int guess_experts(const Config *p, const Layer *next, State *s, int n, int *es) {
+    int D = p->dim, E = p->n_experts, pick[p->top_k], want[E], k = 0;
+    float logits[E], probs[E], w[p->top_k];
+    memset(want, 0, sizeof(want));
+    float *xn = s->xb2; // free here: the attention output is in x already
+    for (int i = 0; i < n; i++) {
+        rmsnorm(xn, s->x + (size_t)i * D, next->ffn_norm, D, p->rms_norm_eps);
+        for (int e = 0; e < E; e++) logits[e] = dot_f32(next->gate + (size_t)e * D, xn, D);
+        route(logits, E, p->top_k, probs, pick, w);
+        for (int j = 0; j < p->top_k; j++) want[pick[j]] = 1;
+    }
+    for (int e = 0; e < E; e++) if (want[e]) es[k++] = e;
+    return k;
+}
+
+static void moe(const Config *p, const Layer *L, const Layer *next, State *s, int l, int n) {
     int D = p->dim, H = p->hidden_dim, E = p->n_experts, top_k = p->top_k, NL = p->n_layers;
     s->bytes_read += (uint64_t)n * E * D * sizeof(float); // the router
     int count[E], start[E + 1], fill[E];
@@ -904,20 +1232,32 @@ static void moe(const Config *p, const Layer *L, State *s, int l, int n) {
         }
     // 4. every expert that was chosen runs once over its rows: all up projections
     //    (w1, w3) in one round of the pool, all down projections (w2) in the next.
-    Gemm up[2 * E], down[E];
-    int active = 0;
-    for (int e = 0; e < E; e++) {
-        if (count[e] == 0) continue;
-        const Expert *ex = &L->experts[e];
-        size_t j = start[e];
-        up[2 * active] = (Gemm){s->hb + j * H, s->moe_in + j * D, &ex->w1, count[e], NULL};
-        up[2 * active + 1] = (Gemm){s->hb2 + j * H, s->moe_in + j * D, &ex->w3, count[e], NULL};
-        down[active++] = (Gemm){s->moe_out + j * D, s->hb + j * H, &ex->w2, count[e], NULL};
+    //    With the expert cache, the chosen experts are read in first (and the
+    //    next layer's guessed ones read ahead), in waves if they outnumber its slots.
+    int used[E], n_used = 0, guess[E], n_guess = 0;
+    for (int e = 0; e < E; e++) if (count[e]) used[n_used++] = e;
+    if (s->cache && next) n_guess = guess_experts(p, next, s, n, guess);
+    Expert cached[E];
+    for (int a = 0; a < n_used;) {
+        int k = s->cache ? cache_acquire(s->cache, L, l, used + a, n_used - a, cached, guess, n_guess) : n_used - a;
+        n_guess = 0; // read ahead once
+        Gemm up[2 * E], down[E];
+        for (int i = 0; i < k; i++) {
+            int e = used[a + i];
+            const Expert *ex = s->cache ? &cached[i] : &L->experts[e];
+            size_t j = start[e];
+            up[2 * i] = (Gemm){s->hb + j * H, s->moe_in + j * D, &ex->w1, count[e], NULL};
+            up[2 * i + 1] = (Gemm){s->hb2 + j * H, s->moe_in + j * D, &ex->w3, count[e], NULL};
+            down[i] = (Gemm){s->moe_out + j * D, s->hb + j * H, &ex->w2, count[e], NULL};
+        }
+        matmul(s, up, 2 * k);
+        size_t r0 = start[used[a]], r1 = start[used[a + k - 1] + 1]; // the wave's rows: consecutive experts
+        SwiGLU act = {s->hb + r0 * H, s->hb2 + r0 * H, (int64_t)(r1 - r0) * H};
+        pool_run(s->pool, swiglu_job, &act);
+        matmul(s, down, k);
+        if (s->cache) cache_release(s->cache, l, used + a, k);
+        a += k;
     }
-    matmul(s, up, 2 * active);
-    SwiGLU act = {s->hb, s->hb2, (int64_t)n * top_k * H};
-    pool_run(s->pool, swiglu_job, &act);
-    matmul(s, down, active);
     for (int j = 0; j < n * top_k; j++) { // weighted sum into the residual, expert by expert
         float *x = s->x + (size_t)s->pair_token[j] * D, w = s->pair_weight[j];
         const float *y = s->moe_out + (size_t)j * D;
@@ -941,7 +1281,7 @@ static float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0,
         die("position %d is past the context of %d tokens; use a larger -c", pos0 + n - 1, s->max_pos);
     for (int l = 0; l < p->n_layers; l++) {
         attention(p, &m->weights.layers[l], s, l, pos0, n);
-        moe(p, &m->weights.layers[l], s, l, n);
+        moe(p, &m->weights.layers[l], l + 1 < p->n_layers ? &m->weights.layers[l + 1] : NULL, s, l, n);
     }
     s->tokens_routed += n;
     int first = all_logits ? 0 : n - 1;
@@ -1291,6 +1631,7 @@ static void print_expert_stats(const Config *p, const State *s) {
         printf("%*s | %7.2f | %8.2f\n", E < 4 ? 4 - E : 0, "", h, n ? s->router_entropy[l] / n : 0.0);
     }
     printf("(entropies in bits; even usage over %d experts is %.2f)\n", E, log2(E));
+    if (s->cache) cache_report(s->cache, stdout);
 }
 
 static void clear_expert_stats(const Config *p, State *s) {
@@ -1378,6 +1719,7 @@ static int generate(Model *m, State *s, Sampler *sm, const char *prompt, size_t 
         fprintf(stderr, "mixtral: stopped: the context of %d tokens is full (use a larger -c)\n", s->max_pos);
     if (interrupted && !opt->quiet) fprintf(stderr, "mixtral: interrupted\n");
     if (!opt->quiet) print_summary(fed, t_prompt, r.tokens, r.seconds);
+    if (!opt->quiet && s->cache) cache_report(s->cache, stderr);
     free(prompt_ids.ids);
     return interrupted ? 130 : 0;
 }
@@ -1524,6 +1866,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         replied = 1;
     }
     if (!opt->quiet) print_summary(tot.in_tokens, tot.in_s, tot.out_tokens, tot.out_s);
+    if (!opt->quiet && s->cache) cache_report(s->cache, stderr);
     free(turn.ids);
 }
 
@@ -1557,7 +1900,8 @@ static void bench(Model *m, State *s, int threads, int depth) {
     // Warm-up, as llama-bench has one: touch every page of the file once, so
     // that the timings measure the engine rather than the kernel mapping the
     // weights into this process on their first use.
-    for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
+    if (!m->cache) // (with the expert cache, the mapping is not read)
+        for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
     double prefill = bench_prompt(m, s, PROMPT, &pos);
     uint64_t bytes0 = s->bytes_read;
@@ -1566,7 +1910,7 @@ static void bench(Model *m, State *s, int threads, int depth) {
     fprintf(stderr, "%s weights, %s kernels, %d threads: prefill %.2f tok/s, decode %.2f tok/s, "
                     "%.1f MB read per token, %.2f GB/s\n", weight_type_name[p->weight_type], kernels_simd_name, threads,
             prefill, decode, bytes / 1e6, bytes * decode / 1e9);
-    char extra[256] = "";
+    char extra[512] = "";
     if (depth) {
         int o = 0;
         if (s->max_pos >= 512) {
@@ -1587,6 +1931,16 @@ static void bench(Model *m, State *s, int threads, int depth) {
             fprintf(stderr, "decoding after %d tokens: %.2f tok/s\n", depths[i], d);
             o += snprintf(extra + o, sizeof(extra) - o, ", \"decode_at_%d_tok_s\": %.3f", depths[i], d);
         }
+    }
+    if (m->cache) {
+        const ExpertCache *c = m->cache;
+        cache_report(c, stderr);
+        uint64_t lookups = c->hits + c->misses;
+        int o = (int)strlen(extra);
+        snprintf(extra + o, sizeof(extra) - o, ", \"cache_hit_rate\": %.4f, \"prefetch_accuracy\": %.4f, \"read_mb\": %.1f, "
+                 "\"read_mb_s\": %.1f", lookups ? (double)c->hits / lookups : 0.0,
+                 c->prefetched ? (double)c->prefetch_used / c->prefetched : 0.0, c->bytes_read / 1e6,
+                 c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0);
     }
     printf("{\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"threads\": %d, \"bytes_per_token\": %.0f, "
            "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"%s}\n",
@@ -1840,6 +2194,9 @@ static void print_usage(FILE *out) {
         "output and speed:\n"
         "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
         "      --threads N       threads (default: the CPUs this process may run on)\n"
+        "      --mem SIZE        memory for the weights (e.g. 12G): a larger model keeps its experts in a\n"
+        "                        cache of that size, read from the file as needed (default: the memory\n"
+        "                        available, when the model is larger)\n"
         "      --mmap            map the model file instead of reading it into memory: starts at once,\n"
         "                        shares the page cache, runs slower (default: read it in if it fits)\n"
         "      --no-mmap         read the model into memory even if it looks too big to fit\n"
@@ -1869,6 +2226,19 @@ static long parse_int(const char *flag, const char *v, long lo, long hi) {
     return x;
 }
 
+// "1.5G", "800M", "4096K" or bytes (K, M, G, T: powers of 1024).
+static uint64_t parse_size(const char *flag, const char *v) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    const char *units = "KMGT", *u = *end ? strchr(units, *end) : NULL;
+    if (end == v || errno || !(x > 0) || (*end && (!u || end[1])) || x > 1e15)
+        die("%s: expected a size such as 12G, 800M or a number of bytes, got \"%s\"", flag, v);
+    if (u) for (const char *k = units; k <= u; k++) x *= 1024;
+    if (x > 1e18) die("%s: %s is too large", flag, v);
+    return (uint64_t)x;
+}
+
 static float parse_float(const char *flag, const char *v, float lo, float hi) {
     char *end;
     errno = 0;
@@ -1884,7 +2254,7 @@ typedef struct {
     const char *ppl_path, *kl_out, *kl_in;
     const char *mode, *system, *chat_path, *chat_ids_path;
     int context, threads, info, do_bench, bench_depth, chunk, seeded, load, chatting;
-    uint64_t seed;
+    uint64_t seed, mem;
     RunOptions run;
     Sampler sampler;
 } Options;
@@ -1941,6 +2311,7 @@ static int parse_options(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--chat-file")) o->chat_path = v;
         else if (!strcmp(a, "--chat-ids-file")) o->chat_ids_path = v;
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
+        else if (!strcmp(a, "--mem")) o->mem = parse_size(a, v);
         else if (!strcmp(a, "--chunk")) o->chunk = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--ids")) o->ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) o->logits_path = v;
@@ -1989,7 +2360,7 @@ int main(int argc, char **argv) {
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = info || chat_ids_path || tokenize_path || detokenize_ids;
     if (threads == 0) threads = pool_usable_cpus();
-    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads);
+    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads, quick ? 0 : o.mem, context);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (info) {
@@ -2047,6 +2418,7 @@ int main(int argc, char **argv) {
     if (pool_init(&pool, threads) != 0) die("cannot start %d threads (try fewer with --threads)", threads);
     State state;
     state_init(&state, p, context, chunk, &pool);
+    state.cache = model.cache;
 
     int status = 0;
     if (do_bench) {

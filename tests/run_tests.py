@@ -1540,11 +1540,13 @@ def thread_pool_under_tsan(tmp):
         probe = run(prefix + [exe, "--version"])
     if probe.returncode != 0:
         raise Skip(f"ThreadSanitizer does not run here: {probe.stderr.strip()[:200]}")
+    size = os.path.getsize(m)
     for args, stdin in ((["-i", "Hello world, once more", "-n", "12", "--threads", "3", "--chunk", "3"], None),
+                        (["-i", "Hello world", "-n", "12", "--threads", "2", "--mem", str(size - 150000)], None),
                         (["-m", "chat", "-n", "6", "--threads", "2", "-t", "0"], "hi\nagain\n")):
         r = run(prefix + [exe, m] + args, input=stdin, env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1"))
         check(r.returncode == 0 and "ThreadSanitizer" not in r.stderr, f"TSan, {' '.join(args)}:\n{r.stderr[-3000:]}")
-    return "no data race: chunked prompt and decoding on 3 threads, chat on 2"
+    return "no data race: chunked prompt and decoding on 3 threads, the expert cache's I/O threads, chat on 2"
 
 
 @test
@@ -1554,6 +1556,45 @@ def export_mutations(tmp):
     r = run([PYTHON, os.path.join(HERE, "export_mutations.py"), "--n", "300", "--seed", "7"], timeout=900)
     check(r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:])
     return r.stdout.strip().splitlines()[0]
+
+
+@test
+def expert_cache_identical(tmp):
+    """With the expert cache (--mem less than the file), the logits and expert choices are the same
+    bit for bit as with the whole file in memory, in every weight format, for a prompt in chunks
+    (the layer's experts in waves when they outnumber the slots) and token by token; the cache
+    reports its hit rate and prefetch accuracy, and a budget too small says what it needs."""
+    d, cfg, ids, shape = random_model(tmp, 21, 24, 5, dim=64, hidden_dim=512, heads=4, kv_heads=2, experts=8,
+                                      top_k=2, layers=3)
+    sys.path.insert(0, ROOT)
+    import export as ex
+    n = 0
+    for wtype in ("f32", "bf16", "q8", "q4"):
+        model = export(d, os.path.join(tmp, f"m_{wtype}.bin"), wtype)
+        size = os.path.getsize(model)
+        c = ex.read_config(d)
+        span = sum(ex.tensor_bytes(sh, ex.MATRIX_TYPES[wtype][k]) for k, sh in
+                   (("w1", (c["hidden_dim"], c["dim"])), ("w3", (c["hidden_dim"], c["dim"])), ("w2", (c["dim"], c["hidden_dim"]))))
+        slot = (span + 4095) // 4096 * 4096
+        resident = size - 3 * 8 * span
+        base, base_e = engine_logits(model, ids, **shape)
+        for slots in (12, 8, 3):  # 3: waves in every prompt layer; 12: half the 24
+            mem = resident + slots * slot
+            check(mem < size, f"{wtype}: --mem {mem} would not use the cache (file {size})")
+            for chunk in (None, 1):
+                got, got_e = engine_logits(model, ids, chunk=chunk, extra=("--mem", str(mem)), **shape)
+                check(np.array_equal(got, base) and np.array_equal(got_e, base_e),
+                      f"{wtype}, --mem {mem} (about {slots} slots), chunk {chunk}: differs from the file in memory "
+                      f"by up to {np.abs(got - base).max():.3g}")
+                n += 1
+        got, _ = engine_logits(model, ids, engine=DEBUG_ENGINE, extra=("--mem", str(mem)), **shape)  # ASan, UBSan
+        check(np.array_equal(got, engine_logits(model, ids, engine=DEBUG_ENGINE, **shape)[0]), f"{wtype}: debug build differs")
+        r = run([ENGINE, model, "-i", "Hello world", "-n", "20", "-t", "0", "--mem", str(mem), "--expert-stats"])
+        check(r.returncode == 0 and re.search(r"expert cache: \d+ slots .* hit rate [\d.]+% .* prefetch accuracy [\d.]+%",
+                                              r.stdout + r.stderr), f"no cache report:\n{r.stdout}\n{r.stderr}")
+    expect_error([ENGINE, model, "-i", "x", "--mem", "4K"], "--mem")
+    expect_error([ENGINE, model, "-i", "x", "--mem", "12Q"], "--mem")
+    return f"{n} runs identical (4 formats, 3 budgets, chunked and token by token)"
 
 
 # ----------------------------------------------------------------------------

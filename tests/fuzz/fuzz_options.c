@@ -4,8 +4,14 @@
 #include "fuzz.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    static int quiet;
-    if (!quiet) { freopen("/dev/null", "w", stdout); freopen("/dev/null", "w", stderr); quiet = 1; }
+    // the usage and --version go to stdout and stderr: to /dev/null while parsing (libFuzzer
+    // reports on stderr, so it is restored after)
+    static int devnull = -1, saved_out, saved_err;
+    if (devnull < 0) { devnull = open("/dev/null", O_WRONLY); saved_out = dup(1); saved_err = dup(2); }
+    fflush(stdout);
+    fflush(stderr);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
     char *text = malloc(size + 1);
     memcpy(text, data, size);
     text[size] = 0;
@@ -18,5 +24,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(o.run.stop);
     o.run.stop = NULL;
     free(text);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(saved_out, 1);
+    dup2(saved_err, 2);
     return 0;
 }

@@ -56,6 +56,12 @@ bench: mixtral bench/bandwidth
 	tests/deps.sh
 	$(PYTHON) bench/bench.py $(BENCH_PEERS) $(BENCH_ARGS)
 
+# Decoding a model larger than memory: the expert cache against plain mapping under real memory
+# pressure (bench/paging.py); with LLAMA_BENCH and GGUF_Q4, llama.cpp under the same pressure.
+bench-paging: mixtral
+	tests/deps.sh
+	$(PYTHON) bench/paging.py $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH)) $(if $(GGUF_Q4),--gguf $(GGUF_Q4)) $(PAGING_ARGS)
+
 # How much each weight format loses (KL divergence from bf16, see bench/quality.py); with
 # LLAMA_PERPLEXITY and QUALITY_ARGS="--gguf bench:bf16=... --gguf bench:Q8_0=..." llama.cpp's beside ours.
 quality: mixtral
@@ -94,4 +100,4 @@ fuzz: mixtral $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%) $(FUZZ_MODEL)
 clean:
 	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
 
-.PHONY: all debug test test-cross run bench quality fuzz clean
+.PHONY: all debug test test-cross run bench bench-paging quality fuzz clean

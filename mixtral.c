@@ -708,7 +708,7 @@ static void keep_resident(Model *m, int fd, const char *path) {
 // when it fits in the memory available (LOAD_AUTO).
 enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ };
 
-static void model_load(Model *m, const char *path, int load, int threads, uint64_t mem, int context) {
+static void model_load(Model *m, const char *path, int load, int threads, uint64_t mem, int context, int chunk) {
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode))
@@ -734,19 +734,25 @@ static void model_load(Model *m, const char *path, int load, int threads, uint64
     if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     model_attach(m, path);
     if (!cached) { close(fd); return; }
-    // by default: what is free, less a tenth and the KV cache
+    // The budget holds the weights in memory and the working buffers; the KV
+    // cache comes on top. By default: what is available, less a tenth and the KV cache.
     const Config *p = &m->config;
     uint64_t slots = context ? (uint64_t)context : (uint64_t)(p->max_seq_len < 4096 ? p->max_seq_len : 4096);
     if (p->sliding_window > 0 && (uint64_t)p->sliding_window < slots) slots = (uint64_t)p->sliding_window;
     uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * slots * p->n_kv_heads * p->head_dim * sizeof(float);
+    uint64_t C = (uint64_t)chunk, D = p->dim, H = p->hidden_dim, Q = (uint64_t)p->n_heads * p->head_dim, K = p->top_k;
+    uint64_t work = 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * slots) +
+                    (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + (64u << 20); // + tokenizer, code, libc
     uint64_t budget = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
+    budget = budget > work ? budget - work : 0;
     keep_resident(m, fd, path);
     if (budget < m->resident_bytes) budget = m->resident_bytes; // (no slot: reported below)
     m->cache = cache_init(m, fd, budget - m->resident_bytes);
     const ExpertCache *c = m->cache;
     if (c->n_slots < 1)
-        die("%s: %.1f MB of memory is too little: the weights other than the experts take %.1f MB, and one expert "
-            "%.1f MB more (give --mem a larger size)", path, budget / 1e6, m->resident_bytes / 1e6, c->slot_bytes / 1e6);
+        die("%s: %.1f MB of memory is too little: the working buffers take %.1f MB, the weights other than the "
+            "experts %.1f MB, and one expert %.1f MB more (give --mem a larger size)", path, (budget + work) / 1e6,
+            work / 1e6, m->resident_bytes / 1e6, c->slot_bytes / 1e6);
 }
 
 static void model_free(Model *m) {
@@ -1904,8 +1910,9 @@ static void bench(Model *m, State *s, int threads, int depth) {
         for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
     double prefill = bench_prompt(m, s, PROMPT, &pos);
-    uint64_t bytes0 = s->bytes_read;
+    uint64_t bytes0 = s->bytes_read, cache0 = m->cache ? m->cache->bytes_read : 0;
     double decode = bench_decode(m, s, DECODE, &pos);
+    double cache_per_token = m->cache ? (double)(m->cache->bytes_read - cache0) / DECODE : 0;
     double bytes = (double)(s->bytes_read - bytes0) / DECODE;
     fprintf(stderr, "%s weights, %s kernels, %d threads: prefill %.2f tok/s, decode %.2f tok/s, "
                     "%.1f MB read per token, %.2f GB/s\n", weight_type_name[p->weight_type], kernels_simd_name, threads,
@@ -1938,10 +1945,13 @@ static void bench(Model *m, State *s, int threads, int depth) {
         uint64_t lookups = c->hits + c->misses;
         int o = (int)strlen(extra);
         snprintf(extra + o, sizeof(extra) - o, ", \"cache_hit_rate\": %.4f, \"prefetch_accuracy\": %.4f, \"read_mb\": %.1f, "
-                 "\"read_mb_s\": %.1f", lookups ? (double)c->hits / lookups : 0.0,
+                 "\"read_mb_s\": %.1f, \"decode_read_mb_per_token\": %.2f, \"cache_slots\": %d",
+                 lookups ? (double)c->hits / lookups : 0.0,
                  c->prefetched ? (double)c->prefetch_used / c->prefetched : 0.0, c->bytes_read / 1e6,
-                 c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0);
+                 c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, cache_per_token / 1e6, c->n_slots);
     }
+    int o = (int)strlen(extra);
+    snprintf(extra + o, sizeof(extra) - o, ", \"peak_rss_mb\": %.0f", peak_resident_mb());
     printf("{\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"threads\": %d, \"bytes_per_token\": %.0f, "
            "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"%s}\n",
            prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], kernels_simd_name,
@@ -2194,9 +2204,9 @@ static void print_usage(FILE *out) {
         "output and speed:\n"
         "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
         "      --threads N       threads (default: the CPUs this process may run on)\n"
-        "      --mem SIZE        memory for the weights (e.g. 12G): a larger model keeps its experts in a\n"
-        "                        cache of that size, read from the file as needed (default: the memory\n"
-        "                        available, when the model is larger)\n"
+        "      --mem SIZE        memory for the weights and working buffers, the KV cache aside (e.g. 12G):\n"
+        "                        a larger model keeps its experts in a cache that fits, read from the\n"
+        "                        file as needed (default: the memory available, when the model is larger)\n"
         "      --mmap            map the model file instead of reading it into memory: starts at once,\n"
         "                        shares the page cache, runs slower (default: read it in if it fits)\n"
         "      --no-mmap         read the model into memory even if it looks too big to fit\n"
@@ -2360,7 +2370,7 @@ int main(int argc, char **argv) {
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = info || chat_ids_path || tokenize_path || detokenize_ids;
     if (threads == 0) threads = pool_usable_cpus();
-    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads, quick ? 0 : o.mem, context);
+    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads, quick ? 0 : o.mem, context, chunk);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (info) {

@@ -1170,10 +1170,30 @@ def prompt_files_and_summary(tmp):
     r = run([ENGINE, model, "-i", "x", "-n", "1", "-c", "5000"])
     check(r.returncode == 0 and "5000" in r.stderr and "4096" in r.stderr and "warning" in r.stderr,
           f"-c 5000 past 4096 positions: {r.stderr!r}")
+    # prompt progress, on a terminal only: stderr on a pseudo-terminal, a prompt of many chunks
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([ENGINE, model, "-f", long_prompt, "-n", "1", "--chunk", "16", "-c", "512"],
+                         stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    p.wait(timeout=60)
+    os.close(master)
+    check(re.search(rb"\[prompt: \d+/30\d tokens, [\d.]+ tok/s\]", seen), f"no prompt progress on a terminal: {seen[-500:]!r}")
+    check(b"[prompt:" not in run([ENGINE, model, "-f", long_prompt, "-n", "1", "--chunk", "16", "-c", "512"]).stderr.encode(),
+          "prompt progress printed when stderr is not a terminal")
     if shutil.which("taskset"):
         r = run(["taskset", "-c", "0", ENGINE, model, "-i", "x", "-n", "1"])
         check(r.returncode == 0 and "; 1 threads," in r.stderr, f"taskset -c 0: {r.stderr!r}")
-    return "files, stdin, summary, --quiet, long prompt, -c warning, affinity"
+    return "files, stdin, summary, --quiet, long prompt, progress on a terminal only, -c warning, affinity"
 
 
 @test

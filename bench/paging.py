@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""
+make bench-paging: decoding a model larger than the memory it may use, with
+the expert cache against plain mapping, under real memory pressure.
+
+The Mixtral-8x7B-shaped 2-layer q4 model of make bench (1.91 GB) gets a budget
+of its size / --oversub (default 1.5). A helper process allocates and touches
+the rest of the memory available, less the budget and a margin for the
+process: anonymous memory, which cannot be evicted without swap, so the page
+cache really shrinks. Before each run the file is dropped from the page cache
+(posix_fadvise DONTNEED). Round by round: plain mapping (mixtral --mmap), the
+expert cache (--mem BUDGET), and llama.cpp's llama-bench (it maps the file)
+when given. The helper is killed at the end, whatever happens.
+
+Also measures the disk's sequential read speed (the file read cold), and from
+it and the bytes the cache still reads per token, the bound on decode speed.
+
+    python3 bench/paging.py [--oversub 1.5] [--repeat 3] [--llama-bench PATH --gguf Q4_0.gguf]
+"""
+import argparse
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from statistics import median
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import bench  # noqa: E402
+
+MARGIN = 300 << 20  # the process itself beside its budget: KV cache (-c 256), buffers, code
+
+
+def mem_available():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    sys.exit("bench-paging: no MemAvailable in /proc/meminfo (Linux only)")
+
+
+def drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_read_speed(path):
+    """GB/s reading the file cold, 16 MB at a time."""
+    drop_cache(path)
+    t0, n = time.time(), 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(16 << 20)
+            if not b:
+                break
+            n += len(b)
+    return n / (time.time() - t0) / 1e9
+
+
+HELPER = r"""
+import mmap, sys, time
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(0, n, 4096):
+    m[i] = 1
+print("ready", flush=True)
+time.sleep(1e9)
+"""
+
+
+class Pressure:
+    """A process holding `nbytes` of touched anonymous memory until stopped."""
+
+    def __init__(self, nbytes):
+        self.p = subprocess.Popen([sys.executable, "-c", HELPER, str(nbytes)], stdout=subprocess.PIPE, text=True)
+        atexit.register(self.stop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: sys.exit(1))
+        if self.p.stdout.readline().strip() != "ready":
+            self.stop()
+            sys.exit("bench-paging: the memory-pressure helper failed")
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def ours(engine, model, extra):
+    drop_cache(model)
+    r = subprocess.run([engine, model, "--bench", "--threads", "2", "-c", "256"] + extra, capture_output=True,
+                       text=True, timeout=3600)
+    if r.returncode != 0:
+        sys.exit(f"bench-paging: {engine} {' '.join(extra)} failed:\n{r.stderr}")
+    return bench.last_json(r.stdout)
+
+
+def llama(tool, gguf):
+    drop_cache(gguf)
+    out, _ = bench.sh([tool, "-m", gguf, "-p", "0", "-n", "32", "-t", "2", "-r", "1", "-o", "jsonl"])
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return rows[0]["avg_ts"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--oversub", type=float, default=1.5, help="model size over the memory budget")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench, run under the same pressure")
+    ap.add_argument("--gguf", help="the Q4_0 GGUF of the same checkpoint, for llama-bench")
+    a = ap.parse_args()
+    model = bench.ensure_models(["q4"])["q4"]
+    engine = os.path.join(ROOT, "mixtral")
+    size = os.path.getsize(model)
+    budget = int(size / a.oversub)
+    disk = disk_read_speed(model)
+    free = ours(engine, model, [])  # no pressure: the model in memory
+    print(f"model {size / 1e9:.2f} GB (q4, 8x7B layer shapes, 2 layers); budget {budget / 1e9:.2f} GB "
+          f"({a.oversub}x oversubscribed); disk reads {disk:.2f} GB/s cold; "
+          f"no pressure: decode {free['decode_tok_s']:.1f} tok/s", flush=True)
+    hold = mem_available() - budget - MARGIN
+    if hold <= 0:
+        sys.exit("bench-paging: less memory available than the budget already")
+    print(f"pressure: a helper holds {hold / 1e9:.1f} GB, leaving about {(budget + MARGIN) / 1e9:.2f} GB", flush=True)
+    rows = {"mapped": [], "cache": [], "llama.cpp": []}
+    cache_runs = []
+    pressure = Pressure(hold)
+    try:
+        for i in range(a.repeat):
+            rows["mapped"].append(ours(engine, model, ["--mmap"])["decode_tok_s"])
+            res = ours(engine, model, ["--mem", str(budget)])
+            rows["cache"].append(res["decode_tok_s"])
+            cache_runs.append(res)
+            if a.llama_bench and a.gguf:
+                rows["llama.cpp"].append(llama(a.llama_bench, a.gguf))
+            print(f"  round {i + 1}: mapped {rows['mapped'][-1]:.2f}, cache {rows['cache'][-1]:.2f} tok/s"
+                  + (f", llama.cpp {rows['llama.cpp'][-1]:.2f}" if rows["llama.cpp"] else ""), flush=True)
+    finally:
+        pressure.stop()
+    med = {k: median(v) for k, v in rows.items() if v}
+    c = {k: median(r[k] for r in cache_runs) for k in ("cache_hit_rate", "prefetch_accuracy", "read_mb_s",
+                                                         "decode_read_mb_per_token", "peak_rss_mb", "cache_slots")}
+    bound = disk * 1e3 / c["decode_read_mb_per_token"] if c["decode_read_mb_per_token"] else float("inf")
+    print()
+    print(f"decode tok/s under pressure (median of {a.repeat}): mapped {med['mapped']:.2f}, expert cache "
+          f"{med['cache']:.2f} ({med['cache'] / med['mapped']:.2f}x)"
+          + (f", llama.cpp {med['llama.cpp']:.2f} (cache/llama.cpp {med['cache'] / med['llama.cpp']:.2f}x)"
+             if "llama.cpp" in med else ""))
+    print(f"expert cache: {c['cache_slots']:.0f} slots, hit rate {100 * c['cache_hit_rate']:.1f}%, prefetch accuracy "
+          f"{100 * c['prefetch_accuracy']:.1f}%, reads {c['read_mb_s']:.0f} MB/s, {c['decode_read_mb_per_token']:.0f} MB "
+          f"read per decoded token; peak RSS {c['peak_rss_mb']:.0f} MB of a {budget / 1e6:.0f} MB budget")
+    print(f"bound from the disk: {disk:.2f} GB/s / {c['decode_read_mb_per_token']:.0f} MB per token = {bound:.1f} tok/s; "
+          f"the cache reaches {100 * med['cache'] / bound:.0f}% of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,17 @@ float ref_dot_bf16(const uint16_t *w, const float *x, int n) {
     return (s0 + s1) + (s2 + s3);
 }
 
+// out[m ldo + n] = dot(row n, token m), one dot product at a time.
+void ref_gemm_bf16_with(float (*dot)(const uint16_t *, const float *, int), const uint16_t *w, int K, int N,
+                        const float *x, int M, float *out, size_t ldo) {
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot(w + (size_t)n * K, x + (size_t)m * K, K);
+}
+
+void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16_with(ref_dot_bf16, w, K, N, x, M, out, ldo);
+}
+
 // Weight j (0..31) of block b of row l (0..15) of a group whose weights start at wq.
 static inline int quant_weight(int type, const uint8_t *wq, int b, int l, int j) {
     if (type == WEIGHT_Q8) return wq[(size_t)b * 512 + j / 4 * 64 + l * 4 + j % 4] - 128;
@@ -449,6 +460,95 @@ static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const Quant
         }
     }
 }
+#ifdef KERNELS_AVX512
+// bf16 products on AVX-512: a tile of up to 4 rows x 4 tokens, each output in
+// one 16-lane accumulator, 16 weights at a time (bf16 to f32: zero-extend and
+// shift), then the lanes summed and the last K % 16 terms added in order. The
+// same arithmetic for every output whatever the tile, so M = 1 (decoding) and
+// a prompt agree bit for bit. With several passes of tokens, K is cut into
+// spans whose rows stay in L1 across the passes; the accumulators wait in acc
+// between spans (stored and reloaded as they are: the results do not change).
+#define BF16_SPAN 1024
+
+static inline __m512 bf16x16_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int K, int R, const float *x, int T,
+                                                            int k0, int k1, __m512 *acc, int first, int fetch) {
+    __m512 a[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) a[r][t] = first ? _mm512_setzero_ps() : acc[r * 4 + t];
+    for (int k = k0; k < k1; k += 16) {
+        __m512 wv[4];
+        for (int r = 0; r < R; r++) {
+            if (fetch && k % 32 == 0) prefetch(w + (size_t)r * K + k);
+            wv[r] = bf16x16_ps(w + (size_t)r * K + k);
+        }
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)t * K + k);
+            for (int r = 0; r < R; r++) a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r * 4 + t] = a[r][t];
+}
+
+#define BF16_TILES(R, T, CALL)                                                            \
+    switch ((R) * 4 + (T)) {                                                              \
+    case 5: CALL(1, 1); break; case 6: CALL(1, 2); break; case 7: CALL(1, 3); break;      \
+    case 8: CALL(1, 4); break; case 9: CALL(2, 1); break; case 10: CALL(2, 2); break;     \
+    case 11: CALL(2, 3); break; case 12: CALL(2, 4); break; case 13: CALL(3, 1); break;   \
+    case 14: CALL(3, 2); break; case 15: CALL(3, 3); break; case 16: CALL(3, 4); break;   \
+    case 17: CALL(4, 1); break; case 18: CALL(4, 2); break; case 19: CALL(4, 3); break;   \
+    default: CALL(4, 4); break;                                                           \
+    }
+
+// Output (r, t) of a tile: the lanes of its accumulator summed, then the last K % 16 terms.
+static inline float bf16_finish(__m512 acc, const uint16_t *w, const float *x, int K16, int K) {
+    float sum = K16 ? _mm512_reduce_add_ps(acc) : 0.0f;
+    for (int k = K16; k < K; k++) sum += bf16_to_f32(w[k]) * x[k];
+    return sum;
+}
+
+static void avx512_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    int K16 = K / 16 * 16;
+    if (M <= 4) { // one pass: whole rows, streaming from memory (decoding)
+        __m512 acc[16];
+        for (int r0 = 0; r0 < N; r0 += 4) {
+            int R = N - r0 < 4 ? N - r0 : 4, T = M;
+            const uint16_t *wr = w + (size_t)r0 * K;
+#define RUN(R_, T_) bf16_tile(wr, K, R_, x, T_, 0, K16, acc, 1, 1)
+            BF16_TILES(R, T, RUN)
+#undef RUN
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < T; t++)
+                    out[(size_t)t * ldo + r0 + r] = bf16_finish(acc[r * 4 + t], wr + (size_t)r * K, x + (size_t)t * K, K16, K);
+        }
+        return;
+    }
+    __m512 *accs = aligned_alloc(64, sizeof(__m512) * 16 * ((M + 3) / 4)); // 16 per 4 tokens
+    for (int r0 = 0; r0 < N; r0 += 4) {
+        int R = N - r0 < 4 ? N - r0 : 4;
+        const uint16_t *wr = w + (size_t)r0 * K;
+        for (int k0 = 0; k0 < K16; k0 += BF16_SPAN) {
+            int k1 = k0 + BF16_SPAN < K16 ? k0 + BF16_SPAN : K16;
+            for (int t0 = 0; t0 < M; t0 += 4) {
+                int T = M - t0 < 4 ? M - t0 : 4;
+#define RUN(R_, T_) bf16_tile(wr, K, R_, x + (size_t)t0 * K, T_, k0, k1, accs + 16 * (t0 / 4), k0 == 0, t0 == 0)
+                BF16_TILES(R, T, RUN)
+#undef RUN
+            }
+        }
+        for (int t = 0; t < M; t++)
+            for (int r = 0; r < R; r++)
+                out[(size_t)t * ldo + r0 + r] = bf16_finish(K16 ? accs[16 * (t / 4) + r * 4 + t % 4] : _mm512_setzero_ps(),
+                                                            wr + (size_t)r * K, x + (size_t)t * K, K16, K);
+    }
+    free(accs);
+}
+#endif
+
 #endif // KERNELS_AVX2
 
 // ----------------------------------------------------------------------------
@@ -565,6 +665,15 @@ float dot_bf16(const uint16_t *w, const float *x, int n) { return avx2_dot_bf16(
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     x86_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
+#if defined(KERNELS_AVX512)
+void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    avx512_gemm_bf16(w, K, N, x, M, out, ldo);
+}
+#else
+void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16_with(dot_bf16, w, K, N, x, M, out, ldo);
+}
+#endif
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { avx2_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
 
@@ -572,6 +681,9 @@ void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
 const char kernels_simd_name[] = "neon";
 float dot_f32(const float *a, const float *b, int n) { return neon_dot_f32(a, b, n); }
 float dot_bf16(const uint16_t *w, const float *x, int n) { return neon_dot_bf16(w, x, n); }
+void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16_with(dot_bf16, w, K, N, x, M, out, ldo);
+}
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     neon_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
@@ -582,6 +694,9 @@ void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
 const char kernels_simd_name[] = "portable C";
 float dot_f32(const float *a, const float *b, int n) { return ref_dot_f32(a, b, n); }
 float dot_bf16(const uint16_t *w, const float *x, int n) { return ref_dot_bf16(w, x, n); }
+void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16(w, K, N, x, M, out, ldo);
+}
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     ref_gemm_quant(type, w, K, N, x, M, out, ldo);
 }

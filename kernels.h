@@ -6,6 +6,8 @@
 // WHAT EACH KERNEL COMPUTES (K is always the inner dimension, as in BLAS)
 //   dot_f32(a, b, n)        = sum_i a[i] b[i]
 //   dot_bf16(w, x, n)       = sum_i bf16(w[i]) x[i]
+//   gemm_bf16(W, K, N, x, M, out, ldo): out (M,N) = x (M,K) @ W (N,K)^T for bf16 W and f32 x,
+//       each output as dot_bf16 computes it, or (AVX-512) in a tile of 4 rows x 4 tokens
 //   gemm_quant(type, W, K, N, x, M, out, ldo): a small GEMM, out (M,N) = x (M,K) @ W (N,K)^T:
 //       out[m ldo + n] = sum_b dw[n][b] dx[m][b] sum_{j in block b} qw[n][j] qx[m][j]
 //       for q8 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
@@ -109,6 +111,7 @@ extern const char kernels_simd_name[];
 float dot_f32(const float *a, const float *b, int n);
 float dot_bf16(const uint16_t *w, const float *x, int n);
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo);
+void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo);
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void swiglu(float *h, const float *h2, int64_t n);
 void dequant_row(int type, const void *w, int K, int n, float *out);
@@ -117,6 +120,9 @@ void dequant_row(int type, const void *w, int K, int n, float *out);
 float ref_dot_f32(const float *a, const float *b, int n);
 float ref_dot_bf16(const uint16_t *w, const float *x, int n);
 void ref_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo);
+void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo);
+void ref_gemm_bf16_with(float (*dot)(const uint16_t *, const float *, int), const uint16_t *w, int K, int N,
+                        const float *x, int M, float *out, size_t ldo);
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
 

@@ -742,7 +742,8 @@ static void model_load(Model *m, const char *path, int load, int threads, uint64
     uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * slots * p->n_kv_heads * p->head_dim * sizeof(float);
     uint64_t C = (uint64_t)chunk, D = p->dim, H = p->hidden_dim, Q = (uint64_t)p->n_heads * p->head_dim, K = p->top_k;
     uint64_t work = 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * slots) +
-                    (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + (64u << 20); // + tokenizer, code, libc
+                    (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + // the state's buffers (state_init)
+                    (uint64_t)p->vocab_size * 32 + (2u << 20);             // the tokenizer's tables, code and libc
     uint64_t budget = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
     budget = budget > work ? budget - work : 0;
     keep_resident(m, fd, path);
@@ -939,13 +940,17 @@ static void gemm_rows(const Gemm *g, int r0, int r1) {
         gemm_quant(W->type, w, K, r1 - r0, &g->xq->qx, g->M, g->out + r0, N);
         return;
     }
-    size_t row_bytes = (size_t)K * (W->type == WEIGHT_F32 ? 4 : 2);
+    if (W->type == WEIGHT_BF16) {
+        gemm_bf16((const uint16_t *)w + (size_t)r0 * K, K, r1 - r0, g->x, g->M, g->out + r0, N);
+        return;
+    }
+    size_t row_bytes = (size_t)K * 4;
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + r * row_bytes;
         for (int m = 0; m < g->M; m++) {
             const float *x = g->x + (size_t)m * K;
             float *out = g->out + (size_t)m * N + r;
-            *out = W->type == WEIGHT_F32 ? dot_f32((const float *)row, x, K) : dot_bf16((const uint16_t *)row, x, K);
+            *out = dot_f32((const float *)row, x, K);
         }
     }
 }

@@ -122,3 +122,52 @@ static inline void emu_mask_storeu_ps(float *p, uint16_t mask, emu_m512 a) {
     for (int i = 0; i < 16; i++)
         if (mask >> i & 1) p[i] = v[i];
 }
+
+// for the bf16 tile and the spans of gemm_quant
+#undef _mm512_castsi512_ps
+#define _mm512_castsi512_ps emu_castsi512_ps
+static inline emu_m512 emu_castsi512_ps(emu_m512i a) {
+    return (emu_m512){{_mm256_castsi256_ps(a.h[0]), _mm256_castsi256_ps(a.h[1])}};
+}
+
+#undef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
+static inline emu_m512i emu_cvtepu16_epi32(__m256i a) {
+    emu_m512i r;
+    r.h[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(a));
+    r.h[1] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(a, 1));
+    return r;
+}
+
+#undef _mm512_slli_epi32
+#define _mm512_slli_epi32 emu_slli_epi32
+static inline emu_m512i emu_slli_epi32(emu_m512i a, int n) {
+    emu_m512i r;
+    r.h[0] = _mm256_slli_epi32(a.h[0], n);
+    r.h[1] = _mm256_slli_epi32(a.h[1], n);
+    return r;
+}
+
+#undef _mm512_loadu_ps
+#define _mm512_loadu_ps emu_loadu_ps
+static inline emu_m512 emu_loadu_ps(const float *p) { return (emu_m512){{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}}; }
+
+#undef _mm512_maskz_loadu_ps
+#define _mm512_maskz_loadu_ps emu_maskz_loadu_ps
+static inline emu_m512 emu_maskz_loadu_ps(uint16_t mask, const float *p) {
+    float v[16];
+    for (int i = 0; i < 16; i++) v[i] = mask >> i & 1 ? p[i] : 0.0f;
+    return emu_loadu_ps(v);
+}
+
+// the sum of the 16 lanes, paired as GCC's _mm512_reduce_add_ps pairs them:
+// halves of 8, then of 4, then of 2
+#undef _mm512_reduce_add_ps
+#define _mm512_reduce_add_ps emu_reduce_add_ps
+static inline float emu_reduce_add_ps(emu_m512 a) {
+    __m256 s8 = _mm256_add_ps(a.h[1], a.h[0]);
+    __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(s8, 1), _mm256_castps256_ps128(s8));
+    __m128 s2 = _mm_add_ps(s4, _mm_shuffle_ps(s4, s4, 0x4e));
+    __m128 s1 = _mm_add_ps(s2, _mm_shuffle_ps(s2, s2, 0xb1));
+    return _mm_cvtss_f32(s1);
+}

@@ -126,6 +126,43 @@ static void test_dot_float(void) {
         }
 }
 
+// gemm_bf16 against its reference (one dot product at a time): rows and tokens that are not whole
+// tiles, K with a tail after the last 16 and long enough for spans; and one token at a time gives
+// the same results as many, bit for bit.
+static void test_gemm_bf16(void) {
+    static const int Ks[] = {1, 15, 16, 33, 100, 1024, 2500}, Ns[] = {1, 3, 4, 5, 9}, Ms[] = {1, 2, 4, 5, 9};
+    for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
+        for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++)
+            for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++) {
+                int K = Ks[ki], N = Ns[ni], M = Ms[mi];
+                size_t ldo = (size_t)N + 2;
+                uint16_t *w = malloc((size_t)N * K * sizeof(uint16_t));
+                float *x = malloc((size_t)M * K * sizeof(float));
+                for (size_t i = 0; i < (size_t)N * K; i++) {
+                    union { float f; uint32_t u; } v = {uniform(-1, 1)};
+                    w[i] = (uint16_t)(v.u >> 16);
+                }
+                for (size_t i = 0; i < (size_t)M * K; i++) x[i] = uniform(-1, 1);
+                float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
+                gemm_bf16(w, K, N, x, M, got, ldo);
+                ref_gemm_bf16(w, K, N, x, M, want, ldo);
+                char what[64];
+                snprintf(what, sizeof(what), "gemm_bf16 K=%d N=%d M=%d", K, N, M);
+                for (int m = 0; m < M; m++) {
+                    for (int r = 0; r < N; r++) {
+                        double abs_sum = 0;
+                        for (int k = 0; k < K; k++) abs_sum += fabs((double)bf16_to_f32(w[(size_t)r * K + k]) * x[(size_t)m * K + k]);
+                        expect(what, r, got[m * ldo + r], want[m * ldo + r], tolerance(K, abs_sum));
+                        float one;
+                        gemm_bf16(w + (size_t)r * K, K, 1, x + (size_t)m * K, 1, &one, 1);
+                        expect("gemm_bf16 one row, one token vs the tile", r, one, got[m * ldo + r], -1);
+                    }
+                    for (size_t r = N; r < ldo; r++) expect("gemm_bf16 writes past N", (int)r, got[m * ldo + r], 0.0f, -1);
+                }
+                free(w); free(x); free(got); free(want);
+            }
+}
+
 // gemm_quant against its reference: rows that are not whole groups, one and many tokens, K long
 // enough to be cut into spans (x86_gemm_quant) with tokens for several passes.
 static void test_gemm_quant(void) {
@@ -229,6 +266,7 @@ int main(int argc, char **argv) {
     rng_state = seed * 0x9E3779B97F4A7C15ULL + 1;
     test_dot_float();
     test_gemm_quant();
+    test_gemm_bf16();
     test_quantize();
     test_swiglu();
     printf("kernels_test (%s): %d checks, %d failed, seed %llu\n", kernels_simd_name, checks, failures,

@@ -4,11 +4,12 @@
 //
 // One file, in the order a reader meets the model:
 //   1. utilities            die(), timing
-//   2. the model file       header, validation, weight pointers (mirrors export.py)
+//   2. the model file       header, validation, weight pointers (mirrors export.py);
+//                           the expert cache, for models larger than memory
 //   3. state and KV cache   the ring buffer for sliding-window attention
 //   4. forward pass         the products on the pool, attention, then the
 //                           mixture of experts: route() and moe()
-//   5. sampler              greedy, temperature, top-p
+//   5. sampler              repetition penalty, temperature, top-k, min-p, top-p
 //   6. generation and chat  text in, text out; --expert-stats, --trace-experts
 //   7. command line         main()
 // The machine-specific kernels (AVX2, AVX-512, NEON) are in kernels.c behind the

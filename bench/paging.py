@@ -158,6 +158,32 @@ def main():
           f"read per decoded token; peak RSS {c['peak_rss_mb']:.0f} MB of a {budget / 1e6:.0f} MB budget")
     print(f"bound from the disk: {disk:.2f} GB/s / {c['decode_read_mb_per_token']:.0f} MB per token = {bound:.1f} tok/s; "
           f"the cache reaches {100 * med['cache'] / bound:.0f}% of it")
+    project(disk, c["cache_hit_rate"], c["cache_slots"] / (bench.SHAPE["layers"] * bench.SHAPE["experts"]),
+            free["decode_tok_s"] * bench.SHAPE["layers"] / bench.FULL_LAYERS)
+
+
+def project(disk, hit, share, full_speed):
+    """Mixtral-8x7B on laptops of 16 and 32 GB, from this machine's disk speed: the experts that fit
+    in what is left after the OS (3 GB), the other weights, a 2048-token KV cache and the buffers;
+    hits in proportion to the share of experts held, as measured here (hit rate / share); each miss
+    reads one expert; a token costs its reads at the disk's speed plus its compute at full speed
+    (this machine's, scaled to 32 layers: no overlap assumed)."""
+    L, E, K, D, H, V, KV = 32, 8, 2, 4096, 14336, 32000, 1024
+    factor = hit / share if share else 1.0
+    print()
+    print(f"Projection for Mixtral-8x7B (measured here: disk {disk:.2f} GB/s, hit rate {100 * hit:.0f}% holding "
+          f"{100 * share:.0f}% of the experts; full-memory decode {full_speed:.2f} tok/s at 32 layers):")
+    for name, bpw, head_bpw in (("q4", 9 / 16, 17 / 16), ("q8", 17 / 16, 17 / 16)):
+        expert = 3 * H * D * bpw
+        other = 2 * V * D * head_bpw + L * (2 * D * D + 2 * KV * D) * bpw + L * E * D * 4
+        for ram in (16, 32):
+            room = ram * 2**30 - 3 * 2**30 - other - 2 * L * 2048 * KV * 4 - 200e6
+            slots = max(0, min(L * E, int(room / expert)))
+            h = min(1.0, factor * slots / (L * E))
+            reads = L * K * (1 - h) * expert
+            tps = 1 / (reads / (disk * 1e9) + 1 / full_speed)
+            print(f"  {name} ({(other + L * E * expert) / 1e9:.0f} GB) on {ram} GB: {slots} of {L * E} experts held, "
+                  f"~{100 * h:.0f}% hits, {reads / 1e9:.1f} GB read a token: about {tps:.2f} tok/s")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def main():
             lines = err.strip().splitlines()
             if status == 0:
                 outcomes["written"] += 1
-                r = subprocess.run([ENGINE, out, "-i", "a", "-n", "2", "-t", "0", "--quiet"], capture_output=True,
+                # loads, and runs BOS (a prompt fits any context of 1 or more) and one token after it
+                r = subprocess.run([ENGINE, out, "-n", "1", "-t", "0", "--quiet"], capture_output=True,
                                    text=True, timeout=60)
                 if r.returncode != 0:
                     failures.append(f"{i} {what}: exported ({wtype}) but mixtral refuses it: {r.stderr.strip()[:300]}")

@@ -4,7 +4,7 @@
 #include "fuzz.h"
 
 static int small_enough(const Config *p) {
-    return (int64_t)p->dim * p->hidden_dim * p->n_experts * p->n_layers <= (1 << 20) && p->vocab_size <= 4096 &&
+    return (int64_t)p->dim * p->hidden_dim * p->n_experts * p->n_layers <= (1 << 16) && p->vocab_size <= 4096 &&
            (int64_t)p->n_heads * p->head_dim <= 4096 && p->n_layers <= 8;
 }
 

@@ -5,7 +5,7 @@ it (config.json values and bytes, safetensors headers, tokenizer.model bytes),
 each exported in this process. It fails on any traceback (an exception that
 export.py's main does not turn into a one-line error), any hang (10 s), an
 error that is not one bounded line, and any exit 0 whose file mixtral refuses
-(--info) or cannot run (two tokens).
+or cannot run (BOS, then one token).
 
     python3 tests/export_mutations.py [--n 10000] [--seed 1]
 """

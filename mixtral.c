@@ -444,6 +444,7 @@ typedef struct ExpertCache {
     int n_layers, n_experts;
     uint64_t *span;            // (L*E) file offset of expert (l, e)'s w1, w3, w2, one span
     uint64_t span_bytes;       // the same for every expert
+    uint64_t embed_offset;     // file offset of the embedding (read a row at a time)
     int n_slots;
     size_t slot_bytes;
     uint8_t *slots;            // (n_slots, slot_bytes)
@@ -602,6 +603,7 @@ static ExpertCache *cache_init(const Model *m, int fd, uint64_t slot_budget) {
     c->span_bytes = (const uint8_t *)first->w2.data + first->w2.bytes - (const uint8_t *)first->w1.data;
     for (int l = 0; l < L; l++)
         for (int e = 0; e < E; e++) c->span[l * E + e] = (const uint8_t *)m->weights.layers[l].experts[e].w1.data - m->map;
+    c->embed_offset = (const uint8_t *)m->weights.embed.data - m->map;
     c->slot_bytes = (c->span_bytes + 4095) / 4096 * 4096;
     c->n_slots = (int)(slot_budget / c->slot_bytes);
     if (c->n_slots > L * E) c->n_slots = L * E;
@@ -645,6 +647,41 @@ static void cache_free(ExpertCache *c) {
     free(c);
 }
 
+// Bytes this process has had read from storage so far (Linux: /proc/self/io,
+// page faults of a mapping included); 0 where unknown.
+static uint64_t storage_read_bytes(void) {
+    FILE *f = fopen("/proc/self/io", "r");
+    char line[128];
+    unsigned long long v = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "read_bytes: %llu", &v) == 1) break;
+    if (f) fclose(f);
+    return v;
+}
+
+// With the cache, the embedding is not kept in memory: a token's row is read
+// from the file (for q8/q4, the group of 16 interleaved rows that holds it).
+static void cache_embed_row(ExpertCache *c, const Matrix *embed, int row, float *out) {
+    int K = embed->cols;
+    uint64_t at, bytes;
+    if (weight_is_quant(embed->type)) {
+        bytes = quant_group_bytes(embed->type, K);
+        at = (uint64_t)(row / QROWS) * bytes;
+    } else {
+        bytes = (uint64_t)K * (embed->type == WEIGHT_F32 ? 4 : 2);
+        at = (uint64_t)row * bytes;
+    }
+    uint8_t *buf = xcalloc(bytes, 1);
+    uint64_t from = c->embed_offset + at;
+    for (uint64_t got = 0; got < bytes;) {
+        ssize_t r = pread(c->fd, buf + got, bytes - got, (off_t)(from + got));
+        if (r <= 0) die("cannot read the embedding from the model file: %s", r < 0 ? strerror(errno) : "end of file");
+        got += (uint64_t)r;
+    }
+    dequant_row(embed->type, buf, K, weight_is_quant(embed->type) ? row % QROWS : 0, out);
+    free(buf);
+}
+
 // One line on the cache, for --expert-stats and the run's summary.
 static void cache_report(const ExpertCache *c, FILE *out) {
     uint64_t lookups = c->hits + c->misses;
@@ -656,18 +693,18 @@ static void cache_report(const ExpertCache *c, FILE *out) {
             c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, c->wait_seconds);
 }
 
-// With the expert cache: every weight but the experts' read into memory of the
-// process (the file stays mapped only to find the experts' offsets; nothing
-// reads through the mapping), so that they stay resident whatever the page
-// cache does.
+// With the expert cache: every weight but the experts and the embedding read
+// into memory of the process (the file stays mapped only to find offsets;
+// nothing reads through the mapping), so that they stay resident whatever the
+// page cache does. The embedding, of which a token needs one row, is read a
+// row at a time (cache_embed_row).
 static void keep_resident(Model *m, int fd, const char *path) {
     const Config *p = &m->config;
     Weights *w = &m->weights;
-    int n = 0, most = 3 + 7 * p->n_layers;
+    int n = 0, most = 2 + 7 * p->n_layers;
     const void ***ptr = xcalloc(most, sizeof(*ptr));
     uint64_t *size = xcalloc(most, sizeof(*size));
 #define KEEP(field, bytes) (ptr[n] = (const void **)&(field), size[n++] = (bytes))
-    KEEP(w->embed.data, w->embed.bytes);
     KEEP(w->norm, (uint64_t)p->dim * sizeof(float));
     KEEP(w->lm_head.data, w->lm_head.bytes);
     for (int l = 0; l < p->n_layers; l++) {
@@ -1287,7 +1324,8 @@ static float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0,
         if (ids[i] < 0 || ids[i] >= p->vocab_size)
             die("token id %d is outside the vocabulary 0..%d", ids[i], p->vocab_size - 1);
         const Matrix *embed = &m->weights.embed; // embed_tokens: one row of (V, D)
-        dequant_row(embed->type, embed->data, D, ids[i], s->x + (size_t)i * D);
+        if (m->cache) cache_embed_row(m->cache, embed, ids[i], s->x + (size_t)i * D);
+        else dequant_row(embed->type, embed->data, D, ids[i], s->x + (size_t)i * D);
     }
     if (pos0 < 0 || pos0 > s->max_pos - n)
         die("position %d is past the context of %d tokens; use a larger -c", pos0 + n - 1, s->max_pos);
@@ -1916,8 +1954,9 @@ static void bench(Model *m, State *s, int threads, int depth) {
         for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
     double prefill = bench_prompt(m, s, PROMPT, &pos);
-    uint64_t bytes0 = s->bytes_read, cache0 = m->cache ? m->cache->bytes_read : 0;
+    uint64_t bytes0 = s->bytes_read, cache0 = m->cache ? m->cache->bytes_read : 0, io0 = storage_read_bytes();
     double decode = bench_decode(m, s, DECODE, &pos);
+    double io_per_token = (double)(storage_read_bytes() - io0) / DECODE; // from the disk, however the weights came
     double cache_per_token = m->cache ? (double)(m->cache->bytes_read - cache0) / DECODE : 0;
     double bytes = (double)(s->bytes_read - bytes0) / DECODE;
     fprintf(stderr, "%s weights, %s kernels, %d threads: prefill %.2f tok/s, decode %.2f tok/s, "
@@ -1957,7 +1996,8 @@ static void bench(Model *m, State *s, int threads, int depth) {
                  c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, cache_per_token / 1e6, c->n_slots);
     }
     int o = (int)strlen(extra);
-    snprintf(extra + o, sizeof(extra) - o, ", \"peak_rss_mb\": %.0f", peak_resident_mb());
+    snprintf(extra + o, sizeof(extra) - o, ", \"peak_rss_mb\": %.0f, \"disk_read_mb_per_token\": %.2f",
+             peak_resident_mb(), io_per_token / 1e6);
     printf("{\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"threads\": %d, \"bytes_per_token\": %.0f, "
            "\"gb_per_s\": %.3f, \"weight_type\": \"%s\", \"kernels\": \"%s\"%s}\n",
            prefill, decode, threads, bytes, bytes * decode / 1e9, weight_type_name[p->weight_type], kernels_simd_name,

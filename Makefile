@@ -69,7 +69,8 @@ quality: mixtral
 	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) $(QUALITY_ARGS)
 
 # Fuzzing: each target of tests/fuzz with clang's libFuzzer, ASan and UBSan, for FUZZ_SECONDS,
-# starting from the committed seeds (tests/fuzz/corpus) and keeping what it finds in .cache/fuzz.
+# starting from the committed seeds (tests/fuzz/corpus) and keeping what it finds in .cache/fuzz;
+# then EXPORT_MUTATIONS mutated checkpoints through export.py (tests/export_mutations.py).
 # `make test` replays the committed corpus through the same targets without libFuzzer.
 FUZZ_SECONDS ?= 60
 EXPORT_MUTATIONS ?= 10000

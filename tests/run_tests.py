@@ -1382,7 +1382,7 @@ def command_line_under_sanitizers(tmp):
 @test
 def readme_sample_is_make_run(tmp):
     """The sample under the README's first commands is what `make run` prints (its command taken
-    from the Makefile, the demo model exported afresh)."""
+    from the Makefile, the demo model exported afresh), and its usage block is what -h prints."""
     recipe = next(l.strip() for l in open(os.path.join(ROOT, "Makefile")) if l.startswith("\t./mixtral $(DEMO_BIN)"))
     model = export(os.path.join(ROOT, "demo", "model"), os.path.join(tmp, "demo.bin"), "bf16")
     import shlex
@@ -1394,7 +1394,10 @@ def readme_sample_is_make_run(tmp):
     check(m, "no sample of `make run` in the README")
     check(m.group(1).rstrip("\n") == r.stdout.rstrip("\n"),
           f"README sample differs from `make run`:\n--- README\n{m.group(1)}--- make run\n{r.stdout}")
-    return f"{len(r.stdout)} characters identical"
+    usage = re.search(r"## Using it\n\n```\n(.*?)```", readme, re.S)
+    h = run([ENGINE, "-h"]).stdout
+    check(usage and usage.group(1) == h, "the README's usage block is not what mixtral -h prints")
+    return f"{len(r.stdout)} characters identical; the usage block is mixtral -h"
 
 
 # ----------------------------------------------------------------------------

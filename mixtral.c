@@ -551,7 +551,15 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
         if (s >= 0) {
             c->hits++;
         } else {
-            if ((s = cache_victim(c)) < 0) break;
+            if ((s = cache_victim(c)) < 0 && got > 0) break; // the rest in a later wave
+            if (s < 0) { // none free for the first: the protected ones are for later waves, or reads are in flight
+                for (int i = 1; i < n; i++) {
+                    int t = c->slot_of[l * c->n_experts + es[i]];
+                    if (t >= 0) c->pinned[t] = 0;
+                }
+                while ((s = cache_victim(c)) < 0 && !c->failed) pthread_cond_wait(&c->done, &c->mu);
+                if (c->failed) die("expert cache: cannot read the model file: %s", strerror(errno));
+            }
             c->misses++;
             cache_read(c, x, s);
         }
@@ -559,7 +567,6 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
         c->pinned[s] = 1;
         c->last_use[s] = ++c->clock;
     }
-    if (got == 0) die("expert cache: no free slot (every slot is in use or being read)");
     for (int i = got; i < n; i++) { // those for a later wave: unpinned again
         int s = c->slot_of[l * c->n_experts + es[i]];
         if (s >= 0) c->pinned[s] = 0;

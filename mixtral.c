@@ -690,7 +690,16 @@ static void cache_embed_row(ExpertCache *c, const Matrix *embed, int row, float 
 }
 
 // One line on the cache, for --expert-stats and the run's summary.
-static void cache_report(const ExpertCache *c, FILE *out) {
+// Waits for the reads in flight (reads ahead may outlive the token that
+// asked for them): after it, the statistics can be read without the lock.
+static void cache_settle(ExpertCache *c) {
+    pthread_mutex_lock(&c->mu);
+    while (c->in_flight > 0 && !c->failed) pthread_cond_wait(&c->done, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void cache_report(ExpertCache *c, FILE *out) {
+    cache_settle(c);
     uint64_t lookups = c->hits + c->misses;
     fprintf(out, "expert cache: %d slots of %.0f MB; hit rate %.1f%% (%llu of %llu); prefetch accuracy %.1f%% "
                  "(%llu of %llu read ahead were used); read %.0f MB at %.0f MB/s; waited %.2f s\n",
@@ -754,6 +763,7 @@ static void keep_resident(Model *m, int fd, const char *path) {
 enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ };
 
 static void model_load(Model *m, const char *path, int load, int threads, uint64_t mem, int context, int chunk) {
+    memset(m, 0, sizeof(*m));
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode))
@@ -1961,8 +1971,10 @@ static void bench(Model *m, State *s, int threads, int depth) {
         for (uint64_t at = 0; at < m->map_size; at += 4096) (void)((const volatile uint8_t *)m->map)[at];
     int pos = 0;
     double prefill = bench_prompt(m, s, PROMPT, &pos);
+    if (m->cache) cache_settle(m->cache);
     uint64_t bytes0 = s->bytes_read, cache0 = m->cache ? m->cache->bytes_read : 0, io0 = storage_read_bytes();
     double decode = bench_decode(m, s, DECODE, &pos);
+    if (m->cache) cache_settle(m->cache);
     double io_per_token = (double)(storage_read_bytes() - io0) / DECODE; // from the disk, however the weights came
     double cache_per_token = m->cache ? (double)(m->cache->bytes_read - cache0) / DECODE : 0;
     double bytes = (double)(s->bytes_read - bytes0) / DECODE;
@@ -1992,7 +2004,7 @@ static void bench(Model *m, State *s, int threads, int depth) {
         }
     }
     if (m->cache) {
-        const ExpertCache *c = m->cache;
+        ExpertCache *c = m->cache;
         cache_report(c, stderr);
         uint64_t lookups = c->hits + c->misses;
         int o = (int)strlen(extra);

@@ -327,17 +327,21 @@ static void refuse_other_formats(const char *path, const uint8_t *head, uint64_t
             "holds it, its config.json and tokenizer.model: python3 export.py FOLDER model.bin --type q8", path);
 }
 
+// The number on the line of a Linux /proc file that `format` (a sscanf
+// format with one %llu) matches; 0 where there is none.
+static uint64_t proc_number(const char *path, const char *format) {
+    FILE *f = fopen(path, "r");
+    char line[256];
+    unsigned long long v = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, format, &v) == 1) break;
+    if (f) fclose(f);
+    return v;
+}
+
 // Memory the system could give this process now without swapping (Linux:
 // MemAvailable, which counts the page cache it can drop); 0 if unknown.
-static uint64_t available_memory(void) {
-    FILE *f = fopen("/proc/meminfo", "r");
-    char line[256];
-    unsigned long long kb = 0;
-    while (f && fgets(line, sizeof(line), f))
-        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
-    if (f) fclose(f);
-    return (uint64_t)kb * 1024;
-}
+static uint64_t available_memory(void) { return proc_number("/proc/meminfo", "MemAvailable: %llu kB") * 1024; }
 
 // Reads the whole file into anonymous memory, in 2 MB pages where the kernel
 // allows: with 4 KB pages a core streaming weights misses the TLB every 4 KB,
@@ -656,15 +660,7 @@ static void cache_free(ExpertCache *c) {
 
 // Bytes this process has had read from storage so far (Linux: /proc/self/io,
 // page faults of a mapping included); 0 where unknown.
-static uint64_t storage_read_bytes(void) {
-    FILE *f = fopen("/proc/self/io", "r");
-    char line[128];
-    unsigned long long v = 0;
-    while (f && fgets(line, sizeof(line), f))
-        if (sscanf(line, "read_bytes: %llu", &v) == 1) break;
-    if (f) fclose(f);
-    return v;
-}
+static uint64_t storage_read_bytes(void) { return proc_number("/proc/self/io", "read_bytes: %llu"); }
 
 // With the cache, the embedding is not kept in memory: a token's row is read
 // from the file (for q8/q4, the group of 16 interleaved rows that holds it).
@@ -1547,6 +1543,15 @@ static int feed(Model *m, State *s, Sampler *sm, const int *ids, int n, int *pos
     return i;
 }
 
+// Writes the text of ids through decoder d to stdout (what d holds back of
+// an unfinished character stays in it, for the ids that follow).
+static void echo_ids(TokenDecoder *d, const Tokenizer *t, const int *ids, int n) {
+    char *buf = xcalloc(decoder_max_bytes(t), 1);
+    for (int i = 0; i < n; i++) fwrite(buf, 1, decoder_put(d, t, ids[i], buf), stdout);
+    fflush(stdout);
+    free(buf);
+}
+
 // The text of a reply on its way to stdout. With --stop strings, text that
 // could be the beginning of one is held back until it is known not to be, and
 // the text from a stop string on is never printed.
@@ -1762,15 +1767,9 @@ static int generate(Model *m, State *s, Sampler *sm, const char *prompt, size_t 
         die("the prompt is %d tokens (BOS included) but the context holds %d; use -c %d or more", n, s->max_pos, n + 1);
 
     // echo the prompt, then continue it with the same decoder: one stream of text
-    char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
     TokenDecoder dec;
     decoder_init(&dec);
-    for (int i = 1; i < n; i++) {
-        int k = decoder_put(&dec, &m->tokenizer, prompt_ids.ids[i], buf);
-        fwrite(buf, 1, k, stdout);
-    }
-    fflush(stdout);
-    free(buf);
+    echo_ids(&dec, &m->tokenizer, prompt_ids.ids + 1, n - 1);
 
     double t0 = time_s();
     int pos = 0;
@@ -1873,10 +1872,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         if (last == ROLE_ASSISTANT) { // continue the final message: its text, then more of it
             IdList tail = {0};
             ids_push_text(&tail, &m->tokenizer, conv.msgs[last_msg].content, conv.msgs[last_msg].len);
-            char *buf = xcalloc(decoder_max_bytes(&m->tokenizer), 1);
-            for (int i = turn.n - tail.n; i < turn.n; i++) fwrite(buf, 1, decoder_put(&dec, &m->tokenizer, turn.ids[i], buf), stdout);
-            fflush(stdout);
-            free(buf);
+            echo_ids(&dec, &m->tokenizer, turn.ids + turn.n - tail.n, tail.n);
             free(tail.ids);
         }
         chat_free(&conv);
@@ -2057,10 +2053,10 @@ static void tokenize_file(const Tokenizer *t, const char *path) {
 
 static void detokenize(const Tokenizer *t, const char *list) {
     IdList ids = parse_ids("--detokenize", list, t->vocab_size);
-    char *buf = xcalloc(decoder_max_bytes(t), 1);
     TokenDecoder dec;
     decoder_init(&dec);
-    for (int i = 0; i < ids.n; i++) fwrite(buf, 1, decoder_put(&dec, t, ids.ids[i], buf), stdout);
+    echo_ids(&dec, t, ids.ids, ids.n);
+    char *buf = xcalloc(decoder_max_bytes(t), 1);
     fwrite(buf, 1, decoder_flush(&dec, buf), stdout);
     printf("\n");
     free(buf);
@@ -2420,25 +2416,15 @@ static int parse_options(int argc, char **argv, Options *o) {
 int main(int argc, char **argv) {
     Options o;
     if (parse_options(argc, argv, &o)) return 0;
-    const char *model_path = o.model_path, *prompt = o.prompt, *prompt_path = o.prompt_path, *ids_arg = o.ids_arg;
-    const char *logits_path = o.logits_path, *experts_path = o.experts_path, *tokenize_path = o.tokenize_path;
-    const char *detokenize_ids = o.detokenize_ids, *ppl_path = o.ppl_path, *kl_out = o.kl_out, *kl_in = o.kl_in;
-    const char *system = o.system, *chat_path = o.chat_path, *chat_ids_path = o.chat_ids_path;
-    int context = o.context, threads = o.threads, info = o.info, do_bench = o.do_bench, chunk = o.chunk;
-    int seeded = o.seeded, load = o.load, bench_depth = o.bench_depth, chatting = o.chatting;
-    uint64_t seed = o.seed;
-    RunOptions opt = o.run;
-    Sampler sm = o.sampler;
-
     double t_load = time_s();
     Model model;
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
-    int quick = info || chat_ids_path || tokenize_path || detokenize_ids;
-    if (threads == 0) threads = pool_usable_cpus();
-    model_load(&model, model_path, quick ? LOAD_MMAP : load, threads, quick ? 0 : o.mem, context, chunk);
+    int quick = o.info || o.chat_ids_path || o.tokenize_path || o.detokenize_ids;
+    if (o.threads == 0) o.threads = pool_usable_cpus();
+    model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load, o.threads, quick ? 0 : o.mem, o.context, o.chunk);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
-    if (info) {
+    if (o.info) {
         printf("weights %s, dim %d, hidden_dim %d, layers %d, heads %d, kv heads %d, head_dim %d,\n"
                "experts %d, top_k %d, vocab %d, max positions %d, sliding window %d, rope_theta %g, eps %g\n",
                weight_type_name[p->weight_type], p->dim, p->hidden_dim, p->n_layers, p->n_heads, p->n_kv_heads,
@@ -2450,10 +2436,10 @@ int main(int argc, char **argv) {
         model_free(&model);
         return 0;
     }
-    if (chat_ids_path) {
+    if (o.chat_ids_path) {
         IdList ids = {0};
         Conversation conv;
-        read_conversation(&model, chat_ids_path, &ids, &conv);
+        read_conversation(&model, o.chat_ids_path, &ids, &conv);
         for (int i = 0; i < ids.n; i++) printf(i ? " %d" : "%d", ids.ids[i]);
         printf("\n");
         chat_free(&conv);
@@ -2461,61 +2447,61 @@ int main(int argc, char **argv) {
         model_free(&model);
         return 0;
     }
-    if (tokenize_path || detokenize_ids) {
-        if (tokenize_path) tokenize_file(&model.tokenizer, tokenize_path);
-        if (detokenize_ids) detokenize(&model.tokenizer, detokenize_ids);
+    if (o.tokenize_path || o.detokenize_ids) {
+        if (o.tokenize_path) tokenize_file(&model.tokenizer, o.tokenize_path);
+        if (o.detokenize_ids) detokenize(&model.tokenizer, o.detokenize_ids);
         model_free(&model);
         return 0;
     }
-    if (context == 0) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
-    if (context > p->max_seq_len)
+    if (o.context == 0) o.context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+    if (o.context > p->max_seq_len)
         fprintf(stderr, "mixtral: warning: -c %d is beyond the %d positions the model was trained for; "
-                        "expect worse text past %d\n", context, p->max_seq_len, p->max_seq_len);
+                        "expect worse text past %d\n", o.context, p->max_seq_len, p->max_seq_len);
 
     // the prompt: -i, -f FILE or -f - (standard input)
-    size_t prompt_len = prompt ? strlen(prompt) : 0;
+    size_t prompt_len = o.prompt ? strlen(o.prompt) : 0;
     char *prompt_text = NULL;
-    if (prompt_path) {
-        prompt = prompt_text = read_file(prompt_path, &prompt_len);
-        if (prompt_len && prompt[prompt_len - 1] == '\n') prompt_len--; // the newline that ends a file
+    if (o.prompt_path) {
+        o.prompt = prompt_text = read_file(o.prompt_path, &prompt_len);
+        if (prompt_len && o.prompt[prompt_len - 1] == '\n') prompt_len--; // the newline that ends a file
     }
-    int running = !do_bench && !ppl_path && !ids_arg;
-    if (running && !opt.quiet) {
+    int running = !o.do_bench && !o.ppl_path && !o.ids_arg;
+    if (running && !o.run.quiet) {
         double rss = resident_mb();
         fprintf(stderr, "mixtral: loaded %s (%s, %.2f GB, %s) in %.2f s, %.0f MB resident; %d threads, context %d\n",
-                model_path, weight_type_name[p->weight_type], model.map_size / 1e9,
+                o.model_path, weight_type_name[p->weight_type], model.map_size / 1e9,
                 model.in_memory ? "read into memory" : "mapped", t_load,
-                rss >= 0 ? rss : peak_resident_mb(), threads, context);
-        if (!seeded && sm.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)seed);
+                rss >= 0 ? rss : peak_resident_mb(), o.threads, o.context);
+        if (!o.seeded && o.sampler.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)o.seed);
     }
 
     ThreadPool pool;
-    if (pool_init(&pool, threads) != 0) die("cannot start %d threads (try fewer with --threads)", threads);
+    if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
     State state;
-    state_init(&state, p, context, chunk, &pool);
+    state_init(&state, p, o.context, o.chunk, &pool);
     state.cache = model.cache;
 
     int status = 0;
-    if (do_bench) {
-        bench(&model, &state, threads, bench_depth);
-    } else if (ppl_path) {
-        quality(&model, &state, model_path, ppl_path, kl_out, kl_in);
-    } else if (ids_arg) {
-        IdList ids = parse_ids("--ids", ids_arg, p->vocab_size);
+    if (o.do_bench) {
+        bench(&model, &state, o.threads, o.bench_depth);
+    } else if (o.ppl_path) {
+        quality(&model, &state, o.model_path, o.ppl_path, o.kl_out, o.kl_in);
+    } else if (o.ids_arg) {
+        IdList ids = parse_ids("--ids", o.ids_arg, p->vocab_size);
         if (ids.n == 0) die("--ids: no token ids given");
-        if (!logits_path) die("--ids needs --dump-logits");
-        dump_logits(&model, &state, model_path, ids.ids, ids.n, logits_path, experts_path);
+        if (!o.logits_path) die("--ids needs --dump-logits");
+        dump_logits(&model, &state, o.model_path, ids.ids, ids.n, o.logits_path, o.experts_path);
         free(ids.ids);
     } else {
-        sm.rng = seed;
-        sampler_init(&sm, p->vocab_size);
+        o.sampler.rng = o.seed;
+        sampler_init(&o.sampler, p->vocab_size);
         catch_interrupts(1);
-        if (chatting) chat(&model, &state, &sm, system, chat_path, &opt);
-        else status = generate(&model, &state, &sm, prompt ? prompt : "", prompt_len, &opt);
-        sampler_free(&sm);
+        if (o.chatting) chat(&model, &state, &o.sampler, o.system, o.chat_path, &o.run);
+        else status = generate(&model, &state, &o.sampler, o.prompt ? o.prompt : "", prompt_len, &o.run);
+        sampler_free(&o.sampler);
     }
     free(prompt_text);
-    free(opt.stop);
+    free(o.run.stop);
     state_free(&state, p);
     pool_free(&pool);
     model_free(&model);

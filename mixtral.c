@@ -346,56 +346,39 @@ static uint64_t available_memory(void) { return proc_number("/proc/meminfo", "Me
 // Reads the whole file into anonymous memory, in 2 MB pages where the kernel
 // allows: with 4 KB pages a core streaming weights misses the TLB every 4 KB,
 // and the hardware prefetchers stop at every page boundary (measured on a
-// Xeon: 10-30% slower prompts and decoding from a mapped file). Each thread
-// reads a share: the kernel zeroes and fills the pages on every core at once
-// (measured: 1.2 GB/s with one thread, 4-7 GB/s with two).
-typedef struct { int fd; uint8_t *mem; uint64_t size; int n; _Atomic uint64_t done; int failed; } ReadIn;
+// Xeon: 10-30% slower prompts and decoding from a mapped file). Each worker of
+// the pool reads a share: the kernel zeroes and fills the pages on every core
+// at once (measured: 1.2 GB/s with one thread, 4-7 GB/s with two).
+typedef struct { int fd; uint8_t *mem; uint64_t size; int progress; _Atomic uint64_t done; atomic_int failed; } ReadIn;
 
-static void *read_share(void *arg, int t) {
+// Share tid of n of the file, in pieces of 64 MB (shares start on 2 MB pages).
+// Worker 0 shows the progress of all, on a terminal.
+static void read_job(void *arg, int tid, int n) {
     ReadIn *r = arg;
-    uint64_t huge = 2u << 20, lo = r->size * t / r->n / huge * huge;
-    uint64_t hi = t + 1 == r->n ? r->size : r->size * (t + 1) / r->n / huge * huge;
-    for (uint64_t at = lo; at < hi;) {
-        uint64_t n = hi - at < (64u << 20) ? hi - at : (64u << 20);
-        ssize_t got = pread(r->fd, r->mem + at, n, (off_t)at);
-        if (got <= 0) { r->failed = 1; break; }
+    uint64_t huge = 2u << 20, lo = r->size * tid / n / huge * huge;
+    uint64_t hi = tid + 1 == n ? r->size : r->size * (tid + 1) / n / huge * huge;
+    for (uint64_t at = lo; at < hi && !atomic_load(&r->failed);) {
+        uint64_t want = hi - at < (64u << 20) ? hi - at : (64u << 20);
+        ssize_t got = pread(r->fd, r->mem + at, want, (off_t)at);
+        if (got <= 0) { atomic_store(&r->failed, 1); break; }
         at += (uint64_t)got;
-        atomic_fetch_add(&r->done, (uint64_t)got);
+        uint64_t done = atomic_fetch_add(&r->done, (uint64_t)got) + (uint64_t)got;
+        if (tid == 0 && r->progress) fprintf(stderr, "\r[reading the model: %.1f of %.1f GB]", done / 1e9, r->size / 1e9);
     }
-    return NULL;
 }
 
-static void *read_share_thread(void *arg) {
-    void **a = arg;
-    return read_share(a[0], (int)(intptr_t)a[1]);
-}
-
-static uint8_t *read_in(int fd, uint64_t size, const char *path, int threads, size_t *alloc_size) {
+static uint8_t *read_in(int fd, uint64_t size, const char *path, ThreadPool *pool, size_t *alloc_size) {
     size_t huge = 2u << 20, bytes = (size_t)((size + huge - 1) / huge * huge);
     void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) die("cannot allocate %.2f GB to read %s into (try --mmap)", bytes / 1e9, path);
 #ifdef MADV_HUGEPAGE
     madvise(mem, bytes, MADV_HUGEPAGE);
 #endif
-    ReadIn r = {fd, mem, size, threads < 1 ? 1 : threads > 64 ? 64 : threads, 0, 0};
-    pthread_t th[64];
-    void *args[64][2];
-    int started = 1;
-    for (; started < r.n; started++) {
-        args[started][0] = &r;
-        args[started][1] = (void *)(intptr_t)started;
-        if (pthread_create(&th[started], NULL, read_share_thread, args[started]) != 0) break;
-    }
-    for (int t = started; t < r.n; t++) read_share(&r, t); // shares no thread took
-    int progress = stderr_is_tty() && size > (1u << 30);
-    read_share(&r, 0);
-    while (progress && atomic_load(&r.done) < size && !r.failed) { // the others may still be reading
-        fprintf(stderr, "\r[reading the model: %.1f of %.1f GB]", atomic_load(&r.done) / 1e9, size / 1e9);
-        usleep(100000);
-    }
-    for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
-    if (progress) fprintf(stderr, "\r\033[K");
-    if (r.failed) die("cannot read %s: %s", path, errno ? strerror(errno) : "the file got shorter");
+    ReadIn r = {fd, mem, size, stderr_is_tty() && size > (1u << 30), 0, 0};
+    if (pool) pool_run(pool, read_job, &r);
+    else read_job(&r, 0, 1);
+    if (r.progress) fprintf(stderr, "\r\033[K");
+    if (atomic_load(&r.failed)) die("cannot read %s: a read failed or the file got shorter", path);
     *alloc_size = bytes;
     return mem;
 }
@@ -758,7 +741,7 @@ static void keep_resident(Model *m, int fd, const char *path) {
 // when it fits in the memory available (LOAD_AUTO).
 enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ };
 
-static void model_load(Model *m, const char *path, int load, int threads, uint64_t mem, int context, int chunk) {
+static void model_load(Model *m, const char *path, int load, ThreadPool *pool, uint64_t mem, int context, int chunk) {
     memset(m, 0, sizeof(*m));
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
@@ -781,7 +764,7 @@ static void model_load(Model *m, const char *path, int load, int threads, uint64
     // the expert cache: when --mem is less than the file, or (by default) the file is more than the memory available
     int cached = mem ? mem < size : load == LOAD_AUTO && avail && size + size / 8 > avail;
     m->in_memory = !cached && (load == LOAD_READ || (load == LOAD_AUTO && size + size / 8 < avail));
-    m->map = m->in_memory ? read_in(fd, size, path, threads, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    m->map = m->in_memory ? read_in(fd, size, path, pool, &m->alloc_size) : mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     model_attach(m, path);
     if (!cached) { close(fd); return; }
@@ -2421,7 +2404,9 @@ int main(int argc, char **argv) {
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = o.info || o.chat_ids_path || o.tokenize_path || o.detokenize_ids;
     if (o.threads == 0) o.threads = pool_usable_cpus();
-    model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load, o.threads, quick ? 0 : o.mem, o.context, o.chunk);
+    ThreadPool pool; // reads the model in, then runs it
+    if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
+    model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load, &pool, quick ? 0 : o.mem, o.context, o.chunk);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (o.info) {
@@ -2434,6 +2419,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < N_KINDS; k++) printf(" %s %s", kind_name[k], weight_type_name[p->matrix_type[k]]);
         printf("\n");
         model_free(&model);
+        pool_free(&pool);
         return 0;
     }
     if (o.chat_ids_path) {
@@ -2445,12 +2431,14 @@ int main(int argc, char **argv) {
         chat_free(&conv);
         free(ids.ids);
         model_free(&model);
+        pool_free(&pool);
         return 0;
     }
     if (o.tokenize_path || o.detokenize_ids) {
         if (o.tokenize_path) tokenize_file(&model.tokenizer, o.tokenize_path);
         if (o.detokenize_ids) detokenize(&model.tokenizer, o.detokenize_ids);
         model_free(&model);
+        pool_free(&pool);
         return 0;
     }
     if (o.context == 0) o.context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
@@ -2475,8 +2463,6 @@ int main(int argc, char **argv) {
         if (!o.seeded && o.sampler.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)o.seed);
     }
 
-    ThreadPool pool;
-    if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
     State state;
     state_init(&state, p, o.context, o.chunk, &pool);
     state.cache = model.cache;

@@ -448,6 +448,7 @@ typedef struct ExpertCache {
     pthread_cond_t work, done;
     Load *queue;               // a ring of q_cap pieces
     int q_head, q_n, q_cap, quit, failed;
+    int read_errno;            // why a read failed (0: the file ended early)
     int in_flight;             // pieces queued or being read
     double busy_since, busy_seconds; // wall time with reads in flight: for the read speed
     // what --expert-stats and the summary report
@@ -467,13 +468,14 @@ static void *cache_io_thread(void *arg) {
         pthread_mutex_unlock(&c->mu);
         uint8_t *to = c->slots + (size_t)ld.slot * c->slot_bytes + ld.slot_offset;
         uint64_t got = 0;
+        int err = 0;
         while (got < ld.bytes) {
             ssize_t r = pread(c->fd, to + got, ld.bytes - got, (off_t)(ld.file_offset + got));
-            if (r <= 0) break;
+            if (r <= 0) { err = r < 0 ? errno : 0; break; }
             got += (uint64_t)r;
         }
         pthread_mutex_lock(&c->mu);
-        if (got < ld.bytes) c->failed = 1;
+        if (got < ld.bytes) { c->failed = 1; c->read_errno = err; }
         c->bytes_read += got;
         c->pending[ld.slot]--;
         if (--c->in_flight == 0) c->busy_seconds += time_s() - c->busy_since;
@@ -496,6 +498,10 @@ static void cache_read(ExpertCache *c, int x, int s) {
         if (c->in_flight++ == 0) c->busy_since = time_s();
     }
     pthread_cond_broadcast(&c->work);
+}
+
+static void cache_failed(const ExpertCache *c) {
+    die("expert cache: cannot read the model file: %s", c->read_errno ? strerror(c->read_errno) : "it ended early");
 }
 
 // The least recently used slot that is neither in use nor being read, or -1.
@@ -545,7 +551,7 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
                     if (t >= 0) c->pinned[t] = 0;
                 }
                 while ((s = cache_victim(c)) < 0 && !c->failed) pthread_cond_wait(&c->done, &c->mu);
-                if (c->failed) die("expert cache: cannot read the model file: %s", strerror(errno));
+                if (c->failed) cache_failed(c);
             }
             c->misses++;
             cache_read(c, x, s);
@@ -564,7 +570,7 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
     for (int i = 0; i < got; i++)
         while (c->pending[c->slot_of[l * c->n_experts + es[i]]] > 0 && !c->failed) pthread_cond_wait(&c->done, &c->mu);
     c->wait_seconds += time_s() - t0;
-    if (c->failed) die("expert cache: cannot read the model file: %s", strerror(errno));
+    if (c->failed) cache_failed(c);
     for (int i = 0; i < got; i++) { // the expert's matrices, moved from the file's span into the slot
         const Expert *ex = &L->experts[es[i]];
         const uint8_t *base = (const uint8_t *)ex->w1.data, *slot = c->slots + (size_t)c->slot_of[l * c->n_experts + es[i]] * c->slot_bytes;

@@ -18,11 +18,11 @@ its "model file" section; change both together and bump VERSION.
     weights     starts at a 4096-byte boundary; every tensor starts at a
                 64-byte boundary, in exactly the order of tensor_plan()
 
-Weight types: f32 (0), bf16 (1), q8 (2), q4 (3). Norm weights and the router
-(gate) are always f32. Each kind of matrix has its type in the header (the
-same in every layer); --type picks them (see MATRIX_TYPES): in a q4 file the
-embedding and lm_head are q8, since they are a small share of the bytes read
-per token and the logits are sensitive to them.
+Weight types: f32 (0), bf16 (1), q8 (2), q4 (3), q6 (4). Norm weights and the
+router (gate) are always f32. Each kind of matrix has its type in the header
+(the same in every layer); --type picks them (see MATRIX_TYPES): in a q4 file
+the embedding is q6 and the lm_head q8, since the logits are sensitive to them
+(a q4 embedding costs the demo model 6 times the KL of the rest).
 
 Quantized matrices (rows, cols) keep one f16 scale per block of B = 32
 consecutive weights of a row (block_size in the header), and their rows are
@@ -36,8 +36,11 @@ padded with zero rows to a multiple of 16), so that a kernel's one load of
              q4: 4 chunks of 64 bytes; chunk c, byte 4r+i holds row r's weight
                  8c+i in its low nibble and 8c+4+i in its high one, as
                  u = q + 8 (q in -8..7)
-with w = q * scale: 17 bytes per 16 weights (q8), 9 per 16 (q4), the sizes of
-llama.cpp's Q8_0 and Q4_0.
+             q6: u = q + 32 (q in -32..31): its low 4 bits in 4 chunks as q4's,
+                 then 2 chunks of 64 bytes; chunk h, byte 4r+i holds the top 2
+                 bits of row r's weights 16h+4k+i (k = 0..3) at bits 2k, 2k+1
+with w = q * scale: 17 bytes per 16 weights (q8), 13 (q6), 9 (q4); q8 and q4
+are the sizes of llama.cpp's Q8_0 and Q4_0.
 """
 import argparse
 import json
@@ -62,8 +65,10 @@ HEADER_FORMAT = "<8sIIII14iff4Q9B"
 MATRIX_KINDS = ("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head")
 WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
-WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
-F32, BF16, Q8, Q4 = 0, 1, 2, 3
+WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}  # --type
+TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6")
+F32, BF16, Q8, Q4, Q6 = 0, 1, 2, 3, 4
+QUANT = (Q8, Q6, Q4)
 CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
 BLOCK = 32  # q8/q4 weights per scale
 ROWS = 16  # q8/q4 rows interleaved in a group
@@ -651,7 +656,7 @@ MATRIX_TYPES = {
     "f32": {k: F32 for k in MATRIX_KINDS},
     "bf16": {k: BF16 for k in MATRIX_KINDS},
     "q8": {k: Q8 for k in MATRIX_KINDS},
-    "q4": dict({k: Q4 for k in MATRIX_KINDS}, embed=Q8, lm_head=Q8),
+    "q4": dict({k: Q4 for k in MATRIX_KINDS}, embed=Q6, lm_head=Q8),
 }
 
 
@@ -664,7 +669,7 @@ def tensor_bytes(shape, wtype):
     if wtype == BF16:
         return 2 * rows * cols
     groups = (rows + ROWS - 1) // ROWS
-    return groups * (17 if wtype == Q8 else 9) * cols
+    return groups * {Q8: 17, Q6: 13, Q4: 9}[wtype] * cols
 
 
 def align(x, a):
@@ -726,7 +731,8 @@ def quantize_rows(x, wtype):
     """x (rows, cols) f32 -> (q (rows, cols) int, scales (rows, cols/B) f16): w ~ q * scale.
     q8: scale = max|x| / 127, rounded to f16, q = round(x / scale), as llama.cpp's Q8_0.
     q4: q in -8..7; of several scales (the block's value of largest magnitude mapping to -8,
-    -7.75, ..., -6.5) and each one's least-squares refit, the one with the least squared error."""
+    -7.75, ..., -6.5) and each one's least-squares refit, the one with the least squared error.
+    q6: q in -32..31, the same search (-32, -31.5, ..., -29)."""
     rows, cols = x.shape
     g = x.reshape(rows, cols // BLOCK, BLOCK).astype(np.float64)
     if wtype == Q8:
@@ -738,10 +744,11 @@ def quantize_rows(x, wtype):
     best_err = np.full(big.shape, np.inf, np.float32)
     best_q = np.zeros(g.shape, np.float32)
     best_h = np.zeros(big.shape, np.float16)
-    for div in (-8.0, -7.75, -7.5, -7.25, -7.0, -6.5):
-        h, d = to_f16(big / np.float32(div))
+    lo = -8 if wtype == Q4 else -32
+    for div in (1.0, 0.96875, 0.9375, 0.90625, 0.875, 0.8125):
+        h, d = to_f16(big / np.float32(lo * div))
         d = d.astype(np.float32)
-        q = np.clip(np.rint(g / np.where(d == 0, 1, d)[..., None]), -8, 7)
+        q = np.clip(np.rint(g / np.where(d == 0, 1, d)[..., None]), lo, -lo - 1)
         qq = np.einsum("...i,...i->...", q, q)
         refit = np.where(qq > 0, np.einsum("...i,...i->...", g, q) / np.where(qq > 0, qq, 1), 0)
         for h2, d2 in ((h, d), to_f16(refit)):
@@ -762,6 +769,13 @@ def pack_groups(q, h, wtype):
     scales = h.astype("<f2").reshape(G, ROWS, nb).transpose(0, 2, 1).reshape(G, -1).view(np.uint8)
     if wtype == Q8:
         u = (q + 128).astype(np.uint8).reshape(G, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+    elif wtype == Q6:  # the low nibbles as q4's, then the top 2 bits of 16 weights a byte
+        u = (q + 32).astype(np.uint8).reshape(G, ROWS, nb, 32)
+        lo = (u & 15).reshape(G, ROWS, nb, 4, 2, 4)
+        lo = (lo[..., 0, :] | (lo[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
+        hi = (u >> 4).reshape(G, ROWS, nb, 2, 4, 4)  # (.., h, k, i): weight 16h + 4k + i
+        hi = (hi[..., 0, :] | hi[..., 1, :] << 2 | hi[..., 2, :] << 4 | hi[..., 3, :] << 6).transpose(0, 2, 3, 1, 4)
+        u = np.concatenate([lo.reshape(G, nb, -1), hi.reshape(G, nb, -1)], axis=2)
     else:
         u = (q + 8).astype(np.uint8).reshape(G, ROWS, nb, 4, 2, 4)
         u = (u[..., 0, :] | (u[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
@@ -776,14 +790,14 @@ def write_tensor(out, files, t, shape, wtype):
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
     gguf = isinstance(t, GgufTensor)
-    lossy = gguf and ((wtype == Q4 and t.gtype == GGML_Q8_0) or (wtype == BF16 and t.gtype != GGML_BF16))
+    lossy = gguf and ((wtype in (Q6, Q4) and t.gtype == GGML_Q8_0) or (wtype == BF16 and t.gtype != GGML_BF16))
     if lossy and (t.dtype, wtype) not in WARNED:
         WARNED.add((t.dtype, wtype))
         print(f"export.py: warning: {t.dtype} tensors of the GGUF (the first: {t.name}) are converted to "
-              f"{[k for k, v in WEIGHT_TYPES.items() if v == wtype][0]} with rounding; the others carry over exactly",
+              f"{TYPE_NAMES[wtype]} with rounding; the others carry over exactly",
               file=sys.stderr)
-    if wtype in (Q8, Q4):
-        step = max(ROWS, step // (4 if wtype == Q4 else 1) // ROWS * ROWS)  # q4's search: smaller slices
+    if wtype in QUANT:
+        step = max(ROWS, step // (1 if wtype == Q8 else 4) // ROWS * ROWS)  # q6/q4's search: smaller slices
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
             pad = -nr % ROWS  # the last group: zero rows
@@ -834,7 +848,7 @@ def export(model_dir, out_path, type_name):
     else:
         c = read_config(model_dir)
     check_limits(c, model_dir)
-    quantized = any(ty in (Q8, Q4) for ty in kinds.values())
+    quantized = any(ty in QUANT for ty in kinds.values())
     block = BLOCK if quantized else 0
     if block:
         for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),

@@ -69,6 +69,11 @@ void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float
 // Weight j (0..31) of block b of row l (0..15) of a group whose weights start at wq.
 static inline int quant_weight(int type, const uint8_t *wq, int b, int l, int j) {
     if (type == WEIGHT_Q8) return wq[(size_t)b * 512 + j / 4 * 64 + l * 4 + j % 4] - 128;
+    if (type == WEIGHT_Q6) {
+        const uint8_t *blk = wq + (size_t)b * 384;
+        uint8_t lo = blk[j / 8 * 64 + l * 4 + j % 4], hi = blk[256 + j / 16 * 64 + l * 4 + j % 4];
+        return ((j % 8 < 4 ? lo & 15 : lo >> 4) | (hi >> (2 * (j % 16 / 4)) & 3) << 4) - 32;
+    }
     uint8_t v = wq[(size_t)b * 256 + j / 8 * 64 + l * 4 + j % 4];
     return (j % 8 < 4 ? v & 15 : v >> 4) - 8;
 }
@@ -438,6 +443,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
 #endif
 
 static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
     size_t gbytes = quant_group_bytes(type, K), block_bytes = (gbytes - (size_t)K) / (K / QBLOCK); // weights only
     int nb = K / QBLOCK, span = M <= T_MAX ? nb : (int)(SPAN_BYTES / block_bytes);
     if (span < 1) span = 1;
@@ -640,6 +646,7 @@ static void neon_group(int q4, const uint8_t *grp, int K, const QuantX *x, float
 }
 
 static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
     for (int g = 0; g * QROWS < N; g++) {
         int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
         for (int m = 0; m < M; m++) {

@@ -10,7 +10,9 @@
 //       each output as dot_bf16 computes it, or (AVX-512) in a tile of 4 rows x 4 tokens
 //   gemm_quant(type, W, K, N, x, M, out, ldo): a small GEMM, out (M,N) = x (M,K) @ W (N,K)^T:
 //       out[m ldo + n] = sum_b dw[n][b] dx[m][b] sum_{j in block b} qw[n][j] qx[m][j]
-//       for q8 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
+//       for q8, q6 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
+//       (q6 has only the portable kernel: export.py gives it to the embedding, which
+//       is looked up a row at a time, never multiplied)
 //   quantize_blocks(qx, x, b0, b1): blocks b0..b1-1 of x (f32) to int8:
 //       qx = round(x * 127 / max|x|) (to nearest, ties to even, as lrintf),
 //       dx = max|x| / 127, qsum = sum of the block's qx
@@ -19,7 +21,7 @@
 //
 // THE LAYOUT THEY READ
 //   f32, bf16: row-major, K values a row. bf16 is the top half of an f32.
-//   q8, q4 (W (N,K), K a multiple of 32): rows in groups of QROWS = 16,
+//   q8, q6, q4 (W (N,K), K a multiple of 32): rows in groups of QROWS = 16,
 //   interleaved so that one 64-byte load holds 4 consecutive weights of each of
 //   the 16 rows (the int32 lanes of a 512-bit register are the rows: no
 //   horizontal sums, one load of an activation serves 16 rows). N is padded to
@@ -31,7 +33,10 @@
 //         q4: 4 chunks c of 64 bytes; chunk c, byte 4l+i: row l's weight
 //             32b+8c+i in the low nibble, 32b+8c+4+i in the high one, stored as
 //             u = q + 8 (q in -8..7)
-//   so a group is 17K bytes (q8) or 9K bytes (q4): 8.5 and 4.5 bits a weight.
+//         q6: the 4 chunks of q4 holding the low 4 bits of u = q + 32 (q in
+//             -32..31), then 2 chunks h of 64 bytes; chunk h, byte 4l+i: the top
+//             2 bits of row l's weights 32b+16h+4k+i, k = 0..3, at bits 2k, 2k+1
+//   so a group is 17K (q8), 13K (q6) or 9K bytes (q4): 8.5, 6.5 and 4.5 bits a weight.
 //   Activations for q8/q4: QuantX, the M tokens one after another.
 //
 // THE PROMISES
@@ -54,16 +59,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define QBLOCK 32 // q8/q4: weights (and activations) per scale, the quantization block
-#define QROWS 16  // q8/q4: rows interleaved in a group
+#define QBLOCK 32 // q8/q6/q4: weights (and activations) per scale, the quantization block
+#define QROWS 16  // q8/q6/q4: rows interleaved in a group
 
 // The weight types of the model file (export.py writes the same numbers).
-enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_NTYPES };
+enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_Q6 = 4, WEIGHT_NTYPES };
 
-static inline int weight_is_quant(int type) { return type == WEIGHT_Q8 || type == WEIGHT_Q4; }
+static inline int weight_is_quant(int type) { return type == WEIGHT_Q8 || type == WEIGHT_Q6 || type == WEIGHT_Q4; }
 
-// Bytes of one group of QROWS rows of K weights (q8/q4).
-static inline uint64_t quant_group_bytes(int type, uint64_t K) { return type == WEIGHT_Q8 ? 17 * K : 9 * K; }
+// Bytes of one group of QROWS rows of K weights (q8/q6/q4).
+static inline uint64_t quant_group_bytes(int type, uint64_t K) {
+    return type == WEIGHT_Q8 ? 17 * K : type == WEIGHT_Q6 ? 13 * K : 9 * K;
+}
 
 // Bytes of a whole matrix (N, K) of a weight type.
 static inline uint64_t weight_matrix_bytes(int type, uint64_t N, uint64_t K) {

@@ -120,7 +120,7 @@ static double time_s(void) {
 //   norm (D,) lm_head (V,D)
 // Norms and the router are always f32; each kind of matrix (embed, wq, ..., w2,
 // lm_head) has its own type, the same in every layer, listed in the header
-// (export.py's MATRIX_TYPES chooses them). How each weight type is stored (q8/q4:
+// (export.py's MATRIX_TYPES chooses them). How each weight type is stored (q8/q6/q4:
 // rows interleaved in groups of 16, an f16 scale per block of 32) is part of the
 // kernels' contract, kernels.h.
 
@@ -130,8 +130,8 @@ static double time_s(void) {
 #define WEIGHTS_ALIGN 4096
 #define TENSOR_ALIGN 64
 
-// WEIGHT_F32, WEIGHT_BF16, WEIGHT_Q8, WEIGHT_Q4: kernels.h
-static const char *weight_type_name[] = {"f32", "bf16", "q8", "q4"};
+// WEIGHT_F32, WEIGHT_BF16, WEIGHT_Q8, WEIGHT_Q4, WEIGHT_Q6: kernels.h
+static const char *weight_type_name[] = {"f32", "bf16", "q8", "q4", "q6"};
 
 // The kinds of matrix, in the order of the header's matrix_type (export.py's MATRIX_KINDS).
 enum { KIND_EMBED, KIND_WQ, KIND_WK, KIND_WV, KIND_WO, KIND_W1, KIND_W3, KIND_W2, KIND_LM_HEAD, N_KINDS };
@@ -142,7 +142,7 @@ typedef struct {
     uint32_t version;       // MODEL_VERSION
     uint32_t header_size;   // HEADER_SIZE
     uint32_t weight_type;   // WEIGHT_*: the --type the file was exported with (a name only)
-    uint32_t block_size;    // QBLOCK if any matrix is q8/q4, else 0
+    uint32_t block_size;    // QBLOCK if any matrix is q8/q6/q4, else 0
     int32_t dim;            // hidden_size
     int32_t hidden_dim;     // intermediate_size (one expert's)
     int32_t n_layers;       // num_hidden_layers
@@ -155,7 +155,7 @@ typedef struct {
     int32_t max_seq_len;    // max_position_embeddings
     int32_t sliding_window; // 0: full causal attention
     int32_t bos_id, eos_id;
-    int32_t row_group;      // QROWS if any matrix is q8/q4, else 0
+    int32_t row_group;      // QROWS if any matrix is q8/q6/q4, else 0
     float rope_theta;
     float rms_norm_eps;
     uint64_t tokenizer_offset, tokenizer_size;
@@ -169,7 +169,7 @@ _Static_assert(offsetof(Config, matrix_type) == 120 && sizeof(Config) <= HEADER_
 // A weight matrix W (rows, cols) stored in one of the weight types (kernels.h).
 // In a product it is W (N, K): N = rows outputs, K = cols inputs.
 typedef struct {
-    const void *data;    // f32 or bf16 rows, or q8/q4 groups of 16 interleaved rows
+    const void *data;    // f32 or bf16 rows, or q8/q6/q4 groups of 16 interleaved rows
     int type;            // WEIGHT_*
     int rows, cols;
     uint64_t bytes;      // weight_matrix_bytes(type, rows, cols)
@@ -652,7 +652,7 @@ static void cache_free(ExpertCache *c) {
 static uint64_t storage_read_bytes(void) { return proc_number("/proc/self/io", "read_bytes: %llu"); }
 
 // With the cache, the embedding is not kept in memory: a token's row is read
-// from the file (for q8/q4, the group of 16 interleaved rows that holds it).
+// from the file (for q8/q6/q4, the group of 16 interleaved rows that holds it).
 static void cache_embed_row(ExpertCache *c, const Matrix *embed, int row, float *out) {
     int K = embed->cols;
     uint64_t at, bytes;
@@ -820,7 +820,7 @@ static void model_free(Model *m) {
 // head lie one after another, so that attention reads a head's keys (and
 // values) as one sequential stream.
 
-// The input of a batch's products quantized for q8/q4 weights (kernels.h's
+// The input of a batch's products quantized for q8/q6/q4 weights (kernels.h's
 // QuantX), with the f32 input it was made from, so that products sharing an
 // input (wq, wk, wv; an expert's w1 and w3) quantize it once.
 typedef struct {
@@ -854,7 +854,7 @@ typedef struct {
     int max_pos;        // positions 0..max_pos-1 may be computed
     int *chosen;        // (C, n_layers, top_k) experts picked for each token of the last chunk
     float *chosen_w;    // (C, n_layers, top_k) their routing weights
-    QuantInput *xq;     // (n_experts,) a batch's inputs quantized for q8/q4 weights, C rows each
+    QuantInput *xq;     // (n_experts,) a batch's inputs quantized for q8/q6/q4 weights, C rows each
     ThreadPool *pool;
     struct ExpertCache *cache; // the model's expert cache, or NULL
     uint64_t bytes_read; // weight and cache bytes read so far (for --bench)
@@ -899,7 +899,7 @@ static void state_init(State *s, const Config *p, int context, int chunk, Thread
     s->expert_count = xcalloc((size_t)p->n_layers * E, sizeof(uint64_t));
     s->router_entropy = xcalloc(p->n_layers, sizeof(double));
     s->xq = xcalloc(E, sizeof(QuantInput));
-    if (p->block_size) { // q8/q4 weights: room for C tokens (an expert's most) of the widest input
+    if (p->block_size) { // q8/q6/q4 weights: room for C tokens (an expert's most) of the widest input
         size_t widest = D > H ? D : H;
         widest = widest > Q ? widest : Q;
         for (size_t e = 0; e < E; e++) {
@@ -965,11 +965,11 @@ typedef struct {
     const float *x;         // (M, K)
     const Matrix *W;        // (N, K)
     int M;
-    const QuantInput *xq;   // x quantized, for q8/q4 weights (set by matmul)
+    const QuantInput *xq;   // x quantized, for q8/q6/q4 weights (set by matmul)
 } Gemm;
 
 // Rows [r0, r1) of one product (r0 a multiple of QROWS): the one place weight
-// formats are dispatched. q8/q4 rows come in groups of QROWS, which the kernel
+// formats are dispatched. q8/q6/q4 rows come in groups of QROWS, which the kernel
 // takes whole; float rows are dot products, row by row.
 static void gemm_rows(const Gemm *g, int r0, int r1) {
     const Matrix *W = g->W;

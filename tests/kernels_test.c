@@ -167,7 +167,7 @@ static void test_gemm_bf16(void) {
 // enough to be cut into spans (x86_gemm_quant) with tokens for several passes.
 static void test_gemm_quant(void) {
     static const int blocks[] = {1, 2, 3, 5, 33, 70}, rows[] = {1, 3, 16, 17, 40}, tokens[] = {1, 2, 3, 5, 8, 9, 17};
-    for (int type = WEIGHT_Q8; type <= WEIGHT_Q4; type++)
+    for (int type = WEIGHT_Q8; type <= WEIGHT_Q6; type++) // q8, q4, q6
         for (int exact = 0; exact < 2; exact++)
             for (size_t bi = 0; bi < sizeof(blocks) / sizeof(blocks[0]); bi++)
                 for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
@@ -185,7 +185,7 @@ static void test_gemm_quant(void) {
                             QuantX xm = quantx_token(&x, m, K);
                             for (int r = 0; r < N; r++) {
                                 snprintf(what, sizeof(what), "gemm_quant %s%s K=%d N=%d M=%d m=%d",
-                                         type == WEIGHT_Q8 ? "q8" : "q4", exact ? " exact" : "", K, N, M, m);
+                                         type == WEIGHT_Q8 ? "q8" : type == WEIGHT_Q6 ? "q6" : "q4", exact ? " exact" : "", K, N, M, m);
                                 expect(what, r, got[m * ldo + r], want[m * ldo + r],
                                        exact ? -1 : tolerance(blocks[bi], quant_abs_sum(type, w, K, r, &xm)));
                             }

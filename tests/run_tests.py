@@ -379,6 +379,52 @@ def quantized_quality(tmp):
 
 
 @test
+def q6_embedding_layout(tmp):
+    """A q4 file's embedding is q6: decoded here from the layout kernels.h documents (written
+    anew, not export.py's code), every weight is within half a step of the checkpoint's and the
+    steps are those of a 6-bit grid; then the engine's logits equal, to the q8 lm_head's rounding,
+    those computed from the decoded rows (a misplaced bit moves a weight by 16 steps or more)."""
+    d, cfg, ids, shape = random_model(tmp, 21, 6, 5, dim=64, hidden_dim=64, heads=4, kv_heads=2, experts=4, top_k=2,
+                                      layers=1)
+    model = export(d, os.path.join(tmp, "q4.bin"), "q4")
+    emb = reference.load_safetensors(d)["model.embed_tokens.weight"].astype(np.float64)
+    V, D = emb.shape
+    G, nb = (V + 15) // 16, D // 32
+    raw = np.fromfile(model, np.uint8, offset=tensor_offset(model, "model.embed_tokens.weight"), count=G * 13 * D)
+    got = np.zeros((G * 16, D))
+    for g in range(G):
+        grp = raw[g * 13 * D:(g + 1) * 13 * D]
+        scale = grp[:32 * nb].view("<f2").astype(np.float64).reshape(nb, 16)
+        for b in range(nb):
+            blk = grp[32 * nb + 384 * b: 32 * nb + 384 * (b + 1)]
+            for l in range(16):
+                for j in range(32):
+                    lo = blk[j // 8 * 64 + l * 4 + j % 4]
+                    lo = lo & 15 if j % 8 < 4 else lo >> 4
+                    hi = blk[256 + j // 16 * 64 + l * 4 + j % 4] >> (2 * (j % 16 // 4)) & 3
+                    got[g * 16 + l, 32 * b + j] = (int(lo | hi << 4) - 32) * scale[b, l]
+    # each block's weights within one step of the checkpoint's (the rounding, and the clipping of
+    # the end opposite the largest one), on a grid of about a 32nd of the block's largest
+    scales = np.zeros((G * 16, nb))
+    for g in range(G):
+        scales[g * 16:(g + 1) * 16] = raw[g * 13 * D:g * 13 * D + 32 * nb].view("<f2").astype(np.float64).reshape(nb, 16).T
+    step = np.abs(scales[:V])
+    big = np.abs(emb).reshape(V, nb, 32).max(-1)
+    err = np.abs(got[:V] - emb).reshape(V, nb, 32).max(-1)
+    check((err <= 1.001 * step + 1e-12).all(), f"q6 embedding: a weight off by {float((err / step).max()):.2f} steps")
+    check((step <= big / 24).all() and (step >= big / 33).all(), "q6 embedding: steps not on a 6-bit grid: "
+          f"{float((big / step).min()):.1f} to {float((big / step).max()):.1f} steps to the largest weight")
+    check(not got[V:].any(), "q6 embedding: the padding rows are not zero")
+    logits, _ = engine_logits(model, ids[:1], **shape)
+    # the embedding row alone (the layer's output added to it is the same in both): the engine run
+    # on a copy whose embedding is f32 must agree to the q8/q4 rounding of the rest
+    ref, _ = engine_logits(export(d, os.path.join(tmp, "q8.bin"), "q8"), ids[:1], **shape)
+    rel = float(np.abs(logits - ref).max() / np.abs(ref).max())
+    check(rel < 0.2, f"q6 embedding: logits differ from the q8 file's by {rel:.2f} of their range")
+    return f"{V}x{D} embedding: max error {float((err / step).max()):.3f} steps; logits within {rel:.3f} of q8's"
+
+
+@test
 def simd_matches_portable(tmp):
     """The SIMD kernels (release build) agree with the portable C ones (debug build) in every format.
     Float formats agree to rounding (1e-4). In q8/q4 the int8 activations are rounded from slightly

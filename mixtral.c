@@ -420,20 +420,27 @@ static void model_attach(Model *m, const char *path) {
 // Language Models with Offloading", 2023): the residual stream changes slowly,
 // so the guess is often right, and a wrong one costs only a read. The kernels
 // read the same bytes from a slot as from the file: the output is identical.
+// Reads bypass the page cache where the system allows (O_DIRECT), so that the
+// memory holds one copy of an expert, the slot's, not a second in the page cache.
 
 #define CACHE_IO_THREADS 4
 #define CACHE_PIECE (4u << 20) // bytes per pread
+#define CACHE_ALIGN 4096        // O_DIRECT: offsets, lengths and buffers in whole blocks
 
-typedef struct { int slot; uint64_t file_offset, slot_offset, bytes; } Load;
+typedef struct { int slot; uint64_t file_offset, slot_offset, bytes, need; } Load; // need: bytes before the file ends
 
 typedef struct ExpertCache {
     int fd;                    // the model file
+    int direct_fd;             // the same, opened with O_DIRECT, or -1 (then reads go through fd)
+    uint64_t file_size;
     int n_layers, n_experts;
-    uint64_t *span;            // (L*E) file offset of expert (l, e)'s w1, w3, w2, one span
+    uint64_t *span;            // (L*E) file offset of expert (l, e)'s w1, w3, w2, one span; it lies
+                               // in its slot at span % CACHE_ALIGN, as reads start at a block
     uint64_t span_bytes;       // the same for every expert
     uint64_t embed_offset;     // file offset of the embedding (read a row at a time)
     int n_slots;
     size_t slot_bytes;
+    uint64_t budget;           // the memory it was given: weights held, slots and working buffers
     uint8_t *slots;            // (n_slots, slot_bytes)
     int *slot_of;              // (L*E) the slot holding (or reading) expert (l, e), or -1
     int *owner;                // (n_slots) the expert l*E+e in the slot, or -1
@@ -469,13 +476,15 @@ static void *cache_io_thread(void *arg) {
         uint8_t *to = c->slots + (size_t)ld.slot * c->slot_bytes + ld.slot_offset;
         uint64_t got = 0;
         int err = 0;
-        while (got < ld.bytes) {
-            ssize_t r = pread(c->fd, to + got, ld.bytes - got, (off_t)(ld.file_offset + got));
+        int fd = c->direct_fd >= 0 ? c->direct_fd : c->fd;
+        while (got < ld.need) {
+            ssize_t r = pread(fd, to + got, ld.bytes - got, (off_t)(ld.file_offset + got));
+            if (r < 0 && errno == EINVAL && fd != c->fd) { fd = c->fd; continue; } // O_DIRECT refused here
             if (r <= 0) { err = r < 0 ? errno : 0; break; }
             got += (uint64_t)r;
         }
         pthread_mutex_lock(&c->mu);
-        if (got < ld.bytes) { c->failed = 1; c->read_errno = err; }
+        if (got < ld.need) { c->failed = 1; c->read_errno = err; }
         c->bytes_read += got;
         c->pending[ld.slot]--;
         if (--c->in_flight == 0) c->busy_seconds += time_s() - c->busy_since;
@@ -490,10 +499,14 @@ static void cache_read(ExpertCache *c, int x, int s) {
     if (c->owner[s] >= 0) c->slot_of[c->owner[s]] = -1;
     c->owner[s] = x;
     c->slot_of[x] = s;
-    for (uint64_t off = 0; off < c->span_bytes; off += CACHE_PIECE) {
+    // whole blocks around the span: from the block it starts in to the end of the block it ends in
+    uint64_t from = c->span[x] / CACHE_ALIGN * CACHE_ALIGN, end = c->span[x] + c->span_bytes;
+    uint64_t bytes = (end + CACHE_ALIGN - 1) / CACHE_ALIGN * CACHE_ALIGN - from;
+    for (uint64_t off = 0; off < bytes; off += CACHE_PIECE) {
         if (c->q_n == c->q_cap) die("expert cache: read queue full"); // sized for every slot at once
-        uint64_t n = c->span_bytes - off < CACHE_PIECE ? c->span_bytes - off : CACHE_PIECE;
-        c->queue[(c->q_head + c->q_n++) % c->q_cap] = (Load){s, c->span[x] + off, off, n};
+        uint64_t n = bytes - off < CACHE_PIECE ? bytes - off : CACHE_PIECE, at = from + off;
+        uint64_t need = at + n <= c->file_size ? n : c->file_size - at;
+        c->queue[(c->q_head + c->q_n++) % c->q_cap] = (Load){s, at, off, n, need};
         c->pending[s]++;
         if (c->in_flight++ == 0) c->busy_since = time_s();
     }
@@ -573,7 +586,9 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
     if (c->failed) cache_failed(c);
     for (int i = 0; i < got; i++) { // the expert's matrices, moved from the file's span into the slot
         const Expert *ex = &L->experts[es[i]];
-        const uint8_t *base = (const uint8_t *)ex->w1.data, *slot = c->slots + (size_t)c->slot_of[l * c->n_experts + es[i]] * c->slot_bytes;
+        int x = l * c->n_experts + es[i];
+        const uint8_t *base = (const uint8_t *)ex->w1.data;
+        const uint8_t *slot = c->slots + (size_t)c->slot_of[x] * c->slot_bytes + c->span[x] % CACHE_ALIGN;
         out[i] = *ex;
         out[i].w1.data = slot;
         out[i].w3.data = slot + ((const uint8_t *)ex->w3.data - base);
@@ -591,11 +606,18 @@ static void cache_release(ExpertCache *c, int l, const int *es, int n) {
 
 // Sets up a cache of as many slots as `slot_budget` bytes hold, for the
 // experts of a model whose file is mapped at map (for their offsets) and open as fd.
-static ExpertCache *cache_init(const Model *m, int fd, uint64_t slot_budget) {
+static ExpertCache *cache_init(const Model *m, const char *path, int fd, uint64_t slot_budget) {
     const Config *p = &m->config;
     ExpertCache *c = xcalloc(1, sizeof(ExpertCache));
     int L = p->n_layers, E = p->n_experts;
     c->fd = fd;
+    c->file_size = m->map_size;
+#ifdef O_DIRECT
+    c->direct_fd = open(path, O_RDONLY | O_DIRECT); // where it fails (tmpfs), reads go through the page cache
+#else
+    c->direct_fd = -1;
+    (void)path;
+#endif
     c->n_layers = L;
     c->n_experts = E;
     c->span = xcalloc((size_t)L * E, sizeof(uint64_t));
@@ -604,7 +626,7 @@ static ExpertCache *cache_init(const Model *m, int fd, uint64_t slot_budget) {
     for (int l = 0; l < L; l++)
         for (int e = 0; e < E; e++) c->span[l * E + e] = (const uint8_t *)m->weights.layers[l].experts[e].w1.data - m->map;
     c->embed_offset = (const uint8_t *)m->weights.embed.data - m->map;
-    c->slot_bytes = (c->span_bytes + 4095) / 4096 * 4096;
+    c->slot_bytes = (c->span_bytes + 2 * CACHE_ALIGN - 1) / CACHE_ALIGN * CACHE_ALIGN; // the span and its blocks' ends
     c->n_slots = (int)(slot_budget / c->slot_bytes);
     if (c->n_slots > L * E) c->n_slots = L * E;
     if (c->n_slots < 1) return c; // the caller says what is missing
@@ -686,9 +708,9 @@ static void cache_settle(ExpertCache *c) {
 static void cache_report(ExpertCache *c, FILE *out) {
     cache_settle(c);
     uint64_t lookups = c->hits + c->misses;
-    fprintf(out, "expert cache: %d slots of %.0f MB; hit rate %.1f%% (%llu of %llu); prefetch accuracy %.1f%% "
+    fprintf(out, "expert cache: %d slots of %.0f MB (budget %.0f MB); hit rate %.1f%% (%llu of %llu); prefetch accuracy %.1f%% "
                  "(%llu of %llu read ahead were used); read %.0f MB at %.0f MB/s; waited %.2f s\n",
-            c->n_slots, c->slot_bytes / 1e6, lookups ? 100.0 * c->hits / lookups : 0.0, (unsigned long long)c->hits,
+            c->n_slots, c->slot_bytes / 1e6, c->budget / 1e6, lookups ? 100.0 * c->hits / lookups : 0.0, (unsigned long long)c->hits,
             (unsigned long long)lookups, c->prefetched ? 100.0 * c->prefetch_used / c->prefetched : 0.0,
             (unsigned long long)c->prefetch_used, (unsigned long long)c->prefetched, c->bytes_read / 1e6,
             c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, c->wait_seconds);
@@ -784,15 +806,16 @@ static void model_load(Model *m, const char *path, int load, ThreadPool *pool, u
     uint64_t work = 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * slots) +
                     (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + // the state's buffers (state_init)
                     (uint64_t)p->vocab_size * 32 + (2u << 20);             // the tokenizer's tables, code and libc
-    uint64_t budget = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
-    budget = budget > work ? budget - work : 0;
+    uint64_t given = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
+    uint64_t budget = given > work ? given - work : 0;
     keep_resident(m, fd, path);
     if (budget < m->resident_bytes) budget = m->resident_bytes; // (no slot: reported below)
-    m->cache = cache_init(m, fd, budget - m->resident_bytes);
+    m->cache = cache_init(m, path, fd, budget - m->resident_bytes);
+    m->cache->budget = given;
     const ExpertCache *c = m->cache;
     if (c->n_slots < 1)
         die("%s: %.1f MB of memory is too little: the working buffers take %.1f MB, the weights other than the "
-            "experts %.1f MB, and one expert %.1f MB more (give --mem a larger size)", path, (budget + work) / 1e6,
+            "experts %.1f MB, and one expert %.1f MB more (give --mem a larger size)", path, given / 1e6,
             work / 1e6, m->resident_bytes / 1e6, c->slot_bytes / 1e6);
 }
 
@@ -803,6 +826,7 @@ static void model_free(Model *m) {
     munmap((void *)m->map, m->in_memory ? m->alloc_size : m->map_size);
     if (m->cache) {
         close(m->cache->fd);
+        if (m->cache->direct_fd >= 0) close(m->cache->direct_fd);
         cache_free(m->cache);
         munmap(m->resident, m->resident_bytes);
     }
@@ -1994,10 +2018,12 @@ static void bench(Model *m, State *s, int threads, int depth) {
         uint64_t lookups = c->hits + c->misses;
         int o = (int)strlen(extra);
         snprintf(extra + o, sizeof(extra) - o, ", \"cache_hit_rate\": %.4f, \"prefetch_accuracy\": %.4f, \"read_mb\": %.1f, "
-                 "\"read_mb_s\": %.1f, \"decode_read_mb_per_token\": %.2f, \"cache_slots\": %d",
+                 "\"read_mb_s\": %.1f, \"decode_read_mb_per_token\": %.2f, \"cache_slots\": %d, "
+                 "\"cache_budget_mb\": %.0f",
                  lookups ? (double)c->hits / lookups : 0.0,
                  c->prefetched ? (double)c->prefetch_used / c->prefetched : 0.0, c->bytes_read / 1e6,
-                 c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, cache_per_token / 1e6, c->n_slots);
+                 c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, cache_per_token / 1e6, c->n_slots,
+                 c->budget / 1e6);
     }
     int o = (int)strlen(extra);
     snprintf(extra + o, sizeof(extra) - o, ", \"peak_rss_mb\": %.0f, \"disk_read_mb_per_token\": %.2f",

@@ -3,14 +3,15 @@
 make bench-paging: decoding a model larger than the memory it may use, with
 the expert cache against plain mapping, under real memory pressure.
 
-The Mixtral-8x7B-shaped 2-layer q4 model of make bench (1.91 GB) gets a budget
-of its size / --oversub (default 1.5). A helper process allocates and touches
-the rest of the memory available, less the budget and a margin for the
-process: anonymous memory, which cannot be evicted without swap, so the page
-cache really shrinks. Before each run the file is dropped from the page cache
-(posix_fadvise DONTNEED). Round by round: plain mapping (mixtral --mmap), the
-expert cache (--mem BUDGET), and llama.cpp's llama-bench (it maps the file)
-when given. The helper is killed at the end, whatever happens.
+The Mixtral-8x7B-shaped 2-layer q4 model of make bench (1.9 GB) is given
+memory of its size / --oversub (default 1.5): a helper process allocates and
+touches the rest of the memory available, anonymous memory, which cannot be
+evicted without swap, so the page cache really shrinks. Every run has the
+same memory left: plain mapping (mixtral --mmap) uses it as page cache; the
+expert cache (mixtral's default for a model larger than the memory available)
+takes its budget from it; llama.cpp's llama-bench (it maps the file) when
+given. Before each run the file is dropped from the page cache
+(posix_fadvise DONTNEED). The helper is killed at the end, whatever happens.
 
 Also measures the disk's sequential read speed (the file read cold), and from
 it and the bytes the cache still reads per token, the bound on decode speed.
@@ -32,7 +33,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 
-MARGIN = 300 << 20  # beside the budget: the KV cache (-c 256), the engine's code, what the kernel keeps
 
 
 def mem_available():
@@ -135,10 +135,10 @@ def main():
     print(f"model {size / 1e9:.2f} GB (q4, 8x7B layer shapes, 2 layers); budget {budget / 1e9:.2f} GB "
           f"({a.oversub}x oversubscribed); disk reads {disk:.2f} GB/s cold (4 threads, 4 MB preads); "
           f"no pressure: decode {free['decode_tok_s']:.1f} tok/s", flush=True)
-    hold = mem_available() - budget - MARGIN
+    hold = mem_available() - budget
     if hold <= 0:
         sys.exit("bench-paging: less memory available than the budget already")
-    print(f"pressure: a helper holds {hold / 1e9:.1f} GB, leaving about {(budget + MARGIN) / 1e9:.2f} GB", flush=True)
+    print(f"pressure: a helper holds {hold / 1e9:.1f} GB, leaving {budget / 1e9:.2f} GB to each run", flush=True)
     rows = {"mapped": [], "cache": [], "llama.cpp": []}
     cache_runs, mapped_runs = [], []
     pressure = Pressure(hold)
@@ -147,7 +147,7 @@ def main():
             res = ours(engine, model, ["--mmap"])
             rows["mapped"].append(res["decode_tok_s"])
             mapped_runs.append(res)
-            res = ours(engine, model, ["--mem", str(budget)])
+            res = ours(engine, model, [])  # by default: the cache, its budget from the memory available
             rows["cache"].append(res["decode_tok_s"])
             cache_runs.append(res)
             if a.llama_bench and a.gguf:
@@ -160,7 +160,7 @@ def main():
     med = {k: median(v) for k, v in rows.items() if v}
     c = {k: median(r[k] for r in cache_runs) for k in ("cache_hit_rate", "prefetch_accuracy", "read_mb_s",
                                                          "decode_read_mb_per_token", "peak_rss_mb", "cache_slots",
-                                                         "disk_read_mb_per_token")}
+                                                         "disk_read_mb_per_token", "cache_budget_mb")}
     mapped_disk = median(r["disk_read_mb_per_token"] for r in mapped_runs)
     bound = disk * 1e3 / c["disk_read_mb_per_token"] if c["disk_read_mb_per_token"] else float("inf")
     print()
@@ -170,7 +170,8 @@ def main():
              if "llama.cpp" in med else ""))
     print(f"expert cache: {c['cache_slots']:.0f} slots, hit rate {100 * c['cache_hit_rate']:.1f}%, prefetch accuracy "
           f"{100 * c['prefetch_accuracy']:.1f}%, reads {c['read_mb_s']:.0f} MB/s, {c['decode_read_mb_per_token']:.0f} MB "
-          f"read per decoded token; peak RSS {c['peak_rss_mb']:.0f} MB of a {budget / 1e6:.0f} MB budget")
+          f"read per decoded token; peak RSS {c['peak_rss_mb']:.0f} MB, its budget {c['cache_budget_mb']:.0f} MB "
+          f"(the KV cache aside), of the {budget / 1e6:.0f} MB left to it")
     print(f"read from the disk per decoded token (/proc/self/io): mapped {mapped_disk:.0f} MB, cache "
           f"{c['disk_read_mb_per_token']:.0f} MB")
     print(f"bound from the disk: {disk:.2f} GB/s / {c['disk_read_mb_per_token']:.0f} MB per token = {bound:.1f} tok/s; "

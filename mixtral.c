@@ -413,8 +413,9 @@ static void model_attach(Model *m, const char *path) {
 // norms, routers, embedding, lm_head: a small share of the bytes), and the
 // experts live in a fixed number of slots, each holding one expert's w1, w3
 // and w2 exactly as they lie in the file. A layer's chosen experts are looked
-// up; a miss is read into the least recently used slot, in large pread()s on
-// the I/O threads. And while layer l computes, the experts that layer l+1's
+// up; a miss is read into the least recently used slot (or, with
+// --cache-policy usage, the slot of the expert used least often lately), in
+// large pread()s on the I/O threads. And while layer l computes, the experts that layer l+1's
 // router picks from layer l's hidden state are read ahead (speculative
 // prefetch, after Eliseev and Mazur, "Fast Inference of Mixture-of-Experts
 // Language Models with Offloading", 2023): the residual stream changes slowly,
@@ -446,6 +447,8 @@ typedef struct ExpertCache {
     int *owner;                // (n_slots) the expert l*E+e in the slot, or -1
     uint64_t *last_use;        // (n_slots) the LRU clock when it was last used or read ahead
     uint64_t clock;
+    int by_usage;              // --cache-policy usage: evict the expert used least often lately
+    float *uses;               // (L*E) uses of each expert, halved every USES_HALF_LIFE lookups
     uint8_t *pinned;           // (n_slots) in use by the layer being computed
     int *pending;              // (n_slots) pieces of its read not yet done (under mu); 0: ready
     uint8_t *guessed;          // (L*E) read ahead for its layer, not yet needed there
@@ -517,12 +520,27 @@ static void cache_failed(const ExpertCache *c) {
     die("expert cache: cannot read the model file: %s", c->read_errno ? strerror(c->read_errno) : "it ended early");
 }
 
-// The least recently used slot that is neither in use nor being read, or -1.
+// The slot to read into, of those neither in use nor being read, or -1: the
+// least recently used, or by usage the least used lately (then the least recent).
 static int cache_victim(const ExpertCache *c) {
     int best = -1;
-    for (int s = 0; s < c->n_slots; s++)
-        if (!c->pinned[s] && c->pending[s] == 0 && (best < 0 || c->last_use[s] < c->last_use[best])) best = s;
+    for (int s = 0; s < c->n_slots; s++) {
+        if (c->pinned[s] || c->pending[s] > 0) continue;
+        if (best < 0) { best = s; continue; }
+        float us = c->owner[s] < 0 ? -1.0f : c->uses[c->owner[s]], ub = c->owner[best] < 0 ? -1.0f : c->uses[c->owner[best]];
+        if (c->by_usage && us != ub) { if (us < ub) best = s; }
+        else if (c->last_use[s] < c->last_use[best]) best = s;
+    }
     return best;
+}
+
+// Counts a use of expert x, for the usage policy: counts halve every
+// USES_HALF_LIFE lookups, so the cache follows a change of topic.
+#define USES_HALF_LIFE 1024
+static void cache_count_use(ExpertCache *c, int x) {
+    c->uses[x] += 1.0f;
+    if ((c->hits + c->misses) % USES_HALF_LIFE == 0)
+        for (int i = 0; i < c->n_layers * c->n_experts; i++) c->uses[i] *= 0.5f;
 }
 
 // Reads ahead experts es[0..n) of layer l, into slots no one is using (under mu).
@@ -570,6 +588,7 @@ static int cache_acquire(ExpertCache *c, const Layer *L, int l, const int *es, i
             cache_read(c, x, s);
         }
         if (c->guessed[x]) { c->prefetch_used++; c->guessed[x] = 0; }
+        cache_count_use(c, x);
         c->pinned[s] = 1;
         c->last_use[s] = ++c->clock;
     }
@@ -641,6 +660,7 @@ static ExpertCache *cache_init(const Model *m, const char *path, int fd, uint64_
     c->owner = xcalloc(c->n_slots, sizeof(int));
     for (int s = 0; s < c->n_slots; s++) c->owner[s] = -1;
     c->last_use = xcalloc(c->n_slots, sizeof(uint64_t));
+    c->uses = xcalloc((size_t)L * E, sizeof(float));
     c->pinned = xcalloc(c->n_slots, 1);
     c->pending = xcalloc(c->n_slots, sizeof(int));
     c->guessed = xcalloc((size_t)L * E, 1);
@@ -664,7 +684,7 @@ static void cache_free(ExpertCache *c) {
         for (int i = 0; i < CACHE_IO_THREADS; i++) pthread_join(c->io[i], NULL);
         munmap(c->slots, (size_t)c->n_slots * c->slot_bytes);
     }
-    free(c->span); free(c->slot_of); free(c->owner); free(c->last_use); free(c->pinned); free(c->pending);
+    free(c->span); free(c->slot_of); free(c->owner); free(c->last_use); free(c->uses); free(c->pinned); free(c->pending);
     free(c->guessed); free(c->queue);
     free(c);
 }
@@ -797,7 +817,8 @@ static void model_load(Model *m, const char *path, int load, ThreadPool *pool, u
     model_attach(m, path);
     if (!cached) { close(fd); return; }
     // The budget holds the weights in memory and the working buffers; the KV
-    // cache comes on top. By default: what is available, less a tenth and the KV cache.
+    // cache comes on top. By default: what is available, less the KV cache and a
+    // reserve of 1/32 (the cache reads around the page cache: it needs none of it).
     const Config *p = &m->config;
     uint64_t slots = context ? (uint64_t)context : (uint64_t)(p->max_seq_len < 4096 ? p->max_seq_len : 4096);
     if (p->sliding_window > 0 && (uint64_t)p->sliding_window < slots) slots = (uint64_t)p->sliding_window;
@@ -806,7 +827,7 @@ static void model_load(Model *m, const char *path, int load, ThreadPool *pool, u
     uint64_t work = 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * slots) +
                     (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + // the state's buffers (state_init)
                     (uint64_t)p->vocab_size * 32 + (2u << 20);             // the tokenizer's tables, code and libc
-    uint64_t given = mem ? mem : avail - avail / 10 > kv_bytes ? avail - avail / 10 - kv_bytes : 0;
+    uint64_t given = mem ? mem : avail - avail / 32 > kv_bytes ? avail - avail / 32 - kv_bytes : 0;
     uint64_t budget = given > work ? given - work : 0;
     keep_resident(m, fd, path);
     if (budget < m->resident_bytes) budget = m->resident_bytes; // (no slot: reported below)
@@ -2019,11 +2040,11 @@ static void bench(Model *m, State *s, int threads, int depth) {
         int o = (int)strlen(extra);
         snprintf(extra + o, sizeof(extra) - o, ", \"cache_hit_rate\": %.4f, \"prefetch_accuracy\": %.4f, \"read_mb\": %.1f, "
                  "\"read_mb_s\": %.1f, \"decode_read_mb_per_token\": %.2f, \"cache_slots\": %d, "
-                 "\"cache_budget_mb\": %.0f",
+                 "\"cache_budget_mb\": %.0f, \"cache_slot_mb\": %.1f",
                  lookups ? (double)c->hits / lookups : 0.0,
                  c->prefetched ? (double)c->prefetch_used / c->prefetched : 0.0, c->bytes_read / 1e6,
                  c->busy_seconds > 0 ? c->bytes_read / 1e6 / c->busy_seconds : 0.0, cache_per_token / 1e6, c->n_slots,
-                 c->budget / 1e6);
+                 c->budget / 1e6, c->slot_bytes / 1e6);
     }
     int o = (int)strlen(extra);
     snprintf(extra + o, sizeof(extra) - o, ", \"peak_rss_mb\": %.0f, \"disk_read_mb_per_token\": %.2f",
@@ -2283,6 +2304,8 @@ static void print_usage(FILE *out) {
         "      --mem SIZE        memory for the weights and working buffers, the KV cache aside (e.g. 12G):\n"
         "                        a larger model keeps its experts in a cache that fits, read from the\n"
         "                        file as needed (default: the memory available, when the model is larger)\n"
+        "      --cache-policy P  which expert the cache drops: lru (least recently used, default) or usage\n"
+        "                        (least often used lately)\n"
         "      --mmap            map the model file instead of reading it into memory: starts at once,\n"
         "                        shares the page cache, runs slower (default: read it in if it fits)\n"
         "      --no-mmap         read the model into memory even if it looks too big to fit\n"
@@ -2339,7 +2362,7 @@ typedef struct {
     const char *logits_path, *experts_path, *tokenize_path, *detokenize_ids;
     const char *ppl_path, *kl_out, *kl_in;
     const char *mode, *system, *chat_path, *chat_ids_path;
-    int context, threads, info, do_bench, bench_depth, chunk, seeded, load, chatting;
+    int context, threads, info, do_bench, bench_depth, chunk, seeded, load, chatting, cache_by_usage;
     uint64_t seed, mem;
     RunOptions run;
     Sampler sampler;
@@ -2398,6 +2421,10 @@ static int parse_options(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--chat-ids-file")) o->chat_ids_path = v;
         else if (!strcmp(a, "--threads")) o->threads = (int)parse_int(a, v, 1, 1024);
         else if (!strcmp(a, "--mem")) o->mem = parse_size(a, v);
+        else if (!strcmp(a, "--cache-policy")) {
+            if (strcmp(v, "lru") && strcmp(v, "usage")) die("--cache-policy: expected lru or usage, got \"%.40s\"", v);
+            o->cache_by_usage = !strcmp(v, "usage");
+        }
         else if (!strcmp(a, "--chunk")) o->chunk = (int)parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--ids")) o->ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) o->logits_path = v;
@@ -2439,6 +2466,7 @@ int main(int argc, char **argv) {
     ThreadPool pool; // reads the model in, then runs it
     if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
     model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load, &pool, quick ? 0 : o.mem, o.context, o.chunk);
+    if (model.cache) model.cache->by_usage = o.cache_by_usage;
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     if (o.info) {

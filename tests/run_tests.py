@@ -1649,7 +1649,7 @@ def expert_cache_identical(tmp):
         c = ex.read_config(d)
         span = sum(ex.tensor_bytes(sh, ex.MATRIX_TYPES[wtype][k]) for k, sh in
                    (("w1", (c["hidden_dim"], c["dim"])), ("w3", (c["hidden_dim"], c["dim"])), ("w2", (c["dim"], c["hidden_dim"]))))
-        slot = (span + 4095) // 4096 * 4096
+        slot = (span + 2 * 4096 - 1) // 4096 * 4096  # the span and the ends of the blocks it starts and ends in
         resident = size - 3 * 8 * span
         base, base_e = engine_logits(model, ids, **shape)
         # --mem holds the working buffers too (model_load's estimate, for chunks of 4 here)
@@ -1659,10 +1659,11 @@ def expert_cache_identical(tmp):
         budgets = [mem for mem in budgets if mem < size]  # (a small file has no room for the larger ones)
         check(len(budgets) >= 2 and budgets[-2] == resident + 3 * slot + work, f"{wtype}: no room for 3 slots below {size}")
         for mem in budgets:
-            for chunk in (4, 1):
-                got, got_e = engine_logits(model, ids, chunk=chunk, extra=("--mem", str(mem)), **shape)
+            for chunk, policy in ((4, "lru"), (4, "usage"), (1, "lru")):
+                got, got_e = engine_logits(model, ids, chunk=chunk, extra=("--mem", str(mem), "--cache-policy", policy),
+                                           **shape)
                 check(np.array_equal(got, base) and np.array_equal(got_e, base_e),
-                      f"{wtype}, --mem {mem}, chunk {chunk}: differs from the file in memory "
+                      f"{wtype}, --mem {mem}, chunk {chunk}, --cache-policy {policy}: differs from the file in memory "
                       f"by up to {np.abs(got - base).max():.3g}")
                 n += 1
         got, _ = engine_logits(model, ids, engine=DEBUG_ENGINE, chunk=4, extra=("--mem", str(mem)), **shape)  # ASan, UBSan
@@ -1672,7 +1673,7 @@ def expert_cache_identical(tmp):
                                               r.stdout + r.stderr), f"no cache report:\n{r.stdout}\n{r.stderr}")
     expect_error([ENGINE, model, "-i", "x", "--mem", "4K"], "--mem")
     expect_error([ENGINE, model, "-i", "x", "--mem", "12Q"], "--mem")
-    return f"{n} runs identical (4 formats, budgets of 1 to 12 slots of 24, chunked and token by token)"
+    return f"{n} runs identical (4 formats, budgets of 1 to 12 slots of 24, chunked and token by token, both policies)"
 
 
 # ----------------------------------------------------------------------------

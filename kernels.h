@@ -15,7 +15,7 @@
 //       is looked up a row at a time, never multiplied)
 //   quantize_blocks(qx, x, b0, b1): blocks b0..b1-1 of x (f32) to int8:
 //       qx = round(x * 127 / max|x|) (to nearest, ties to even, as lrintf),
-//       dx = max|x| / 127, qsum = sum of the block's qx
+//       dx = max|x| / 127, qoff = -8 and -128 times the sum of the block's qx
 //   swiglu(h, h2, n)        : h[i] = silu(h[i]) * h2[i], silu(g) = g / (1 + e^-g)
 //   dequant_row(type, W, K, n, out): row n of W as f32 (the embedding lookup)
 //
@@ -100,13 +100,15 @@ static inline float f16_to_f32(uint16_t h) {
 typedef struct {
     int8_t *q;       // (M, K)
     float *scale;    // (M, K/QBLOCK) dx
-    int32_t *qsum;   // (M, K/QBLOCK) sum of the block's q
+    int32_t *qoff;   // (M, K/QBLOCK, 2) -8 and -128 times the sum of the block's q: what the
+                     // kernels add to sum(u q) for weights stored unsigned (q4: u = w + 8, q8:
+                     // u = w + 128) to get sum(w q), read straight from memory
 } QuantX;
 
 // Token m of a quantized batch of M tokens of K values each.
 static inline QuantX quantx_token(const QuantX *x, int m, int K) {
     size_t nb = (size_t)K / QBLOCK;
-    return (QuantX){x->q + (size_t)m * K, x->scale + m * nb, x->qsum + m * nb};
+    return (QuantX){x->q + (size_t)m * K, x->scale + m * nb, x->qoff + 2 * m * nb};
 }
 
 // The SIMD path this build compiled in ("avx512-vnni", "avx2", "neon", "portable C").

@@ -950,7 +950,7 @@ static void state_init(State *s, const Config *p, int context, int chunk, Thread
         for (size_t e = 0; e < E; e++) {
             s->xq[e].qx.q = xcalloc(C * widest, 1);
             s->xq[e].qx.scale = xcalloc(C * widest / QBLOCK, sizeof(float));
-            s->xq[e].qx.qsum = xcalloc(C * widest / QBLOCK, sizeof(int32_t));
+            s->xq[e].qx.qoff = xcalloc(2 * C * widest / QBLOCK, sizeof(int32_t));
         }
     }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
@@ -965,7 +965,7 @@ static void state_free(State *s, const Config *p) {
                      s->moe_out, s->pair_weight, s->router, s->logits, s->key_cache, s->value_cache,
                      s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
-    for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qsum); }
+    for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qoff); }
     free(s->xq);
     free(s->chosen);
     free(s->pair_token);

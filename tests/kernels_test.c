@@ -50,18 +50,19 @@ static double tolerance(int terms, double abs_sum) { return (terms + 8) * ldexp(
 // scales 2^-0..2^-max_shift when exact, else random.
 static QuantX make_quantx(int M, int K, int lim, int exact, int max_shift) {
     int nb = K / QBLOCK;
-    QuantX x = {malloc((size_t)M * K), malloc((size_t)M * nb * sizeof(float)), malloc((size_t)M * nb * sizeof(int32_t))};
+    QuantX x = {malloc((size_t)M * K), malloc((size_t)M * nb * sizeof(float)), malloc((size_t)M * nb * 2 * sizeof(int32_t))};
     for (int i = 0; i < M * K; i++) x.q[i] = (int8_t)irange(-lim, lim);
     for (int b = 0; b < M * nb; b++) {
         x.scale[b] = exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.1f);
         int s = 0;
         for (int i = 0; i < QBLOCK; i++) s += x.q[(size_t)b * QBLOCK + i];
-        x.qsum[b] = s;
+        x.qoff[2 * b] = -8 * s;
+        x.qoff[2 * b + 1] = -128 * s;
     }
     return x;
 }
 
-static void free_quantx(QuantX *x) { free(x->q); free(x->scale); free(x->qsum); }
+static void free_quantx(QuantX *x) { free(x->q); free(x->scale); free(x->qoff); }
 
 // A float in the normal range of f16, as f16 bits (mantissa truncated).
 static uint16_t to_f16(float f) {
@@ -227,13 +228,14 @@ static void test_quantize(void) {
         QuantX a = make_quantx(1, nb * QBLOCK, 1, 0, 0), r = make_quantx(1, nb * QBLOCK, 1, 0, 0);
         memcpy(r.q, a.q, (size_t)nb * QBLOCK);
         memcpy(r.scale, a.scale, nb * sizeof(float));
-        memcpy(r.qsum, a.qsum, nb * sizeof(int32_t));
+        memcpy(r.qoff, a.qoff, 2 * nb * sizeof(int32_t));
         quantize_blocks(&a, x, b0, b1);
         ref_quantize_blocks(&r, x, b0, b1);
         for (int i = 0; i < nb * QBLOCK; i++) expect("quantize_blocks q", i, (float)a.q[i], (float)r.q[i], -1);
         for (int b = 0; b < nb; b++) {
             expect("quantize_blocks scale", b, a.scale[b], r.scale[b], -1);
-            expect("quantize_blocks qsum", b, (float)a.qsum[b], (float)r.qsum[b], -1);
+            expect("quantize_blocks qoff q4", b, (float)a.qoff[2 * b], (float)r.qoff[2 * b], -1);
+            expect("quantize_blocks qoff q8", b, (float)a.qoff[2 * b + 1], (float)r.qoff[2 * b + 1], -1);
         }
         free(x);
         free_quantx(&a);

@@ -13,6 +13,7 @@
 #define __AVX512F__ 1
 #define __AVX512BW__ 1
 #define __AVX512VNNI__ 1
+#define KERNELS_AVX512_EMULATED 1 // kernels.c: no inline assembly of AVX-512 instructions
 
 typedef struct { __m256 h[2]; } emu_m512;
 typedef union { __m256i h[2]; int8_t i8[64]; uint8_t u8[64]; int32_t i32[16]; } emu_m512i;

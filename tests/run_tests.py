@@ -1654,7 +1654,8 @@ def expert_cache_identical(tmp):
         base, base_e = engine_logits(model, ids, **shape)
         # --mem holds the working buffers too (model_load's estimate, for chunks of 4 here)
         C, D, H, V = 4, cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-        work = 4 * (C * (3 * D + 2 * D + 2 * 2 * D + 2 * 2 * H + V) + 4 * 4096) + 8 * C * max(D, H) * 5 // 4 + V * 32 + (2 << 20)
+        work = (4 * (C * (3 * D + 2 * D + 2 * 2 * D + 2 * 2 * H + V) + 4 * 4096) + 8 * C * max(D, H) * 5 // 4
+                + 2 * ((C + 7) // 8 * 8) * max(D, H) * 5 // 4 + V * 32 + (2 << 20))  # (2 threads' kernel tiles)
         budgets = [resident + slots * slot + work for slots in (12, 8, 3, 1)]  # 3, 1: waves in a 4-token chunk
         budgets = [mem for mem in budgets if mem < size]  # (a small file has no room for the larger ones)
         check(len(budgets) >= 2 and budgets[-2] == resident + 3 * slot + work, f"{wtype}: no room for 3 slots below {size}")

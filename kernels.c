@@ -382,12 +382,20 @@ static int8_t *tile_activations(const QuantX *x, int M, int K, int q4) {
         cap = (tiles * tile_bytes + 4095) / 4096 * 4096;
         if (!(buf = aligned_alloc(64, cap))) { cap = 0; return NULL; }
     }
+    for (int t0 = 0; t0 < M; t0 += 8) { // each 4 bytes of K: one gather of the tile's tokens
+        int nt = M - t0 < 8 ? M - t0 : 8;
+        const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K / 4));
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(nt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const int *from = (const int *)(x->q + (size_t)t0 * K);
+        int8_t *to = buf + (size_t)(t0 / 8) * tile_bytes;
+        for (size_t g = 0; g < (size_t)K / 4; g++)
+            _mm256_store_si256((__m256i *)(to + 32 * g),
+                               _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), from + g, at, live, 4));
+    }
     for (int m = 0; m < M; m++) {
-        int8_t *q = buf + (size_t)(m / 8) * tile_bytes + 4 * (m % 8);
         int32_t *off = (int32_t *)(buf + (size_t)(m / 8) * tile_bytes + 8 * (size_t)K) + m % 8;
         float *sc = (float *)(off + 8 * nb);
         QuantX xm = quantx_token(x, m, K);
-        for (size_t g = 0; g < (size_t)K / 4; g++) memcpy(q + 32 * g, xm.q + 4 * g, 4);
         for (size_t b = 0; b < nb; b++) {
             off[8 * b] = xm.qoff[2 * b + !q4];
             sc[8 * b] = xm.scale[b];

@@ -49,6 +49,13 @@ run: mixtral $(DEMO_BIN)
 bench/bandwidth: bench/bandwidth.c
 	$(CC) $(CFLAGS) -o $@ $< -lpthread
 
+# The quantized kernel on one core against the core's vpdpbusd peak (bench/kernel.c)
+bench/kernel: bench/kernel.c kernels.c kernels.h
+	$(CC) $(CFLAGS) -o $@ bench/kernel.c kernels.c -lm
+
+bench-kernel: bench/kernel
+	bench/kernel
+
 BENCH_PEERS = $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH)) $(if $(IK_BENCH),--ik-bench $(IK_BENCH)) \
 	$(if $(GGUF_Q8),--gguf q8=$(GGUF_Q8)) $(if $(GGUF_Q4),--gguf q4=$(GGUF_Q4)) $(if $(GGUF_BF16),--gguf bf16=$(GGUF_BF16))
 
@@ -99,6 +106,6 @@ fuzz: mixtral $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%) $(FUZZ_MODEL)
 	$(PYTHON) tests/export_mutations.py --n $(EXPORT_MUTATIONS)
 
 clean:
-	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
+	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/kernel $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
 
-.PHONY: all debug test test-cross run bench bench-paging quality fuzz clean
+.PHONY: all debug test test-cross run bench bench-kernel bench-paging quality fuzz clean

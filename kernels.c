@@ -21,6 +21,7 @@
 #define KERNELS_AVX2
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define KERNELS_AVX512
+#include <pthread.h> // (a per-thread buffer, freed when its thread ends)
 #endif
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
@@ -370,6 +371,11 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
 }
 
+// Each thread's buffer for them is freed when the thread ends.
+static pthread_key_t tiles_key;
+static pthread_once_t tiles_once = PTHREAD_ONCE_INIT;
+static void tiles_key_create(void) { (void)pthread_key_create(&tiles_key, free); }
+
 // The M tokens' activations as tiles of 8 (Tile), for the offset of weights
 // stored with offset 8 (q4) or 128 (q8), in a buffer of this thread's that
 // grows as needed. Returns the first tile, or NULL (no memory: the caller
@@ -381,7 +387,10 @@ static int8_t *tile_activations(const QuantX *x, int M, int K, int q4) {
     if (tiles * tile_bytes > cap) {
         free(buf);
         cap = (tiles * tile_bytes + 4095) / 4096 * 4096;
-        if (!(buf = aligned_alloc(64, cap))) { cap = 0; return NULL; }
+        buf = aligned_alloc(64, cap);
+        pthread_once(&tiles_once, tiles_key_create);
+        (void)pthread_setspecific(tiles_key, buf);
+        if (!buf) { cap = 0; return NULL; }
     }
     for (int t0 = 0; t0 < M; t0 += 8) { // each 4 bytes of K: one gather of the tile's tokens
         int nt = M - t0 < 8 ? M - t0 : 8;

@@ -1450,6 +1450,27 @@ def command_line_under_sanitizers(tmp):
 
 
 @test
+def native_kernels_under_sanitizers(tmp):
+    """The fastest kernels this machine has (-march=native: the ones make builds, with their
+    per-thread buffers), under AddressSanitizer, LeakSanitizer and UBSan: chunked prompts and
+    decoding on 3 threads in q8 and q4, with the same logits as the release build."""
+    exe = os.path.join(tmp, "mixtral-native-asan")
+    r = run([CC, "-O1", "-g", "-march=native", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+             *BUILD_FLAGS, "-o", exe, *SOURCES, "-lm", "-lpthread"])
+    check(r.returncode == 0, f"native sanitizer build failed:\n{r.stderr}")
+    d, cfg, ids, shape = random_model(tmp, 41, 21, 7, dim=128, hidden_dim=256, layers=2, heads=4, kv_heads=2,
+                                      experts=4, top_k=2)
+    for wtype in ("q8", "q4"):
+        model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
+        want, _ = engine_logits(model, ids, **shape)
+        got, _ = engine_logits(model, ids, engine=exe, threads=3, **shape)
+        check(np.array_equal(got, want), f"{wtype}: the sanitizer build's logits differ from the release build's")
+        r = run([exe, model, "-i", "Hello there, how are you", "-n", "6", "-t", "0", "--threads", "3"])
+        sanitized_ok(r, f"{wtype}: native sanitizer build")
+    return "q8, q4: clean, logits identical to the release build"
+
+
+@test
 def readme_sample_is_make_run(tmp):
     """The sample under the README's first commands is what `make run` prints (its command taken
     from the Makefile, the demo model exported afresh), and its usage block is what -h prints."""

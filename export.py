@@ -70,8 +70,8 @@ TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6")
 F32, BF16, Q8, Q4, Q6 = 0, 1, 2, 3, 4
 QUANT = (Q8, Q6, Q4)
 CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
-BLOCK = 32  # q8/q4 weights per scale
-ROWS = 16  # q8/q4 rows interleaved in a group
+BLOCK = 32  # q8/q6/q4 weights per scale
+ROWS = 16  # q8/q6/q4 rows interleaved in a group
 
 # sentencepiece piece types (sentencepiece_model.proto)
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6

@@ -37,7 +37,10 @@
 //             -32..31), then 2 chunks h of 64 bytes; chunk h, byte 4l+i: the top
 //             2 bits of row l's weights 32b+16h+4k+i, k = 0..3, at bits 2k, 2k+1
 //   so a group is 17K (q8), 13K (q6) or 9K bytes (q4): 8.5, 6.5 and 4.5 bits a weight.
-//   Activations for q8/q4: QuantX, the M tokens one after another.
+//   Activations for q8/q6/q4: QuantX, the M tokens one after another. (For 5
+//   tokens or more, the AVX-512 gemm_quant first regroups them by 8 into a
+//   buffer of the calling thread's, kept for its next calls and freed when the
+//   thread ends: kernels.c, tile_activations.)
 //
 // THE PROMISES
 //   - Integer sums are exact: within a block the products are summed in

@@ -264,6 +264,7 @@ static void avx2_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t
     }
 }
 
+__attribute__((unused)) // (the AVX-512 kernel broadcasts inside vpdpbusd instead)
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);

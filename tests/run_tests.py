@@ -1471,6 +1471,30 @@ def native_kernels_under_sanitizers(tmp):
 
 
 @test
+def builds_with_clang(tmp):
+    """The Makefile's `make CC=clang` (its -Werror included) builds the engine with this machine's
+    kernels, and the build gives the gcc build's logits to rounding (clang fuses a * b + c in
+    plain C where gcc -std=c11 does not: 1e-6 apart, within the 1e-4 of the float formats)."""
+    clang = shutil.which("clang")
+    if not clang:
+        raise Skip("clang is not installed")
+    exe = os.path.join(tmp, "mixtral-clang")
+    r = run([clang, "-O3", "-march=native", *BUILD_FLAGS, "-o", exe, *SOURCES, "-lm", "-lpthread"])
+    check(r.returncode == 0, f"clang build failed:\n{r.stderr}")
+    d, cfg, ids, shape = random_model(tmp, 43, 12, 8, dim=64, hidden_dim=128, layers=1, heads=4, kv_heads=2,
+                                      experts=4, top_k=2)
+    worst = 0.0
+    for wtype in ("q8", "q4"):
+        model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
+        want, _ = engine_logits(model, ids, **shape)
+        got, _ = engine_logits(model, ids, engine=exe, **shape)
+        err = float(np.abs(got - want).max())
+        check(err <= TOL, f"{wtype}: the clang build's logits differ from gcc's by up to {err:.3g}")
+        worst = max(worst, err)
+    return f"clang build: logits within {worst:.1g} of gcc's in q8 and q4"
+
+
+@test
 def readme_sample_is_make_run(tmp):
     """The sample under the README's first commands is what `make run` prints (its command taken
     from the Makefile, the demo model exported afresh), and its usage block is what -h prints."""

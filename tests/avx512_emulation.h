@@ -32,6 +32,13 @@ typedef union { __m256i h[2]; int8_t i8[64]; uint8_t u8[64]; int32_t i32[16]; } 
         r.h[1] = op(a.h[1], b.h[1]);                                           \
         return r;                                                              \
     }
+#define EMU_SHIFT(name, op)                                                    \
+    static inline emu_m512i name(emu_m512i a, int n) {                         \
+        emu_m512i r;                                                           \
+        r.h[0] = op(a.h[0], n);                                                \
+        r.h[1] = op(a.h[1], n);                                                \
+        return r;                                                              \
+    }
 
 #undef _mm512_mul_ps
 #define _mm512_mul_ps emu_mul_ps
@@ -42,9 +49,6 @@ EMU_I2(emu_and_si512, _mm256_and_si256)
 #undef _mm512_add_epi32
 #define _mm512_add_epi32 emu_add_epi32
 EMU_I2(emu_add_epi32, _mm256_add_epi32)
-#undef _mm512_sub_epi32
-#define _mm512_sub_epi32 emu_sub_epi32
-EMU_I2(emu_sub_epi32, _mm256_sub_epi32)
 
 #undef _mm512_setzero_ps
 #define _mm512_setzero_ps emu_setzero_ps
@@ -77,12 +81,7 @@ static inline emu_m512i emu_loadu_si512(const void *p) {
 
 #undef _mm512_srli_epi16
 #define _mm512_srli_epi16 emu_srli_epi16
-static inline emu_m512i emu_srli_epi16(emu_m512i a, int n) {
-    emu_m512i r;
-    r.h[0] = _mm256_srli_epi16(a.h[0], n);
-    r.h[1] = _mm256_srli_epi16(a.h[1], n);
-    return r;
-}
+EMU_SHIFT(emu_srli_epi16, _mm256_srli_epi16)
 
 #undef _mm512_cvtph_ps
 #define _mm512_cvtph_ps emu_cvtph_ps
@@ -142,12 +141,7 @@ static inline emu_m512i emu_cvtepu16_epi32(__m256i a) {
 
 #undef _mm512_slli_epi32
 #define _mm512_slli_epi32 emu_slli_epi32
-static inline emu_m512i emu_slli_epi32(emu_m512i a, int n) {
-    emu_m512i r;
-    r.h[0] = _mm256_slli_epi32(a.h[0], n);
-    r.h[1] = _mm256_slli_epi32(a.h[1], n);
-    return r;
-}
+EMU_SHIFT(emu_slli_epi32, _mm256_slli_epi32)
 
 #undef _mm512_loadu_ps
 #define _mm512_loadu_ps emu_loadu_ps

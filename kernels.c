@@ -288,6 +288,13 @@ static inline int32_t load_i32(const int8_t *p) {
 // scales by token, so that the pass reads all of them from one pointer each.
 typedef struct { const int8_t *q; const int32_t *off; const float *scale; } Tile;
 
+// Tile j of the buffer: its activations, then its offsets, then its scales.
+static inline Tile tile_of(const int8_t *tiles, size_t j, int K) {
+    const int8_t *q = tiles + j * quant_scratch_bytes(8, K);
+    const int32_t *off = (const int32_t *)(q + 8 * (size_t)K);
+    return (Tile){q, off, (const float *)(off + 8 * ((size_t)K / QBLOCK))};
+}
+
 #ifdef KERNELS_AVX512
 #define T_MAX 8
 
@@ -384,10 +391,10 @@ static void tiles_key_create(void) { (void)pthread_key_create(&tiles_key, free);
 static int8_t *tile_activations(const QuantX *x, int M, int K, int q4) {
     static _Thread_local int8_t *buf;
     static _Thread_local size_t cap;
-    size_t nb = (size_t)K / QBLOCK, tiles = ((size_t)M + 7) / 8, tile_bytes = 8 * (size_t)K + 64 * nb;
-    if (tiles * tile_bytes > cap) {
+    size_t nb = (size_t)K / QBLOCK, need = quant_scratch_bytes(M, K);
+    if (need > cap) {
         free(buf);
-        cap = (tiles * tile_bytes + 4095) / 4096 * 4096;
+        cap = (need + 4095) / 4096 * 4096;
         buf = aligned_alloc(64, cap);
         pthread_once(&tiles_once, tiles_key_create);
         (void)pthread_setspecific(tiles_key, buf);
@@ -398,14 +405,15 @@ static int8_t *tile_activations(const QuantX *x, int M, int K, int q4) {
         const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K / 4));
         const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(nt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         const int *from = (const int *)(x->q + (size_t)t0 * K);
-        int8_t *to = buf + (size_t)(t0 / 8) * tile_bytes;
+        int8_t *to = (int8_t *)tile_of(buf, t0 / 8, K).q;
         for (size_t g = 0; g < (size_t)K / 4; g++)
             _mm256_store_si256((__m256i *)(to + 32 * g),
                                _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), from + g, at, live, 4));
     }
     for (int m = 0; m < M; m++) {
-        int32_t *off = (int32_t *)(buf + (size_t)(m / 8) * tile_bytes + 8 * (size_t)K) + m % 8;
-        float *sc = (float *)(off + 8 * nb);
+        Tile tile = tile_of(buf, m / 8, K);
+        int32_t *off = (int32_t *)tile.off + m % 8;
+        float *sc = (float *)tile.scale + m % 8;
         QuantX xm = quantx_token(x, m, K);
         for (size_t b = 0; b < nb; b++) {
             off[8 * b] = xm.qoff[2 * b + !q4];
@@ -524,7 +532,6 @@ static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const Quant
     int nb = K / QBLOCK, span = M <= T_MAX ? nb : (int)(SPAN_BYTES / block_bytes);
     if (span < 1) span = 1;
     const int8_t *tiles = NULL; // (AVX-512, 5 tokens or more: the activations regrouped by pass)
-    size_t tile_bytes = 8 * (size_t)K + 64 * (size_t)nb;
 #ifdef KERNELS_AVX512
     if (M >= 5) tiles = tile_activations(x, M, K, type == WEIGHT_Q4);
 #endif
@@ -539,9 +546,7 @@ static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const Quant
                 int nt = M - t < T_MAX ? M - t : T_MAX;
                 QuantX xt = quantx_token(x, t, K);
                 float *o = out + (size_t)t * ldo + g * QROWS;
-                const int8_t *tq = tiles ? tiles + (size_t)(t / 8) * tile_bytes : NULL;
-                const Tile tile = {tq, tq ? (const int32_t *)(tq + 8 * (size_t)K) : NULL,
-                                   tq ? (const float *)(tq + 8 * (size_t)K + 32 * (size_t)nb) : NULL};
+                const Tile tile = tiles ? tile_of(tiles, t / 8, K) : (Tile){NULL, NULL, NULL};
 #define Q8_GROUP(T) quant_group(0, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
 #define Q4_GROUP(T) quant_group(1, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
 #define Q8_TILED(T) quant_group(0, grp, K, &xt, 1, &tile, T, o, ldo, nrows, 0, b0, b1)

@@ -114,6 +114,13 @@ static inline QuantX quantx_token(const QuantX *x, int m, int K) {
     return (QuantX){x->q + (size_t)m * K, x->scale + m * nb, x->qoff + 2 * m * nb};
 }
 
+// Bytes of the buffer of its own that a thread's gemm_quant may keep for M tokens
+// of K activations (AVX-512: the activations regrouped by 8 tokens, with their
+// offsets and scales), for a caller that budgets memory.
+static inline uint64_t quant_scratch_bytes(uint64_t M, uint64_t K) {
+    return (M + 7) / 8 * (8 * K + 64 * (K / QBLOCK));
+}
+
 // The SIMD path this build compiled in ("avx512-vnni", "avx2", "neon", "portable C").
 extern const char kernels_simd_name[];
 

@@ -826,7 +826,7 @@ static void model_load(Model *m, const char *path, int load, ThreadPool *pool, u
     uint64_t C = (uint64_t)chunk, D = p->dim, H = p->hidden_dim, Q = (uint64_t)p->n_heads * p->head_dim, K = p->top_k;
     uint64_t work = 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * slots) +
                     (uint64_t)p->n_experts * C * (D > H ? D : H) * 5 / 4 + // the state's buffers (state_init)
-                    (uint64_t)pool->n * ((C + 7) / 8 * 8) * (D > H ? D : H) * 5 / 4 + // kernels.c's tiles, per thread
+                    (uint64_t)pool->n * quant_scratch_bytes(C, D > H ? D : H) +  // the kernels' buffers, per thread
                     (uint64_t)p->vocab_size * 32 + (2u << 20);             // the tokenizer's tables, code and libc
     uint64_t given = mem ? mem : avail - avail / 32 > kv_bytes ? avail - avail / 32 - kv_bytes : 0;
     uint64_t budget = given > work ? given - work : 0;

@@ -520,6 +520,9 @@ static void cache_failed(const ExpertCache *c) {
     die("expert cache: cannot read the model file: %s", c->read_errno ? strerror(c->read_errno) : "it ended early");
 }
 
+// Recent uses of the expert in slot s (-1: the slot is empty).
+static float slot_uses(const ExpertCache *c, int s) { return c->owner[s] < 0 ? -1.0f : c->uses[c->owner[s]]; }
+
 // The slot to read into, of those neither in use nor being read, or -1: the
 // least recently used, or by usage the least used lately (then the least recent).
 static int cache_victim(const ExpertCache *c) {
@@ -527,7 +530,7 @@ static int cache_victim(const ExpertCache *c) {
     for (int s = 0; s < c->n_slots; s++) {
         if (c->pinned[s] || c->pending[s] > 0) continue;
         if (best < 0) { best = s; continue; }
-        float us = c->owner[s] < 0 ? -1.0f : c->uses[c->owner[s]], ub = c->owner[best] < 0 ? -1.0f : c->uses[c->owner[best]];
+        float us = slot_uses(c, s), ub = slot_uses(c, best);
         if (c->by_usage && us != ub) { if (us < ub) best = s; }
         else if (c->last_use[s] < c->last_use[best]) best = s;
     }

@@ -762,6 +762,13 @@ def quantize_rows(x, wtype):
     return best_q.reshape(rows, cols), best_h
 
 
+def nibble_chunks(u):
+    """u (G, 16, nb, 32) values 0..15 -> q4's 4 chunks a block: (G, nb, chunk, row, 4) bytes."""
+    G, _, nb, _ = u.shape
+    u = u.reshape(G, ROWS, nb, 4, 2, 4)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+
+
 def pack_groups(q, h, wtype):
     """q (16G, cols), scales (16G, cols/B) -> the G groups' bytes, in the layout above."""
     rows, cols = q.shape
@@ -771,14 +778,11 @@ def pack_groups(q, h, wtype):
         u = (q + 128).astype(np.uint8).reshape(G, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4)
     elif wtype == Q6:  # the low nibbles as q4's, then the top 2 bits of 16 weights a byte
         u = (q + 32).astype(np.uint8).reshape(G, ROWS, nb, 32)
-        lo = (u & 15).reshape(G, ROWS, nb, 4, 2, 4)
-        lo = (lo[..., 0, :] | (lo[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
         hi = (u >> 4).reshape(G, ROWS, nb, 2, 4, 4)  # (.., h, k, i): weight 16h + 4k + i
         hi = (hi[..., 0, :] | hi[..., 1, :] << 2 | hi[..., 2, :] << 4 | hi[..., 3, :] << 6).transpose(0, 2, 3, 1, 4)
-        u = np.concatenate([lo.reshape(G, nb, -1), hi.reshape(G, nb, -1)], axis=2)
+        u = np.concatenate([nibble_chunks(u & 15).reshape(G, nb, -1), hi.reshape(G, nb, -1)], axis=2)
     else:
-        u = (q + 8).astype(np.uint8).reshape(G, ROWS, nb, 4, 2, 4)
-        u = (u[..., 0, :] | (u[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
+        u = nibble_chunks((q + 8).astype(np.uint8).reshape(G, ROWS, nb, 32))
     return np.concatenate([scales, u.reshape(G, -1)], axis=1).tobytes()
 
 

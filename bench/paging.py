@@ -109,7 +109,6 @@ class Pressure:
                 self.stop()
                 sys.exit("bench-paging: the memory-pressure helper failed")
             time.sleep(1)  # the kernel's reclaim settles
-        self.held = sum(1 for _ in self.ps)
 
     def check(self):
         if any(p.poll() is not None for p in self.ps):
@@ -179,7 +178,7 @@ def main():
     cache_runs, usage_runs, mapped_runs = [], [], []
     killed = 0
     pressure = Pressure(budget)
-    print(f"pressure: {pressure.held} helper(s) holding memory, MemAvailable now {mem_available() / 1e9:.2f} GB",
+    print(f"pressure: {len(pressure.ps)} helper(s) holding memory, MemAvailable now {mem_available() / 1e9:.2f} GB",
           flush=True)
     try:
         for i in range(a.repeat):

@@ -4,8 +4,10 @@ ARCH ?= -march=native
 CFLAGS ?= -O3 $(ARCH) -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE
 LDLIBS = -lm -lpthread
 PYTHON ?= /usr/bin/python3
-SRC = mixtral.c kernels.c pool.c chat.c tokenizer.c
-HDR = kernels.h pool.h chat.h tokenizer.h
+# the engine, and what a program that #includes mixtral.c (the test drivers) links with it
+LIB = eval.c expert_cache.c util.c kernels.c pool.c chat.c tokenizer.c
+SRC = mixtral.c $(LIB)
+HDR = mixtral.h eval.h expert_cache.h util.h kernels.h pool.h chat.h tokenizer.h
 
 all: mixtral
 
@@ -20,7 +22,7 @@ debug: mixtral-debug
 
 # test drivers #include mixtral.c, so functions they do not call are expected
 tests/tok_batch: tests/tok_batch.c $(SRC) $(HDR)
-	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/tok_batch.c kernels.c pool.c chat.c tokenizer.c $(LDLIBS)
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/tok_batch.c $(LIB) $(LDLIBS)
 
 test: mixtral mixtral-debug tests/tok_batch
 	tests/deps.sh
@@ -87,7 +89,7 @@ FUZZ_MODEL = .cache/fuzz/tokenizer-v1.bin
 
 tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(SRC) $(HDR)
 	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined,float-cast-overflow -fno-sanitize-recover=all \
-		-std=c11 -D_GNU_SOURCE -Wno-unused-function -I. -o $@ $< kernels.c pool.c chat.c tokenizer.c $(LDLIBS)
+		-std=c11 -D_GNU_SOURCE -DMIXTRAL_FUZZ -Wno-unused-function -I. -o $@ $< $(LIB) $(LDLIBS)
 
 $(FUZZ_MODEL): export.py tests/fuzz/make_seeds.py
 	@mkdir -p .cache/fuzz

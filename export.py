@@ -20,7 +20,7 @@ its "model file" section; change both together and bump VERSION.
 
 Weight types: f32 (0), bf16 (1), q8 (2), q4 (3), q6 (4). Norm weights and the
 router (gate) are always f32. Each kind of matrix has its type in the header
-(the same in every layer); --type picks them (see MATRIX_TYPES): in a q4 file
+(the same in every layer); --type picks them (see RECIPES): in a q4 file
 the embedding is q6 and the lm_head q8, since the logits are sensitive to them
 (a q4 embedding costs the demo model 6 times the KL of the rest).
 
@@ -65,8 +65,7 @@ HEADER_FORMAT = "<8sIIII14iff4Q9B"
 MATRIX_KINDS = ("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head")
 WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
-WEIGHT_TYPES = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}  # --type
-TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6")
+TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6")  # the weight types, by their number in the file
 F32, BF16, Q8, Q4, Q6 = 0, 1, 2, 3, 4
 QUANT = (Q8, Q6, Q4)
 CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
@@ -82,7 +81,8 @@ class ExportError(Exception):
     pass
 
 
-def die(msg):
+def reject(msg):
+    """Refuses the input: raises ExportError, which main() reports as one line."""
     raise ExportError(msg)
 
 
@@ -105,27 +105,27 @@ LIMITS = dict(dim=1 << 20, hidden_dim=1 << 22, n_layers=1 << 12, n_heads=1 << 12
 def read_config(model_dir):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        die(f"{path}: missing (a Hugging Face model folder has config.json)")
+        reject(f"{path}: missing (a Hugging Face model folder has config.json)")
     try:
         with open(path, "rb") as f:
             cfg = json.load(f)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        die(f"{path}: not valid JSON: {e}")
+        reject(f"{path}: not valid JSON: {e}")
     if not isinstance(cfg, dict):
-        die(f"{path}: expected a JSON object")
+        reject(f"{path}: expected a JSON object")
     if cfg.get("model_type") != "mixtral":
-        die(f"{path}: model_type is {short(cfg.get('model_type'))}; only 'mixtral' is supported")
+        reject(f"{path}: model_type is {short(cfg.get('model_type'))}; only 'mixtral' is supported")
 
     def geti(key, default=None, minimum=1, maximum=2**31 - 1):
         v = cfg.get(key, default)
         if v is None or isinstance(v, bool) or not isinstance(v, int) or v < minimum or v > maximum:
-            die(f"{path}: field {key} must be an integer in {minimum}..{maximum}, got {short(v)}")
+            reject(f"{path}: field {key} must be an integer in {minimum}..{maximum}, got {short(v)}")
         return v
 
     def getf(key, default, lo, hi):
         v = cfg.get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
-            die(f"{path}: field {key} must be a number in {lo:g}..{hi:g}, got {short(v)}")
+            reject(f"{path}: field {key} must be a number in {lo:g}..{hi:g}, got {short(v)}")
         return float(v)
 
     c = {}
@@ -136,21 +136,21 @@ def read_config(model_dir):
     c["n_heads"] = geti("num_attention_heads", maximum=LIMITS["n_heads"])
     c["n_kv_heads"] = geti("num_key_value_heads", c["n_heads"], maximum=LIMITS["n_kv_heads"])
     if c["n_heads"] % c["n_kv_heads"]:
-        die(f"{path}: num_attention_heads {c['n_heads']} is not a multiple of num_key_value_heads {c['n_kv_heads']}")
+        reject(f"{path}: num_attention_heads {c['n_heads']} is not a multiple of num_key_value_heads {c['n_kv_heads']}")
     if cfg.get("head_dim") is None:
         if c["dim"] % c["n_heads"]:
-            die(f"{path}: hidden_size {c['dim']} is not divisible by num_attention_heads {c['n_heads']}")
+            reject(f"{path}: hidden_size {c['dim']} is not divisible by num_attention_heads {c['n_heads']}")
         c["head_dim"] = c["dim"] // c["n_heads"]
     else:
         c["head_dim"] = geti("head_dim", maximum=LIMITS["head_dim"])
     if c["head_dim"] > LIMITS["head_dim"]:
-        die(f"{path}: head_dim {c['head_dim']} is more than mixtral.c's {LIMITS['head_dim']}")
+        reject(f"{path}: head_dim {c['head_dim']} is more than mixtral.c's {LIMITS['head_dim']}")
     if c["head_dim"] % 2:
-        die(f"{path}: head_dim {c['head_dim']} must be even for rotary embeddings")
+        reject(f"{path}: head_dim {c['head_dim']} must be even for rotary embeddings")
     c["n_experts"] = geti("num_local_experts", maximum=LIMITS["n_experts"])
     c["top_k"] = geti("num_experts_per_tok", maximum=LIMITS["top_k"])
     if c["top_k"] > c["n_experts"]:
-        die(f"{path}: num_experts_per_tok {c['top_k']} > num_local_experts {c['n_experts']}")
+        reject(f"{path}: num_experts_per_tok {c['top_k']} > num_local_experts {c['n_experts']}")
     c["vocab_size"] = geti("vocab_size", maximum=LIMITS["vocab_size"])
     c["max_seq_len"] = geti("max_position_embeddings", 32768)
     sw = cfg.get("sliding_window")
@@ -159,15 +159,15 @@ def read_config(model_dir):
     c["eos_id"] = geti("eos_token_id", 2, minimum=0)
     for key in ("bos_id", "eos_id"):
         if c[key] >= c["vocab_size"]:
-            die(f"{path}: {key} {c[key]} is outside the vocabulary of {c['vocab_size']}")
+            reject(f"{path}: {key} {c[key]} is outside the vocabulary of {c['vocab_size']}")
     c["rope_theta"] = getf("rope_theta", 1e6, *LIMITS["rope_theta"])
     c["rms_norm_eps"] = getf("rms_norm_eps", 1e-5, *LIMITS["rms_norm_eps"])
     c["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     if cfg.get("rope_scaling") not in (None, {}):
-        die(f"{path}: rope_scaling {short(cfg['rope_scaling'])} is not supported")
+        reject(f"{path}: rope_scaling {short(cfg['rope_scaling'])} is not supported")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        die(f"{path}: hidden_act {short(act)} is not supported (Mixtral uses silu)")
+        reject(f"{path}: hidden_act {short(act)} is not supported (Mixtral uses silu)")
     return c
 
 
@@ -177,53 +177,78 @@ def read_config(model_dir):
 ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
 
 
-class Tensor:
+class SafetensorsTensor:
+    """One tensor of a shard. Every tensor class of a source reads the same way: rows_f32 (rows
+    as float32), bf16_bits (its rows as stored bf16 bits, when it holds bf16: copied, not converted),
+    q8_rows (Q8_0 blocks as stored, when it holds them) and lossy_to (whether a weight type rounds it)."""
+
     def __init__(self, name, path, dtype, shape, offset, nbytes):
         self.name, self.path, self.dtype, self.shape = name, path, dtype, shape
         self.offset, self.nbytes = offset, nbytes
+
+    def _raw(self, f, r0, nr):
+        cols = self.shape[-1] if len(self.shape) == 2 else max(1, int(np.prod(self.shape)))
+        esize = ST_DTYPES[self.dtype]
+        f.seek(self.offset + r0 * cols * esize)
+        raw = f.read(nr * cols * esize)
+        if len(raw) != nr * cols * esize:
+            reject(f"{self.path}: truncated safetensors while reading {self.name}")
+        return raw
+
+    def rows_f32(self, f, r0, nr):
+        return decode_f32(self._raw(f, r0, nr), self.dtype)
+
+    def bf16_bits(self, f, r0, nr):
+        return self._raw(f, r0, nr) if self.dtype == "BF16" else None
+
+    def q8_rows(self, f, r0, nr):
+        return None
+
+    def lossy_to(self, wtype):
+        return False  # (rounding f32 or f16 to bf16 is what --type bf16 asks; not warned)
 
 
 def read_safetensors_header(path):
     """Returns {name: Tensor} for one shard, validating every offset."""
     if not os.path.isfile(path):
-        die(f"{path}: missing")
+        reject(f"{path}: missing")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            die(f"{path}: truncated safetensors (no header length)")
+            reject(f"{path}: truncated safetensors (no header length)")
         (hlen,) = struct.unpack("<Q", raw)
         if hlen > size - 8 or hlen > 100 << 20:
-            die(f"{path}: truncated or malformed safetensors (header length {hlen}, file size {size})")
+            reject(f"{path}: truncated or malformed safetensors (header length {hlen}, file size {size})")
         try:
             header = json.loads(f.read(hlen))
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            die(f"{path}: malformed safetensors header: {e}")
+            reject(f"{path}: malformed safetensors header: {e}")
     if not isinstance(header, dict):
-        die(f"{path}: malformed safetensors header: expected a JSON object")
+        reject(f"{path}: malformed safetensors header: expected a JSON object")
     data_start = 8 + hlen
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or not all(k in info for k in ("dtype", "shape", "data_offsets")):
-            die(f"{path}: tensor {short(name)}: malformed entry {short(info)}")
+            reject(f"{path}: tensor {short(name)}: malformed entry {short(info)}")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ST_DTYPES:
-            die(f"{path}: tensor {short(name)}: unsupported dtype {short(dtype)} (supported: BF16, F16, F32)")
+            reject(f"{path}: tensor {short(name)}: unsupported dtype {short(dtype)} (supported: BF16, F16, F32)")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]
                 or len(shape) > 8 or any(d > 1 << 40 for d in shape)):
-            die(f"{path}: tensor {short(name)}: malformed shape {short(shape)} or data_offsets {short(offs)}")
+            reject(f"{path}: tensor {short(name)}: malformed shape {short(shape)} or data_offsets {short(offs)}")
         nbytes = ST_DTYPES[dtype]
         for d in shape:  # in Python integers: no overflow
             nbytes *= d
         if offs[1] - offs[0] != nbytes:
-            die(f"{path}: tensor {name}: data_offsets span {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {nbytes}")
+            reject(f"{path}: tensor {name}: data_offsets span {offs[1] - offs[0]} bytes, shape {shape} {dtype} needs {nbytes}")
         if data_start + offs[1] > size:
-            die(f"{path}: truncated safetensors: tensor {name} ends at byte {data_start + offs[1]}, file has {size}")
-        tensors[name] = Tensor(name, path, dtype, shape, data_start + offs[0], nbytes)
+            reject(f"{path}: truncated safetensors: tensor {name} ends at byte {data_start + offs[1]}, file has {size}")
+        tensors[name] = SafetensorsTensor(name, path, dtype, shape, data_start + offs[0], nbytes)
     return tensors
 
 
@@ -237,37 +262,27 @@ def read_checkpoint_index(model_dir):
                 weight_map = json.load(f)["weight_map"]
             assert isinstance(weight_map, dict)
         except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError, RecursionError) as e:
-            die(f"{index}: malformed index (need a JSON object with a weight_map): {e!r}")
+            reject(f"{index}: malformed index (need a JSON object with a weight_map): {e!r}")
         shards = sorted(set(weight_map.values()))
     elif os.path.isfile(single):
         weight_map, shards = None, ["model.safetensors"]
     else:
-        die(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        reject(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for shard in shards:
         if not isinstance(shard, str) or os.path.basename(shard) != shard:
-            die(f"{index}: bad shard name {shard!r}")
+            reject(f"{index}: bad shard name {shard!r}")
         for name, t in read_safetensors_header(os.path.join(model_dir, shard)).items():
             if name in tensors:
-                die(f"{t.path}: tensor {name} also appears in {tensors[name].path}")
+                reject(f"{t.path}: tensor {name} also appears in {tensors[name].path}")
             if weight_map is not None and weight_map.get(name) != shard:
-                die(f"{t.path}: tensor {name} is not listed for this shard in model.safetensors.index.json")
+                reject(f"{t.path}: tensor {name} is not listed for this shard in model.safetensors.index.json")
             tensors[name] = t
     if weight_map is not None:
         for name, shard in weight_map.items():
             if name not in tensors:
-                die(f"{os.path.join(model_dir, shard)}: tensor {name} listed in the index is missing")
+                reject(f"{os.path.join(model_dir, shard)}: tensor {name} listed in the index is missing")
     return tensors
-
-
-def read_rows_f32(f, t, row0, nrows, ncols):
-    """Rows [row0, row0+nrows) of a 2-D (or 1-D, ncols = size) tensor as float32."""
-    esize = ST_DTYPES[t.dtype]
-    f.seek(t.offset + row0 * ncols * esize)
-    raw = f.read(nrows * ncols * esize)
-    if len(raw) != nrows * ncols * esize:
-        die(f"{t.path}: truncated safetensors while reading {t.name}")
-    return decode_f32(raw, t.dtype)
 
 
 def decode_f32(raw, dtype):
@@ -317,7 +332,7 @@ class GgufTensor:
         f.seek(base + r0 * self.row_bytes())
         raw = f.read(nr * self.row_bytes())
         if len(raw) != nr * self.row_bytes():
-            die(f"{self.path}: truncated GGUF while reading {self.name}")
+            reject(f"{self.path}: truncated GGUF while reading {self.name}")
         return raw
 
     def _row_index(self, r0, nr):
@@ -332,12 +347,21 @@ class GgufTensor:
         return h0 * hd, (h1 - h0) * hd, g - h0 * hd
 
     def q8_rows(self, f, r0, nr):
-        """Q8_0 rows as they are stored: q (nr, cols) int8 and scales (nr, cols/32) f16."""
+        """Q8_0 rows as they are stored: q (nr, cols) int8 and scales (nr, cols/32) f16; None if not Q8_0."""
+        if self.gtype != GGML_Q8_0:
+            return None
         start, n, pick = self._row_index(r0, nr)
         b = np.frombuffer(self._raw(f, start, n), np.uint8).reshape(n, -1, 34)
         if pick is not None:
             b = b[pick]
         return b[..., 2:].view(np.int8).reshape(nr, -1), b[..., :2].copy().view("<f2").reshape(nr, -1)
+
+    def bf16_bits(self, f, r0, nr):
+        return None  # (a BF16 tensor goes through rows_f32, which is exact for it)
+
+    def lossy_to(self, wtype):
+        """Whether writing it as wtype rounds: Q8_0 to q6/q4, anything but BF16 to bf16."""
+        return (wtype in (Q6, Q4) and self.gtype == GGML_Q8_0) or (wtype == BF16 and self.gtype != GGML_BF16)
 
     def rows_f32(self, f, r0, nr):
         if self.gtype == GGML_Q8_0:
@@ -358,7 +382,7 @@ def read_gguf(path):
     def take(n):
         nonlocal pos
         if n < 0 or pos + n > len(data):
-            die(f"{path}: truncated or malformed GGUF header")
+            reject(f"{path}: truncated or malformed GGUF header")
         pos += n
         return data[pos - n:pos]
 
@@ -368,7 +392,7 @@ def read_gguf(path):
     def string():
         n = u("Q")
         if n > 1 << 20:
-            die(f"{path}: malformed GGUF: a string of {n} bytes")
+            reject(f"{path}: malformed GGUF: a string of {n} bytes")
         return take(n)
 
     scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -381,21 +405,21 @@ def read_gguf(path):
         if t == 9:
             et, n = u("I"), u("Q")
             if n > 1 << 24 or et == 9:
-                die(f"{path}: malformed GGUF array ({n} items of type {et})")
+                reject(f"{path}: malformed GGUF array ({n} items of type {et})")
             if et in scalar and et != 7:
                 fmt = scalar[et]
                 return list(struct.unpack(f"<{n}{fmt}", take(n * struct.calcsize(fmt))))
             return [value(et) for _ in range(n)]
-        die(f"{path}: malformed GGUF: unknown value type {t}")
+        reject(f"{path}: malformed GGUF: unknown value type {t}")
 
     if take(4) != b"GGUF":
-        die(f"{path}: not a GGUF file")
+        reject(f"{path}: not a GGUF file")
     version = u("I")
     if version not in (2, 3):
-        die(f"{path}: GGUF version {version} (this reads 2 and 3)")
+        reject(f"{path}: GGUF version {version} (this reads 2 and 3)")
     n_tensors, n_kv = u("Q"), u("Q")
     if n_tensors > 1 << 20 or n_kv > 1 << 16:
-        die(f"{path}: malformed GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        reject(f"{path}: malformed GGUF header ({n_tensors} tensors, {n_kv} keys)")
     kv = {}
     for _ in range(n_kv):
         key = string().decode("utf-8", "replace")
@@ -405,7 +429,7 @@ def read_gguf(path):
         name = string().decode("utf-8", "replace")
         nd = u("I")
         if nd > 4:
-            die(f"{path}: tensor {name} has {nd} dimensions")
+            reject(f"{path}: tensor {name} has {nd} dimensions")
         dims = [u("Q") for _ in range(nd)]
         infos.append((name, dims[::-1], u("I"), u("Q")))
     align_to = kv.get("general.alignment", 32)
@@ -413,30 +437,30 @@ def read_gguf(path):
 
     arch = kv.get("general.architecture", b"").decode("utf-8", "replace")
     if arch != "llama" or not kv.get("llama.expert_count"):
-        die(f"{path}: architecture {arch!r} with {kv.get('llama.expert_count', 0)} experts; "
+        reject(f"{path}: architecture {arch!r} with {kv.get('llama.expert_count', 0)} experts; "
             "only Mixtral (llama with experts) is supported")
 
     def geti(key, default=None):
         v = kv.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 2**31 - 1:
-            die(f"{path}: GGUF key {key} must be a positive integer, got {v!r}")
+            reject(f"{path}: GGUF key {key} must be a positive integer, got {v!r}")
         return v
 
     def getf(key, default):
         v = kv.get(key, default)
         if not isinstance(v, (int, float)) or not (0 < v < float("inf")):
-            die(f"{path}: GGUF key {key} must be a positive number, got {v!r}")
+            reject(f"{path}: GGUF key {key} must be a positive number, got {v!r}")
         return float(v)
 
     tokens, scores, types = (kv.get("tokenizer.ggml." + k) for k in ("tokens", "scores", "token_type"))
     if kv.get("tokenizer.ggml.model") != b"llama" or not tokens or len(tokens) != len(scores or []) \
             or len(tokens) != len(types or []):
-        die(f"{path}: no sentencepiece (llama) vocabulary with scores and types")
+        reject(f"{path}: no sentencepiece (llama) vocabulary with scores and types")
     c = {"dim": geti("llama.embedding_length"), "hidden_dim": geti("llama.feed_forward_length"),
          "n_layers": geti("llama.block_count"), "n_heads": geti("llama.attention.head_count")}
     c["n_kv_heads"] = geti("llama.attention.head_count_kv", c["n_heads"])
     if c["dim"] % c["n_heads"] or c["n_heads"] % c["n_kv_heads"]:
-        die(f"{path}: {c['n_heads']} heads, {c['n_kv_heads']} kv heads for embedding length {c['dim']}")
+        reject(f"{path}: {c['n_heads']} heads, {c['n_kv_heads']} kv heads for embedding length {c['dim']}")
     c["head_dim"] = geti("llama.attention.key_length", c["dim"] // c["n_heads"])
     c["n_experts"], c["top_k"] = geti("llama.expert_count"), geti("llama.expert_used_count")
     c["vocab_size"] = len(tokens)
@@ -447,12 +471,12 @@ def read_gguf(path):
     c["rope_theta"] = getf("llama.rope.freq_base", 10000.0)
     c["rms_norm_eps"] = getf("llama.attention.layer_norm_rms_epsilon", 1e-5)
     if c["head_dim"] % 2 or c["top_k"] > c["n_experts"] or not all(0 <= c[k] < len(tokens) for k in ("bos_id", "eos_id")):
-        die(f"{path}: inconsistent config (head_dim {c['head_dim']}, top_k {c['top_k']} of {c['n_experts']}, "
+        reject(f"{path}: inconsistent config (head_dim {c['head_dim']}, top_k {c['top_k']} of {c['n_experts']}, "
             f"bos/eos {c['bos_id']}/{c['eos_id']})")
     pieces = [(t if isinstance(t, bytes) else b"", float(sc), int(ty)) for t, sc, ty in zip(tokens, scores, types)]
     for p, _, t in pieces:
         if len(p) > 65535 or t not in (1, 2, 3, 4, 5, 6):
-            die(f"{path}: malformed vocabulary piece {p[:40]!r} (type {t})")
+            reject(f"{path}: malformed vocabulary piece {p[:40]!r} (type {t})")
     flags = TOK_ADD_DUMMY_PREFIX * bool(kv.get("tokenizer.ggml.add_space_prefix", True)) \
         | TOK_BYTE_FALLBACK * any(t == PIECE_BYTE for _, _, t in pieces)
     unk_id = kv.get("tokenizer.ggml.unknown_token_id", 0)
@@ -466,21 +490,21 @@ def read_gguf(path):
     tensors = {}
     for name, shape, gtype, off in infos:
         if gtype not in GGML_NAMES:
-            die(f"{path}: tensor {name} has ggml type {gtype}; this reads F32, F16, BF16 and Q8_0 "
+            reject(f"{path}: tensor {name} has ggml type {gtype}; this reads F32, F16, BF16 and Q8_0 "
                 "(re-make the GGUF with llama.cpp's converter or llama-quantize in one of those)")
         if gtype == GGML_Q8_0 and shape[-1] % 32:
-            die(f"{path}: Q8_0 tensor {name} with rows of {shape[-1]}")
+            reject(f"{path}: Q8_0 tensor {name} with rows of {shape[-1]}")
         t = GgufTensor(name, path, gtype, shape, data_start + off)
         end = t.offset + int(np.prod(shape[:-1], dtype=np.int64)) * t.row_bytes() if len(shape) > 1 else \
             t.offset + t.row_bytes()
         if end > size:
-            die(f"{path}: truncated GGUF: tensor {name} ends at byte {end}, the file has {size}")
+            reject(f"{path}: truncated GGUF: tensor {name} ends at byte {end}, the file has {size}")
         parts = name.split(".")
         if name in names:
             tensors[names[name]] = t
             continue
         if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
-            die(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
+            reject(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
         pre, kind = f"model.layers.{parts[1]}.", parts[2]
         if kind in per_block and len(parts) == 4:
             hd = c["head_dim"] if kind in ("attn_q", "attn_k") else None
@@ -492,7 +516,7 @@ def read_gguf(path):
         elif kind in experts and len(parts) == 5 and parts[3].isdigit():
             tensors[pre + f"block_sparse_moe.experts.{parts[3]}.{experts[kind]}.weight"] = t
         else:
-            die(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
+            reject(f"{path}: unexpected tensor {name} (not part of a Mixtral)")
     c["tie_word_embeddings"] = "lm_head.weight" not in tensors
     return c, pieces, flags, unk_id, tensors
 
@@ -520,7 +544,7 @@ def pb_fields(buf, where):
         shift = result = 0
         while True:
             if i >= n or shift > 63:
-                die(f"{where}: malformed protobuf")
+                reject(f"{where}: malformed protobuf")
             b = buf[i]
             i += 1
             result |= (b & 0x7F) << shift
@@ -535,28 +559,28 @@ def pb_fields(buf, where):
             yield field, wire, varint()
         elif wire == 1:
             if i + 8 > n:
-                die(f"{where}: malformed protobuf")
+                reject(f"{where}: malformed protobuf")
             yield field, wire, buf[i:i + 8]
             i += 8
         elif wire == 2:
             ln = varint()
             if i + ln > n:
-                die(f"{where}: malformed protobuf")
+                reject(f"{where}: malformed protobuf")
             yield field, wire, buf[i:i + ln]
             i += ln
         elif wire == 5:
             if i + 4 > n:
-                die(f"{where}: malformed protobuf")
+                reject(f"{where}: malformed protobuf")
             yield field, wire, buf[i:i + 4]
             i += 4
         else:
-            die(f"{where}: malformed protobuf (wire type {wire})")
+            reject(f"{where}: malformed protobuf (wire type {wire})")
 
 
 def read_tokenizer(model_dir):
     path = os.path.join(model_dir, "tokenizer.model")
     if not os.path.isfile(path):
-        die(f"{path}: missing (mixtral.c needs the sentencepiece tokenizer.model)")
+        reject(f"{path}: missing (mixtral.c needs the sentencepiece tokenizer.model)")
     with open(path, "rb") as f:
         buf = f.read()
     pieces = []
@@ -590,15 +614,15 @@ def read_tokenizer(model_dir):
                 elif f2 == 4 and w2 == 0:
                     remove_extra_ws = bool(v2)
     if not pieces:
-        die(f"{path}: no pieces (not a sentencepiece model?)")
+        reject(f"{path}: no pieces (not a sentencepiece model?)")
     if model_type != 2:
-        die(f"{path}: sentencepiece model_type {model_type} is not BPE (2)")
+        reject(f"{path}: sentencepiece model_type {model_type} is not BPE (2)")
     if normalizer != "identity" or remove_extra_ws:
         print(f"export.py: warning: {path} asks for normalizer {normalizer!r} "
               f"(remove_extra_whitespaces={remove_extra_ws}); mixtral.c applies none", file=sys.stderr)
     for p, _, t in pieces:
         if len(p) > 65535 or t not in (1, 2, 3, 4, 5, 6):
-            die(f"{path}: malformed piece {p[:40]!r} (type {t})")
+            reject(f"{path}: malformed piece {p[:40]!r} (type {t})")
     flags = (TOK_ADD_DUMMY_PREFIX * add_dummy_prefix | TOK_BYTE_FALLBACK * byte_fallback
              | TOK_REMOVE_EXTRA_WS * remove_extra_ws)
     return pieces, flags, unk_id
@@ -606,12 +630,12 @@ def read_tokenizer(model_dir):
 
 def tokenizer_blob(pieces, flags, unk_id, vocab_size, path):
     if len(pieces) > vocab_size:
-        die(f"{path}: {len(pieces)} pieces but config.json vocab_size is {vocab_size}")
+        reject(f"{path}: {len(pieces)} pieces but config.json vocab_size is {vocab_size}")
     if not -2**31 <= unk_id < 2**31:
-        die(f"{path}: unk_id {unk_id} is out of range")
+        reject(f"{path}: unk_id {unk_id} is out of range")
     for i, (p, _, ptype) in enumerate(pieces):  # what mixtral.c's tokenizer_init checks
         if ptype == PIECE_BYTE and not re.fullmatch(rb"<0x[0-9A-F]{2}>", p):
-            die(f"{path}: piece {i} is a byte piece but reads {short(p)}, not <0xXX>")
+            reject(f"{path}: piece {i} is a byte piece but reads {short(p)}, not <0xXX>")
     # A config may pad the vocabulary past the tokenizer: those ids decode to nothing.
     pieces = pieces + [(b"", 0.0, PIECE_UNUSED)] * (vocab_size - len(pieces))
     out = [struct.pack("<IIiI", len(pieces), flags, unk_id, max(len(p) for p, _, _ in pieces))]
@@ -651,8 +675,8 @@ def tensor_plan(c):
     return plan
 
 
-# The type of each kind of matrix for each --type: the per-tensor choice, in one place.
-MATRIX_TYPES = {
+# What each --type means: the weight type of each kind of matrix, the per-tensor choice in one place.
+RECIPES = {
     "f32": {k: F32 for k in MATRIX_KINDS},
     "bf16": {k: BF16 for k in MATRIX_KINDS},
     "q8": {k: Q8 for k in MATRIX_KINDS},
@@ -682,9 +706,9 @@ def check_limits(c, where):
         v = c[key]
         lo, hi = limit if isinstance(limit, tuple) else (1, limit)
         if not lo <= v <= hi:
-            die(f"{where}: {key} = {short(v)} is outside what mixtral.c reads ({lo:g}..{hi:g})")
+            reject(f"{where}: {key} = {short(v)} is outside what mixtral.c reads ({lo:g}..{hi:g})")
     if c["max_seq_len"] > 2**31 - 1 or c["sliding_window"] > 2**31 - 1:
-        die(f"{where}: max_seq_len {c['max_seq_len']} or sliding_window {c['sliding_window']} is too large")
+        reject(f"{where}: max_seq_len {c['max_seq_len']} or sliding_window {c['sliding_window']} is too large")
 
 
 def check_counts(c, tensors):
@@ -693,11 +717,11 @@ def check_counts(c, tensors):
     names = [n for n in tensors if not n.endswith("rotary_emb.inv_freq")]
     want = 2 + (not c["tie_word_embeddings"]) + c["n_layers"] * (7 + 3 * c["n_experts"])
     if want > 2 * len(names) + 64:  # near the count, check_tensors names what is missing
-        die(f"checkpoint: {len(names)} tensors, but a Mixtral with the config's {c['n_layers']} layers and "
+        reject(f"checkpoint: {len(names)} tensors, but a Mixtral with the config's {c['n_layers']} layers and "
             f"{c['n_experts']} experts has {want}")
     emb = tensors.get("model.embed_tokens.weight")
     if emb is None or tuple(emb.shape) != (c["vocab_size"], c["dim"]):
-        die(f"checkpoint: model.embed_tokens.weight has shape {short(None if emb is None else list(emb.shape))}, "
+        reject(f"checkpoint: model.embed_tokens.weight has shape {short(None if emb is None else list(emb.shape))}, "
             f"the config implies {[c['vocab_size'], c['dim']]}")
 
 
@@ -707,23 +731,24 @@ def check_tensors(c, tensors):
     for name, shape, _ in plan:
         t = tensors.get(name)
         if t is None:
-            die(f"checkpoint: missing tensor {name}")
+            reject(f"checkpoint: missing tensor {name}")
         if tuple(t.shape) != shape:
-            die(f"{t.path}: tensor {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
+            reject(f"{t.path}: tensor {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
     for name, t in tensors.items():
         # old checkpoints carry the rotary tables as buffers: they are recomputed, not read
         if name not in wanted and not name.endswith("rotary_emb.inv_freq"):
-            die(f"{t.path}: unexpected tensor {name} (not part of a Mixtral model with this config.json)")
+            reject(f"{t.path}: unexpected tensor {name} (not part of a Mixtral model with this config.json)")
     return plan
 
 
 # ----------------------------------------------------------------------------
+# The quantizers: q8, q6, q4 rows and their packing into groups (the layout above)
 
 def to_f16(x):
     """float64 -> the nearest f16 and its value as float64; scales too large for f16 are an error."""
     h = x.astype(np.float16)
     if not np.isfinite(h).all():
-        die("a quantization scale exceeds the f16 range (weights above 8e6 in magnitude)")
+        reject("a quantization scale exceeds the f16 range (weights above 8e6 in magnitude)")
     return h, h.astype(np.float64)
 
 
@@ -787,34 +812,38 @@ def pack_groups(q, h, wtype):
 
 
 def write_tensor(out, files, t, shape, wtype):
-    """Streams one tensor into `out`, converting a slice of rows at a time."""
+    """Streams one tensor of any source into `out` as wtype, converting a slice of rows at a time."""
     f = files.get(t.path)
     if f is None:
         f = files[t.path] = open(t.path, "rb")
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
     step = max(1, CHUNK_ELEMS // cols)
-    gguf = isinstance(t, GgufTensor)
-    lossy = gguf and ((wtype in (Q6, Q4) and t.gtype == GGML_Q8_0) or (wtype == BF16 and t.gtype != GGML_BF16))
-    if lossy and (t.dtype, wtype) not in WARNED:
+    if t.lossy_to(wtype) and (t.dtype, wtype) not in WARNED:
         WARNED.add((t.dtype, wtype))
         print(f"export.py: warning: {t.dtype} tensors of the GGUF (the first: {t.name}) are converted to "
               f"{TYPE_NAMES[wtype]} with rounding; the others carry over exactly",
               file=sys.stderr)
+
+    def finite_rows(r0, nr):
+        x = t.rows_f32(f, r0, nr).reshape(nr, cols)
+        if not np.isfinite(x).all():
+            reject(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+        return x
+
     if wtype in QUANT:
         step = max(ROWS, step // (1 if wtype == Q8 else 4) // ROWS * ROWS)  # q6/q4's search: smaller slices
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
             pad = -nr % ROWS  # the last group: zero rows
-            if gguf and wtype == Q8 and t.gtype == GGML_Q8_0:  # carried over exactly: the same blocks
-                q, h = t.q8_rows(f, r0, nr)
+            stored = t.q8_rows(f, r0, nr) if wtype == Q8 else None
+            if stored is not None:  # Q8_0 to q8 carries over exactly: the same blocks
+                q, h = stored
                 if not np.isfinite(h).all():
-                    die(f"{t.path}: tensor {t.name} holds NaN or infinite scales")
+                    reject(f"{t.path}: tensor {t.name} holds NaN or infinite scales")
                 q, h = np.vstack([q, np.zeros((pad, cols), np.int8)]), np.vstack([h, np.zeros((pad, cols // BLOCK), "<f2")])
                 out.write(pack_groups(q.astype(np.int32), h, wtype))
                 continue
-            x = (t.rows_f32(f, r0, nr) if gguf else read_rows_f32(f, t, r0, nr, cols)).reshape(nr, cols)
-            if not np.isfinite(x).all():
-                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+            x = finite_rows(r0, nr)
             if pad:
                 x = np.vstack([x, np.zeros((pad, cols), np.float32)])
             q, h = quantize_rows(x, wtype)
@@ -822,35 +851,65 @@ def write_tensor(out, files, t, shape, wtype):
         return
     for r0 in range(0, rows, step):
         nr = min(step, rows - r0)
-        if gguf:
-            x = t.rows_f32(f, r0, nr)
-            if not np.isfinite(x).all():
-                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
-            out.write(f32_to_bf16(x.ravel()).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
-            continue
-        if wtype == BF16 and t.dtype == "BF16":  # bf16 to bf16: copy the bits
-            f.seek(t.offset + r0 * cols * 2)
-            raw = f.read(nr * cols * 2)
-            if len(raw) != nr * cols * 2:
-                die(f"{t.path}: truncated safetensors while reading {t.name}")
+        raw = t.bf16_bits(f, r0, nr) if wtype == BF16 else None
+        if raw is not None:  # bf16 to bf16: copy the bits
             if ((np.frombuffer(raw, "<u2") & 0x7F80) == 0x7F80).any():  # exponent all ones: NaN or infinity
-                die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+                reject(f"{t.path}: tensor {t.name} holds NaN or infinite values")
             out.write(raw)
             continue
-        x = read_rows_f32(f, t, r0, nr, cols)
-        if not np.isfinite(x).all():
-            die(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+        x = finite_rows(r0, nr).ravel()
         out.write(f32_to_bf16(x).tobytes() if wtype == BF16 else x.astype("<f4").tobytes())
 
 
+# ----------------------------------------------------------------------------
+# Sources: a Hugging Face folder or a GGUF, read through the same three methods:
+# config() (the dictionary read_config returns), tokenizer() ((pieces, flags,
+# unk_id), as read_tokenizer returns them) and tensors() ({Hugging Face name:
+# tensor}, each tensor with the methods of SafetensorsTensor).
+
+class HfFolder:
+    def __init__(self, path):
+        self.path = path
+        self.tokenizer_path = os.path.join(path, "tokenizer.model")
+
+    def config(self):
+        return read_config(self.path)
+
+    def tensors(self):
+        return read_checkpoint_index(self.path)
+
+    def tokenizer(self):
+        return read_tokenizer(self.path)
+
+
+class GgufFile:
+    def __init__(self, path):
+        self.path = self.tokenizer_path = path
+        self._config, pieces, flags, unk_id, self._tensors = read_gguf(path)
+        self._tokenizer = (pieces, flags, unk_id)
+
+    def config(self):
+        return self._config
+
+    def tensors(self):
+        return self._tensors
+
+    def tokenizer(self):
+        return self._tokenizer
+
+
+def open_source(path):
+    return GgufFile(path) if os.path.isfile(path) else HfFolder(path)
+
+
+# ----------------------------------------------------------------------------
+# The writer
+
 def export(model_dir, out_path, type_name):
-    wtype = WEIGHT_TYPES[type_name]
-    kinds = MATRIX_TYPES[type_name]
-    gguf = os.path.isfile(model_dir)
-    if gguf:
-        c, pieces, flags, unk_id, tensors = read_gguf(model_dir)
-    else:
-        c = read_config(model_dir)
+    wtype = TYPE_NAMES.index(type_name)
+    kinds = RECIPES[type_name]
+    source = open_source(model_dir)
+    c = source.config()
     check_limits(c, model_dir)
     quantized = any(ty in QUANT for ty in kinds.values())
     block = BLOCK if quantized else 0
@@ -858,15 +917,12 @@ def export(model_dir, out_path, type_name):
         for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),
                        ("num_attention_heads * head_dim", c["n_heads"] * c["head_dim"])):
             if v % block:
-                die(f"config.json: {key} = {v} is not a multiple of {block}, which --type {type_name} needs; "
-                    f"use --type bf16")
-    if not gguf:
-        tensors = read_checkpoint_index(model_dir)
+                reject(f"config.json: {key} = {v} is not a multiple of {block}, which --type {type_name} needs; "
+                       f"use --type bf16")
+    tensors = source.tensors()
     check_counts(c, tensors)
-    if not gguf:
-        pieces, flags, unk_id = read_tokenizer(model_dir)
-    tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"],
-                         model_dir if gguf else os.path.join(model_dir, "tokenizer.model"))
+    pieces, flags, unk_id = source.tokenizer()
+    tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], source.tokenizer_path)
     plan = check_tensors(c, tensors)
 
     tok_off = HEADER_SIZE
@@ -905,7 +961,7 @@ def export(model_dir, out_path, type_name):
                     print(("\r" + msg + "\033[K") if tty else msg, end="" if tty else "\n",
                           file=sys.stderr, flush=True)
             if out.tell() != size:
-                die(f"internal error: wrote {out.tell()} bytes, header says {size}")
+                reject(f"internal error: wrote {out.tell()} bytes, header says {size}")
         if tty:
             print(file=sys.stderr)
         verify_header(tmp, header, size)
@@ -927,14 +983,14 @@ def verify_header(path, header, size):
         back = f.read(HEADER_SIZE)
     fields = struct.unpack_from(HEADER_FORMAT, back)
     if back != header or fields[0] != MAGIC or fields[1] != VERSION or os.path.getsize(path) != size:
-        die(f"{path}: read-back check failed (disk full?)")
+        reject(f"{path}: read-back check failed (disk full?)")
 
 
 def main():
     ap = argparse.ArgumentParser(description="Export a Hugging Face Mixtral folder to one mixtral.c model file.")
     ap.add_argument("model_dir", help="Hugging Face folder: config.json, *.safetensors, tokenizer.model")
     ap.add_argument("out", help="output file, e.g. model.bin")
-    ap.add_argument("--type", default="bf16", choices=sorted(WEIGHT_TYPES),
+    ap.add_argument("--type", default="bf16", choices=sorted(RECIPES),
                     help="weight type for the matrices (default bf16)")
     args = ap.parse_args()
     # SIGTERM as SIGINT: either ends the export with the partial output removed (export() cleans up)
@@ -942,20 +998,20 @@ def main():
     try:
         export(args.model_dir, args.out, args.type)
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+        exit_with_error("interrupted; nothing was written", 130)
     except (ExportError, OSError) as e:
-        fail(str(e))
+        exit_with_error(str(e))
     except (RecursionError, MemoryError, OverflowError, ValueError, TypeError, KeyError, IndexError,
             struct.error, UnicodeError) as e:  # malformed input none of the checks above foresaw
-        fail(f"malformed input ({type(e).__name__}: {e})")
+        exit_with_error(f"malformed input ({type(e).__name__}: {e})")
 
 
 def on_terminate(sig, frame):
     raise KeyboardInterrupt
 
 
-def fail(msg, status=1):
-    """One bounded line on stderr, whatever the message held."""
+def exit_with_error(msg, status=1):
+    """One bounded line on stderr, whatever the message held, then exit."""
     msg = " ".join(msg.split())
     if len(msg) > 400:
         msg = msg[:400] + "..."

@@ -7,7 +7,9 @@
 // to die_jump instead of exiting, so an input that is refused ends the run of
 // that input, and the fuzzer goes on.
 #define MIXTRAL_NO_MAIN
-#define MIXTRAL_FUZZ
+#ifndef MIXTRAL_FUZZ
+#define MIXTRAL_FUZZ // (the build gives it to every file: util.c's die() reads it)
+#endif
 #include "../../mixtral.c"
 
 #include <stdio.h>
@@ -22,7 +24,7 @@ static const Tokenizer *fuzz_tokenizer(void) {
         const char *path = getenv("MIXTRAL_FUZZ_MODEL");
         if (!path) { fprintf(stderr, "set MIXTRAL_FUZZ_MODEL to a model file (its tokenizer is used)\n"); abort(); }
         if (setjmp(die_jump)) { fprintf(stderr, "MIXTRAL_FUZZ_MODEL=%s does not load\n", path); abort(); }
-        model_load(&fuzz_model, path, LOAD_MMAP, NULL, 0, 0, 1);
+        model_load(&fuzz_model, path, LOAD_MMAP, NULL, 0, 0, 1, EXPERT_CACHE_LRU);
         loaded = 1;
     }
     return &fuzz_model.tokenizer;

@@ -20,7 +20,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(&m, 0, sizeof(m));
     if (!setjmp(die_jump)) {
         memcpy(&m.config, buf, sizeof(Config));
-        model_check(&m, size, "fuzz");
+        model_check(&m.config, size, "fuzz");
         m.map = buf;
         m.map_size = size;
         model_attach(&m, "fuzz");

@@ -1,0 +1,335 @@
+"""
+Bad input: a clear error and exit status 1, never a crash. Truncated and foreign model
+files, bad tokens and contexts, malformed checkpoints for export.py; and the hardening that
+fuzzing found, kept fixed (the fuzz corpus replayed, ThreadSanitizer, export mutations).
+"""
+from harness import *  # noqa: F401,F403
+
+
+def patched(tmp, name, offset, fmt, value):
+    src = small_model(tmp)
+    dst = os.path.join(tmp, name)
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+    return dst
+
+
+# header offsets (export.py HEADER_FORMAT): version 8, weight_type 16, dim 24, n_heads 36,
+# n_kv_heads 40, head_dim 44, n_experts 48, top_k 52, vocab 56, tokenizer n_pieces 256
+@test
+def bad_model_files(tmp):
+    m = small_model(tmp)
+    size = os.path.getsize(m)
+    cut = os.path.join(tmp, "cut.bin")
+    with open(m, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read(size - 100))
+    expect_error([ENGINE, cut, "-n", "1"], "re-run export.py")
+    tiny = os.path.join(tmp, "tiny.bin")
+    with open(tiny, "wb") as g:
+        g.write(b"MIXTRALC\x01")
+    expect_error([ENGINE, tiny], "too small")
+    empty = os.path.join(tmp, "empty.bin")
+    open(empty, "wb").close()
+    expect_error([ENGINE, empty])
+    expect_error([ENGINE, os.path.join(tmp, "does-not-exist.bin")], "cannot open")
+    expect_error([ENGINE, tmp], "is a folder")
+    foreign = os.path.join(tmp, "foreign.bin")
+    with open(foreign, "wb") as g:
+        g.write(b"PK\x03\x04" + bytes(range(256)) * 40)
+    expect_error([ENGINE, foreign], "not a mixtral.c model file")
+    sys.path.insert(0, ROOT)
+    import export as exporter
+    v = exporter.VERSION
+    expect_error([ENGINE, patched(tmp, "future.bin", 8, "<I", v + 1)], f"version {v + 1}", "update mixtral.c")
+    expect_error([ENGINE, patched(tmp, "old.bin", 8, "<I", v - 1)], f"version {v - 1}", "re-run export.py")
+    expect_error([ENGINE, patched(tmp, "wtype.bin", 16, "<I", 99)], "weight type")
+    expect_error([ENGINE, patched(tmp, "dim0.bin", 24, "<i", 0)], "dim")
+    expect_error([ENGINE, patched(tmp, "dimneg.bin", 24, "<i", -64)], "dim")
+    expect_error([ENGINE, patched(tmp, "dimhuge.bin", 24, "<i", 1 << 30)], "dim")
+    expect_error([ENGINE, patched(tmp, "heads.bin", 36, "<i", 3)], "n_heads")
+    expect_error([ENGINE, patched(tmp, "kvheads.bin", 40, "<i", 0)], "n_kv_heads")
+    expect_error([ENGINE, patched(tmp, "headdim.bin", 44, "<i", 15)], "head_dim")
+    expect_error([ENGINE, patched(tmp, "topk.bin", 52, "<i", 9)], "num_experts_per_tok")
+    expect_error([ENGINE, patched(tmp, "experts.bin", 48, "<i", 5)], "header")
+    expect_error([ENGINE, patched(tmp, "vocab.bin", 56, "<i", 32001)], "re-run export.py")
+    expect_error([ENGINE, patched(tmp, "pieces.bin", 256, "<I", 31999)], "tokenizer")
+    expect_error([ENGINE, patched(tmp, "pieces2.bin", 256 + 16 + 6, "<H", 60000)], "tokenizer")
+    return "truncated, tiny, empty, missing, directory, foreign, versions, corrupt dims and tokenizer"
+
+
+@test
+def bad_tokens_and_context(tmp):
+    m = small_model(tmp)
+    expect_error([ENGINE, m, "--ids", "1,32000", "--dump-logits", os.path.join(tmp, "x")], "32000")
+    expect_error([ENGINE, m, "--ids", "1,-5", "--dump-logits", os.path.join(tmp, "x")], "-5")
+    expect_error([ENGINE, m, "--ids", "1,abc", "--dump-logits", os.path.join(tmp, "x")], "--ids")
+    expect_error([ENGINE, m, "--ids", "1,2,3,4,5,6", "-c", "4", "--dump-logits", os.path.join(tmp, "x")], "context")
+    expect_error([ENGINE, m, "-i", "a prompt that is longer than the context", "-c", "4"], "context")
+    expect_error([ENGINE, m, "-n", "many"], "-n")
+    expect_error([ENGINE, m, "--threads", "0"], "--threads")
+    expect_error([ENGINE, m, "-t", "-1"], "-t")
+    expect_error([ENGINE, m, "-p", "2"], "-p")
+    expect_error([ENGINE, m, "--no-such-flag", "1"], "unknown option")
+    # a full context during generation stops with a note, not an error
+    r = run([ENGINE, m, "-i", "hi", "-n", "50", "-c", "8"])
+    check(r.returncode == 0 and "context" in r.stderr, f"context-limited generation: {r.returncode}\n{r.stderr}")
+    # an output file never replaces an input: the model survives --dump-logits MODEL
+    before = open(m, "rb").read()
+    for flag in ("--dump-logits", "--dump-experts"):
+        cmd = [ENGINE, m, "--ids", "1,2", "--dump-logits", os.path.join(tmp, "x"), flag, m]
+        expect_error(cmd, "input file")
+    text = os.path.join(tmp, "t.txt")
+    open(text, "w").write("one two three four five six seven eight nine ten " * 4)
+    expect_error([ENGINE, m, "--perplexity", text, "-c", "8", "--kl-base", text], "input file")
+    check(open(m, "rb").read() == before, "the model file changed")
+    check(not os.path.exists(os.path.join(tmp, "x.partial")), "a partial output was left behind")
+    return "out-of-range and malformed ids, long prompts, bad flags, outputs onto inputs refused"
+
+
+@test
+def help_and_version(tmp):
+    """-h and --help print the usage to stdout and exit 0, anywhere on the line; --version names the
+    program version, the file format this build reads and its kernels; a missing model is still an error."""
+    for cmd in ([ENGINE, "-h"], [ENGINE, "--help"], [ENGINE, "model.bin", "-i", "x", "--help"]):
+        r = run(cmd)
+        check(r.returncode == 0 and r.stdout.startswith("usage: mixtral") and "--perplexity" in r.stdout,
+              f"{' '.join(cmd[1:])}: exit {r.returncode}, stdout {r.stdout[:80]!r}")
+    r = run([ENGINE, "--version"])
+    check(r.returncode == 0 and re.match(r"mixtral\.c \S+, model file format \d+, kernels \S", r.stdout),
+          f"--version: exit {r.returncode}, {r.stdout!r}")
+    expect_error([ENGINE], "model file")
+    return r.stdout.strip()
+
+
+@test
+def export_errors(tmp):
+    small_model(tmp)
+    src = SMALL["hf"]
+    cases = []
+
+    def variant(name, edit):
+        d = os.path.join(tmp, name)
+        shutil.copytree(src, d)
+        edit(d)
+        cases.append((name, d))
+
+    def edit_config(key, value):
+        def f(d):
+            c = json.load(open(os.path.join(d, "config.json")))
+            c[key] = value
+            json.dump(c, open(os.path.join(d, "config.json"), "w"))
+        return f
+
+    def edit_tensors(fn):
+        def f(d):
+            p = os.path.join(d, "model.safetensors")
+            t = read_safetensors_raw(p)
+            fn(t)
+            write_safetensors(p, t)
+        return f
+
+    def truncate(d):
+        p = os.path.join(d, "model.safetensors")
+        os.truncate(p, os.path.getsize(p) - 1000)
+
+    def bad_header(d):
+        p = os.path.join(d, "model.safetensors")
+        with open(p, "r+b") as f:
+            f.seek(8)
+            f.write(b"{nonsense")
+
+    def huge_header(d):
+        p = os.path.join(d, "model.safetensors")
+        with open(p, "r+b") as f:
+            f.write(struct.pack("<Q", 1 << 40))
+
+    def retype(t):
+        dt, shape, raw = t["model.norm.weight"]
+        t["model.norm.weight"] = ("I16", shape, raw)
+
+    variant("no_config", lambda d: os.remove(os.path.join(d, "config.json")))
+    variant("bad_config_json", lambda d: open(os.path.join(d, "config.json"), "w").write("{\"model_type\": "))
+    variant("llama", edit_config("model_type", "llama"))
+    variant("heads_zero", edit_config("num_attention_heads", 0))
+    variant("topk_too_big", edit_config("num_experts_per_tok", 9))
+    variant("shape_mismatch", edit_config("intermediate_size", 100))
+    variant("no_tokenizer", lambda d: os.remove(os.path.join(d, "tokenizer.model")))
+    variant("bad_tokenizer", lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(b"\xff" * 100))
+    variant("no_weights", lambda d: os.remove(os.path.join(d, "model.safetensors")))
+    variant("missing_tensor", edit_tensors(lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight")))
+    variant("unexpected_tensor", edit_tensors(lambda t: t.update({"model.layers.0.extra.weight": ("F32", [2], b"\0" * 8)})))
+    variant("unsupported_dtype", edit_tensors(retype))
+    variant("truncated_safetensors", truncate)
+    variant("malformed_header", bad_header)
+    variant("huge_header_length", huge_header)
+    # what a fuzzer found (issue 14): tracebacks, hangs, and files the engine would refuse
+    variant("nested_json", lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100000 + "]" * 100000))
+    variant("huge_float", lambda d: open(os.path.join(d, "config.json"), "w").write(
+        open(os.path.join(src, "config.json")).read().replace('"rope_theta": 1000000.0', '"rope_theta": 1e999')))
+    variant("eps_underflows", edit_config("rms_norm_eps", 1e-50))
+    variant("theta_denormal", edit_config("rope_theta", 1e-300))
+    variant("head_dim_too_big", edit_config("head_dim", 16386))
+    variant("million_layers", edit_config("num_hidden_layers", 1000000))
+    variant("huge_vocab", edit_config("vocab_size", 200000000))
+    variant("dtype_list", edit_tensors(lambda t: t.update({"model.norm.weight": (["F32"], *t["model.norm.weight"][1:])})))
+    variant("huge_shape", edit_tensors(lambda t: t.update({"model.norm.weight": ("F32", [2**62, 2**62], b"")})))
+    variant("nan_weights", edit_tensors(lambda t: t.update({"model.norm.weight": (
+        "F32", t["model.norm.weight"][1], np.full(t["model.norm.weight"][1], np.nan, "<f4").tobytes())})))
+    variant("inf_bf16", edit_tensors(lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": (
+        "BF16", t["model.layers.0.self_attn.q_proj.weight"][1],
+        b"\x80\x7f" + t["model.layers.0.self_attn.q_proj.weight"][2][2:])})))
+    tok_model = open(os.path.join(src, "tokenizer.model"), "rb").read()
+
+    def tokenizer_edit(old, new):
+        def f(d):
+            check(old in tok_model, f"tokenizer.model lacks {old!r}")
+            open(os.path.join(d, "tokenizer.model"), "wb").write(tok_model.replace(old, new, 1))
+        return f
+    variant("malformed_byte_piece", tokenizer_edit(b"<0x41>", b"<0xZ1>"))
+    # unk_id (TrainerSpec field 40) of 2^40: a varint the file format cannot hold
+    variant("unk_id_huge", lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(
+        tok_model + b"\x12\x08" + b"\xc0\x02" + b"\x80\x80\x80\x80\x80\x20"))
+    variant("long_error", edit_config("model_type", "x" * 300000))
+    expected = {"no_config": "config.json", "bad_config_json": "config.json", "llama": "model_type",
+                "heads_zero": "num_attention_heads", "topk_too_big": "num_experts_per_tok",
+                "shape_mismatch": "w1.weight", "no_tokenizer": "tokenizer.model", "bad_tokenizer": "tokenizer.model",
+                "no_weights": "model.safetensors", "missing_tensor": "experts.2.w3.weight",
+                "unexpected_tensor": "model.layers.0.extra.weight", "unsupported_dtype": "I16",
+                "truncated_safetensors": "truncated", "malformed_header": "model.safetensors",
+                "huge_header_length": "model.safetensors", "nested_json": "config.json", "huge_float": "rope_theta",
+                "eps_underflows": "rms_norm_eps", "theta_denormal": "rope_theta", "head_dim_too_big": "head_dim",
+                "million_layers": "num_hidden_layers", "huge_vocab": "vocab_size", "dtype_list": "dtype",
+                "huge_shape": "model.norm.weight", "nan_weights": "NaN", "inf_bf16": "q_proj",
+                "malformed_byte_piece": "byte piece", "unk_id_huge": "unk_id", "long_error": "model_type"}
+    for name, d in cases:
+        out = os.path.join(tmp, name + ".bin")
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, out], timeout=60)
+        lines = [l for l in r.stderr.strip().splitlines() if l]
+        check(r.returncode == 1, f"export {name}: exit {r.returncode}, expected 1\n{r.stderr[-2000:]}")
+        check(len(lines) == 1 and lines[0].startswith("export.py: error:") and len(lines[0]) < 600,
+              f"export {name}: expected one bounded error line, got:\n{r.stderr[:2000]}")
+        check(expected[name] in lines[0], f"export {name}: message does not name {expected[name]!r}: {lines[0]}")
+        check(not os.path.exists(out) and not os.path.exists(out + ".partial"), f"export {name}: left a file behind")
+    # SIGTERM and SIGINT during an export: the partial file removed, one line, no traceback
+    import signal
+    import time
+    big = os.path.join(tmp, "big")
+    hf.write_checkpoint(big, hf.make_config(dim=512, hidden_dim=1024, layers=4, experts=8), seed=2)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = os.path.join(tmp, "big.bin")
+        p = subprocess.Popen([PYTHON, os.path.join(ROOT, "export.py"), big, out, "--type", "q4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(300):  # until the partial file exists
+            if os.path.exists(out + ".partial"):
+                break
+            time.sleep(0.02)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        check(p.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1,
+              f"export.py after {sig.name}: exit {p.returncode}, stderr:\n{err[-2000:]}")
+        check(not os.path.exists(out + ".partial") and not os.path.exists(out), f"{sig.name} left a file behind")
+    return f"{len(cases)} malformed checkpoints rejected with one-line errors; SIGTERM and SIGINT clean up"
+
+
+@test
+def hardened_engine(tmp):
+    """Sampling from NaN logits (-t 1.2e-38) and from a vocabulary of one token; NaN router weights in
+    --trace-experts/--expert-stats; rope_theta and rms_norm_eps outside sane ranges; 16 threads on this
+    machine: under the sanitizers, each a clean run or a clear error."""
+    m = small_model(tmp)
+    for engine in (ENGINE, DEBUG_ENGINE):
+        r = run([engine, m, "-i", "hi", "-n", "4", "-t", "1.2e-38", "-s", "1"])
+        sanitized_ok(r, f"{os.path.basename(engine)} -t 1.2e-38")
+    # NaN router weights (export.py refuses them, so the file is patched)
+    nan = os.path.join(tmp, "nan_router.bin")
+    shutil.copy(m, nan)
+    with open(nan, "r+b") as f:
+        f.seek(tensor_offset(nan, "model.layers.0.block_sparse_moe.gate.weight"))
+        f.write(np.full(64, np.nan, "<f4").tobytes())
+    r = run([DEBUG_ENGINE, nan, "-i", "hi", "-n", "3", "--trace-experts", "--expert-stats", "-t", "0.8", "-s", "1"])
+    sanitized_ok(r, "NaN router weights")
+    # a vocabulary of one piece: BOS = EOS = 0
+    d = os.path.join(tmp, "one")
+    cfg = hf.make_config(vocab=1)
+    cfg["bos_token_id"] = cfg["eos_token_id"] = 0
+    hf.write_checkpoint(d, cfg, seed=4)
+    sys.path.insert(0, os.path.join(HERE, "fuzz"))
+    import make_seeds
+    open(os.path.join(d, "tokenizer.model"), "wb").write(make_seeds.sentencepiece_model([("<unk>", 0.0, 2)]))
+    one = export(d, os.path.join(tmp, "one.bin"), "bf16")
+    for args in (["-t", "1", "-p", "0.5"], ["-t", "0.5", "--top-k", "2", "--min-p", "0.5"], ["-t", "0"]):
+        r = run([DEBUG_ENGINE, one, "-i", "x", "-n", "3", "-s", "2"] + args)
+        sanitized_ok(r, f"vocabulary of 1, {' '.join(args)}")
+    # rope_theta and rms_norm_eps: finite, normal, in range, or the loader names the field
+    sys.path.insert(0, ROOT)
+    import export as ex
+    fmt = ex.HEADER_FORMAT
+    theta_at = struct.calcsize(fmt[:fmt.index("f")])  # the first float field
+    for value, field, at in ((1e-300, "rope_theta", 0), (1e-40, "rope_theta", 0), (float("inf"), "rope_theta", 0),
+                             (float("nan"), "rope_theta", 0), (1e13, "rope_theta", 0), (0.0, "rms_norm_eps", 4),
+                             (1e-45, "rms_norm_eps", 4), (2.0, "rms_norm_eps", 4)):
+        expect_error([ENGINE, patched(tmp, f"{field}_{value}.bin", theta_at + at, "<f", value)], field)
+    # oversubscribed: 16 threads on this machine, same numbers as 1
+    ids = [1, 415, 2936, 9060, 285, 1142, 13]
+    a, _ = engine_logits(m, ids, threads=1, vocab=32000, layers=2, top_k=2)
+    b, _ = engine_logits(m, ids, threads=16, vocab=32000, layers=2, top_k=2)
+    check(np.array_equal(a, b), "--threads 16 gives other logits than --threads 1")
+    return "NaN logits, NaN router, 1-token vocabulary, 8 bad theta/eps headers, 16 threads"
+
+
+@test
+def fuzz_corpus_replay(tmp):
+    """Every committed fuzz input (tests/fuzz/corpus) through its target, built with ASan and UBSan
+    without libFuzzer (tests/fuzz/replay.c): what `make fuzz` once passed keeps passing."""
+    model = tokenizer_model("mistral-v1.model")
+    total = 0
+    for target in ("model", "tokenizer", "chat", "options"):
+        exe = os.path.join(tmp, f"replay_{target}")
+        r = run([CC, "-O1", "-g", "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
+                 "-std=c11", "-D_GNU_SOURCE", "-DMIXTRAL_FUZZ", "-Wno-unused-function", "-I" + ROOT, "-o", exe,
+                 os.path.join(HERE, "fuzz", f"fuzz_{target}.c"), os.path.join(HERE, "fuzz", "replay.c"),
+                 *LIB, "-lm", "-lpthread"])
+        check(r.returncode == 0, f"building the {target} replay:\n{r.stderr[-3000:]}")
+        corpus = os.path.join(HERE, "fuzz", "corpus", target)
+        r = run([exe, corpus], env=dict(os.environ, MIXTRAL_FUZZ_MODEL=model, ASAN_OPTIONS="detect_leaks=0"))
+        check(r.returncode == 0 and "runtime error" not in r.stderr, f"replaying {corpus}:\n{r.stderr[-3000:]}")
+        total += int(r.stdout.split()[1])
+    return f"{total} inputs replayed clean"
+
+
+@test
+def thread_pool_under_tsan(tmp):
+    """The engine built with ThreadSanitizer: prompts in chunks and decoding on 3 threads, and chat,
+    report no data race."""
+    exe = os.path.join(tmp, "mixtral-tsan")
+    r = run([CC, "-O1", "-g", "-fsanitize=thread", "-std=c11", "-D_GNU_SOURCE", "-o", exe,
+             *SOURCES, "-lm", "-lpthread"])
+    if r.returncode != 0:
+        raise Skip(f"{CC} cannot build with -fsanitize=thread: {r.stderr.strip().splitlines()[-1:]}")
+    m = small_model(tmp)
+    probe = run([exe, "--version"])
+    prefix = []
+    if probe.returncode != 0 and shutil.which("setarch"):  # TSan and a randomised address space
+        prefix = ["setarch", platform.machine(), "-R"]
+        probe = run(prefix + [exe, "--version"])
+    if probe.returncode != 0:
+        raise Skip(f"ThreadSanitizer does not run here: {probe.stderr.strip()[:200]}")
+    size = os.path.getsize(m)
+    for args, stdin in ((["-i", "Hello world, once more", "-n", "12", "--threads", "3", "--chunk", "3"], None),
+                        (["-i", "Hello world", "-n", "12", "--threads", "2", "--chunk", "2", "-c", "64",
+                          "--mem", str(size - 150000 + (6 << 20))], None),
+                        (["-m", "chat", "-n", "6", "--threads", "2", "-t", "0"], "hi\nagain\n")):
+        r = run(prefix + [exe, m] + args, input=stdin, env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1"))
+        check(r.returncode == 0 and "ThreadSanitizer" not in r.stderr, f"TSan, {' '.join(args)}:\n{r.stderr[-3000:]}")
+    return "no data race: chunked prompt and decoding on 3 threads, the expert cache's I/O threads, chat on 2"
+
+
+@test
+def export_mutations(tmp):
+    """300 mutated checkpoints through export.py (tests/export_mutations.py; make fuzz runs 10,000):
+    no traceback, no hang, one bounded error line, and whatever it writes mixtral runs."""
+    r = run([PYTHON, os.path.join(HERE, "export_mutations.py"), "--n", "300", "--seed", "7"], timeout=900)
+    check(r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:])
+    return r.stdout.strip().splitlines()[0]

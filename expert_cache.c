@@ -97,7 +97,7 @@ static void read_expert(ExpertCache *c, int x, int s) {
 }
 
 static void read_failed(const ExpertCache *c) {
-    die("expert cache: cannot read the model file: %s (did it change while running?)", read_error(c->read_result));
+    die("expert cache: cannot read the model file: %s (has the model file changed while in use?)", read_error(c->read_result));
 }
 
 // Recent uses of the expert in slot s (-1: the slot is empty).
@@ -198,7 +198,7 @@ void expert_cache_release(ExpertCache *c, int l, const int *es, int n) {
 void expert_cache_read(ExpertCache *c, uint64_t offset, uint64_t bytes, void *buf) {
     int64_t r = read_at(c->fd, buf, bytes, offset);
     if (r != (int64_t)bytes)
-        die("cannot read the model file at offset %llu: %s (did it change while running?)", (unsigned long long)offset,
+        die("cannot read the model file at offset %llu: %s (has the model file changed while in use?)", (unsigned long long)offset,
             read_error(r));
 }
 

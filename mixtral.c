@@ -1010,7 +1010,11 @@ static int sample(Sampler *sm, float *logits, int n) {
             logits[id] = logits[id] > 0 ? logits[id] / sm->repeat_penalty : logits[id] * sm->repeat_penalty;
         }
     }
-    if (sm->temperature == 0.0f) return argmax(logits, n);
+    int top = argmax(logits, n);
+    // A temperature so small that the largest logit over it overflows (-t 1e-38)
+    // leaves all the mass on the most likely token: the greedy choice, where
+    // the division would give inf - inf = NaN in the softmax.
+    if (sm->temperature == 0.0f || !isfinite(logits[top] / sm->temperature)) return top;
     for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
     softmax(logits, n); // now probabilities
     float best = logits[argmax(logits, n)];
@@ -1071,6 +1075,26 @@ static void catch_interrupts(int restart) {
     sa.sa_flags = restart ? SA_RESTART : 0;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
+}
+
+// A mapped model file that gets shorter while the program runs (rewritten,
+// truncated) makes the next read of a page past its new end raise SIGBUS:
+// then say so and exit 1 instead of dying by the signal. Only async-signal-safe
+// calls here.
+static void on_bus_error(int sig) {
+    (void)sig;
+    static const char msg[] = "mixtral: error: the model file changed while it was in use (it got shorter under the "
+                              "mapping); run again with the file as export.py wrote it\n";
+    if (write(STDERR_FILENO, msg, sizeof(msg) - 1) < 0) _exit(1);
+    _exit(1);
+}
+
+static void catch_bus_errors(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_bus_error;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
 }
 
 // Resident memory in MB: now (Linux's /proc), and the peak so far.
@@ -1808,6 +1832,7 @@ static void print_info(const Config *p) {
 int main(int argc, char **argv) {
     Options o;
     if (parse_options(argc, argv, &o)) return 0;
+    catch_bus_errors();
     double t_load = time_s();
     Model model;
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits

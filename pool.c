@@ -81,7 +81,11 @@ int pool_init(ThreadPool *pool, int n) {
     if (!pool->threads || !pool->shares) return -1;
     sigset_t all, old;
     sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old); // workers inherit the mask: signals go to the caller
+    // workers inherit the mask: signals go to the caller; but not the signals of a
+    // fault, which go to the thread that faulted (a blocked one would kill the process)
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     int err = 0;
     for (int i = 1; i < n && !err; i++) {
         WorkerArg *wa = calloc(1, sizeof(WorkerArg));

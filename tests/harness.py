@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile  # noqa: F401
 import traceback  # noqa: F401
+import time  # noqa: F401
 import zlib
 
 import numpy as np

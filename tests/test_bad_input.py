@@ -333,3 +333,114 @@ def export_mutations(tmp):
     r = run([PYTHON, os.path.join(HERE, "export_mutations.py"), "--n", "300", "--seed", "7"], timeout=900)
     check(r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:])
     return r.stdout.strip().splitlines()[0]
+
+
+class SmallDisk:
+    """A tmpfs of `size` bytes mounted on a folder of tmp (root only; else the test is skipped)."""
+
+    def __init__(self, tmp, size):
+        self.path = os.path.join(tmp, "disk")
+        os.makedirs(self.path)
+        r = run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.path])
+        if r.returncode != 0:
+            raise Skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()[:200]}")
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, *exc):
+        run(["umount", "-l", self.path])
+
+
+def fails_cleanly(cmd, needle, path, content, what):
+    """cmd fails with one line naming `needle`, leaves `path` holding `content` and no partial file:
+    for the engine, each of its builds on its own."""
+    for exe in (ENGINE, DEBUG_ENGINE) if cmd[0] == ENGINE else (cmd[0],):
+        r = run([exe] + cmd[1:])
+        err = r.stderr.strip()
+        check(r.returncode == 1 and len(err.splitlines()) == 1 and needle in err.lower(),
+              f"{what}: {os.path.basename(exe)} exit {r.returncode}, stderr:\n{err[-600:]}")
+        check(open(path, "rb").read() == content, f"{what}: {path} was changed")
+        left = [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".partial")]
+        check(not left, f"{what}: {os.path.basename(exe)} left {left} behind")
+
+
+@test
+def failed_outputs_leave_nothing(tmp):
+    """Every output that fails, for any reason, removes what it began and leaves an existing file as it
+    was: --dump-logits when --dump-experts cannot be written (it left L.partial before), and on a full
+    disk (a 256 KB tmpfs the test mounts) --dump-logits, --kl-base and export.py: one line, exit 1."""
+    model = small_model(tmp)
+    out = os.path.join(tmp, "out")
+    os.makedirs(out)
+    logits = os.path.join(out, "l.f32")
+    old = b"old content"
+    open(logits, "wb").write(old)
+    ids = ",".join(["1"] + ["100"] * 20)
+    fails_cleanly([ENGINE, model, "--ids", ids, "--dump-logits", logits, "--dump-experts",
+                   os.path.join(tmp, "missing", "e.i32")], "cannot write", logits, old, "--dump-experts into a missing folder")
+    n = 1
+    with SmallDisk(tmp, 256 << 10) as disk:
+        full = os.path.join(disk, "l.f32")
+        open(full, "wb").write(old)
+        fails_cleanly([ENGINE, model, "--ids", ids, "--dump-logits", full], "no space", full, old,
+                      "--dump-logits on a full disk")
+        text = os.path.join(tmp, "t.txt")
+        open(text, "w").write(open(os.path.join(ROOT, "demo", "heldout.txt")).read()[:3000])
+        base = os.path.join(disk, "base.kl")
+        open(base, "wb").write(old)
+        fails_cleanly([ENGINE, model, "--perplexity", text, "-c", "32", "--kl-base", base], "no space", base, old,
+                      "--kl-base on a full disk")
+        exported = os.path.join(disk, "m.bin")
+        open(exported, "wb").write(old)
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), SMALL["hf"], exported, "--type", "q8"])
+        check(r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "space" in r.stderr.lower(),
+              f"export.py on a full disk: exit {r.returncode}\n{r.stderr[-500:]}")
+        check(open(exported, "rb").read() == old and not [f for f in os.listdir(disk) if f.endswith(".partial")],
+              "export.py on a full disk: the file changed or a partial file is left")
+        n += 3
+    return f"{n} failed outputs: no partial file left, the existing file untouched"
+
+
+def chat_until_prompt(p, line, timeout=60):
+    """Sends a line to a chat process and reads its stdout until the next 'User: ' prompt (or its end)."""
+    import select
+    if line is not None:
+        p.stdin.write(line.encode() + b"\n")
+        p.stdin.flush()
+    got, t0 = b"", time.time()
+    while b"User: " not in got and time.time() - t0 < timeout:
+        ready, _, _ = select.select([p.stdout], [], [], 1)
+        if ready:
+            chunk = os.read(p.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+@test
+def model_file_cut_short_while_running(tmp):
+    """A chat whose model file is cut short between two turns: with --mmap (it died of SIGBUS before)
+    and with the expert cache, one line saying that the file changed, exit 1."""
+    model = small_model(tmp)
+    size = os.path.getsize(model)
+    r = run([ENGINE, model, "--bench", "-c", "256", "--chunk", "4", "--threads", "2", "--mem", str(size - 1)])
+    check(r.returncode == 0, r.stderr[-500:])
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    one_slot = rep["cache_other_bytes"] + rep["cache_slot_bytes"]
+    for how in (["--mmap"], ["--mem", str(one_slot), "--chunk", "4"]):
+        copy = os.path.join(tmp, "copy.bin")
+        shutil.copy(model, copy)
+        p = subprocess.Popen([ENGINE, copy, "-m", "chat", "-n", "6", "-t", "0", "-c", "256", "--threads", "2", *how],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        chat_until_prompt(p, None)
+        chat_until_prompt(p, "Hello")
+        os.truncate(copy, size // 3)
+        chat_until_prompt(p, "And again")
+        p.stdin.close()
+        err = p.stderr.read().decode(errors="replace")
+        status = p.wait(timeout=60)
+        check(status == 1 and "changed" in err and err.count("error") == 1,
+              f"{' '.join(how)}: exit {status} (-7 is SIGBUS), stderr:\n{err[-800:]}")
+    return "mapped and expert cache: 'the model file changed', exit 1"

@@ -268,3 +268,20 @@ def context_with_a_sliding_window(tmp):
     r = run([ENGINE, model, "-i", "Once", "-c", "24", "-n", "100", "-t", "0"])
     check(r.returncode == 0 and "context of 24 tokens is full" in r.stderr, f"-c 24, 100 steps:\n{r.stderr[-500:]}")
     return "chat, --perplexity and generation keep to -c 48/16/24 with a window of 8"
+
+
+@test
+def tiny_temperature_is_greedy(tmp):
+    """A temperature so small that the logits over it overflow (-t 1.2e-38) gives the greedy text under
+    every sampler setting (it printed token 0, ' ⁇ ', from NaN probabilities before)."""
+    model = small_model(tmp)
+    settings = [[], ["--top-k", "5"], ["--min-p", "0.1"], ["-p", "1"], ["--repeat-penalty", "1.3"],
+                ["--top-k", "3", "--min-p", "0.05", "-p", "0.5", "--repeat-penalty", "0.8"]]
+    for extra in settings:
+        runs = [run([ENGINE, model, "-i", "Once upon a time", "-n", "12", "-q", "-s", "1", "-t", t, *extra])
+                for t in ("0", "1.2e-38", "1e-30")]
+        for r in runs:
+            check(r.returncode == 0, f"{extra}: {r.stderr[-300:]}")
+        check(runs[1].stdout == runs[0].stdout and runs[2].stdout == runs[0].stdout,
+              f"{extra}: -t 1.2e-38 gives {runs[1].stdout!r}, -t 1e-30 {runs[2].stdout!r}; greedy {runs[0].stdout!r}")
+    return f"{len(settings)} sampler settings: -t 1.2e-38 and 1e-30 print the greedy text"

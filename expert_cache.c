@@ -20,6 +20,7 @@
 typedef struct { int slot; uint64_t file_offset, slot_offset, bytes, need; } ReadPiece;
 
 struct ExpertCache {
+    char *path;                // the model file, for messages
     int fd;                    // the model file
     int direct_fd;             // the same, opened with O_DIRECT, or -1 (then reads go through fd)
     uint64_t file_size;
@@ -48,6 +49,7 @@ struct ExpertCache {
     ReadPiece *queue;          // a ring of q_cap pieces
     int q_head, q_n, q_cap, quit, failed;
     int64_t read_result;       // why a read failed (read_at's result)
+    uint64_t failed_at;        // and where
     int in_flight;             // pieces queued or being read
     double busy_since;         // when the reads in flight began
     ExpertCacheReport stats;
@@ -68,7 +70,7 @@ static void *io_thread(void *arg) {
         int64_t got = read_at(fd, to, p.bytes, p.file_offset);
         if (got == -EINVAL && fd != c->fd) got = read_at(c->fd, to, p.bytes, p.file_offset); // O_DIRECT refused here
         pthread_mutex_lock(&c->mu);
-        if (got < (int64_t)p.need) { c->failed = 1; c->read_result = got; }
+        if (got < (int64_t)p.need && !c->failed) { c->failed = 1; c->read_result = got; c->failed_at = p.file_offset; }
         if (got > 0) c->stats.file_bytes += (uint64_t)got;
         c->pending[p.slot]--;
         if (--c->in_flight == 0) c->stats.read_seconds += time_s() - c->busy_since;
@@ -97,7 +99,8 @@ static void read_expert(ExpertCache *c, int x, int s) {
 }
 
 static void read_failed(const ExpertCache *c) {
-    die("expert cache: cannot read the model file: %s (has the model file changed while in use?)", read_error(c->read_result));
+    die("expert cache: cannot read %s at offset %llu: %s (has the model file changed while in use?)", c->path,
+        (unsigned long long)c->failed_at, read_error(c->read_result));
 }
 
 // Recent uses of the expert in slot s (-1: the slot is empty).
@@ -198,7 +201,7 @@ void expert_cache_release(ExpertCache *c, int l, const int *es, int n) {
 void expert_cache_read(ExpertCache *c, uint64_t offset, uint64_t bytes, void *buf) {
     int64_t r = read_at(c->fd, buf, bytes, offset);
     if (r != (int64_t)bytes)
-        die("cannot read the model file at offset %llu: %s (has the model file changed while in use?)", (unsigned long long)offset,
+        die("cannot read %s at offset %llu: %s (has the model file changed while in use?)", c->path, (unsigned long long)offset,
             read_error(r));
 }
 
@@ -211,6 +214,7 @@ ExpertCache *expert_cache_open(const char *path, int fd, uint64_t file_size, con
     if (n_slots < 1) return NULL;
     if (n_slots > (uint64_t)L * E) n_slots = (uint64_t)L * E;
     ExpertCache *c = xcalloc(1, sizeof(ExpertCache));
+    c->path = strdup(path);
     c->fd = fd;
     c->file_size = file_size;
 #ifdef O_DIRECT
@@ -282,6 +286,6 @@ void expert_cache_close(ExpertCache *c) {
     close(c->fd);
     if (c->direct_fd >= 0) close(c->direct_fd);
     free(c->span); free(c->slot_of); free(c->owner); free(c->last_use); free(c->uses); free(c->pinned); free(c->pending);
-    free(c->guessed); free(c->queue);
+    free(c->guessed); free(c->queue); free(c->path);
     free(c);
 }

@@ -177,6 +177,16 @@ def read_config(model_dir):
 ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
 
 
+def read_at(f, path, offset, n):
+    """n bytes (fewer at the end of the file) at offset of an open file; a failed read is one line
+    naming the file and the offset."""
+    try:
+        f.seek(offset)
+        return f.read(n)
+    except OSError as e:
+        reject(f"cannot read {path} at offset {offset}: {e.strerror or e}")
+
+
 class SafetensorsTensor:
     """One tensor of a shard. Every tensor class of a source reads the same way: rows_f32 (rows
     as float32), bf16_bits (its rows as stored bf16 bits, when it holds bf16: copied, not converted),
@@ -189,8 +199,7 @@ class SafetensorsTensor:
     def _raw(self, f, r0, nr):
         cols = self.shape[-1] if len(self.shape) == 2 else max(1, int(np.prod(self.shape)))
         esize = ST_DTYPES[self.dtype]
-        f.seek(self.offset + r0 * cols * esize)
-        raw = f.read(nr * cols * esize)
+        raw = read_at(f, self.path, self.offset + r0 * cols * esize, nr * cols * esize)
         if len(raw) != nr * cols * esize:
             reject(f"{self.path}: truncated safetensors while reading {self.name}")
         return raw
@@ -214,14 +223,14 @@ def read_safetensors_header(path):
         reject(f"{path}: missing")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        raw = f.read(8)
+        raw = read_at(f, path, 0, 8)
         if len(raw) < 8:
             reject(f"{path}: truncated safetensors (no header length)")
         (hlen,) = struct.unpack("<Q", raw)
         if hlen > size - 8 or hlen > 100 << 20:
             reject(f"{path}: truncated or malformed safetensors (header length {hlen}, file size {size})")
         try:
-            header = json.loads(f.read(hlen))
+            header = json.loads(read_at(f, path, 8, hlen))
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             reject(f"{path}: malformed safetensors header: {e}")
     if not isinstance(header, dict):
@@ -329,8 +338,7 @@ class GgufTensor:
     def _raw(self, f, r0, nr):
         rows = self.shape[0] if len(self.shape) == 2 else 1
         base = self.offset + (self.expert or 0) * rows * self.row_bytes()
-        f.seek(base + r0 * self.row_bytes())
-        raw = f.read(nr * self.row_bytes())
+        raw = read_at(f, self.path, base + r0 * self.row_bytes(), nr * self.row_bytes())
         if len(raw) != nr * self.row_bytes():
             reject(f"{self.path}: truncated GGUF while reading {self.name}")
         return raw

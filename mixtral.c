@@ -757,6 +757,7 @@ typedef struct {
     _Atomic uint64_t done;
     atomic_int failed;
     int64_t result; // of the read that failed
+    uint64_t failed_at; // its offset
 } ReadIn;
 
 // Share tid of n of the file, in pieces of 64 MB (shares start on 2 MB pages).
@@ -768,7 +769,10 @@ static void read_job(void *arg, int tid, int n) {
     for (uint64_t at = lo; at < hi && !atomic_load(&r->failed);) {
         uint64_t want = hi - at < (64u << 20) ? hi - at : (64u << 20);
         int64_t got = read_at(r->fd, r->mem + at, want, at);
-        if (got != (int64_t)want) { atomic_store(&r->failed, 1); r->result = got; break; }
+        if (got != (int64_t)want) {
+            if (!atomic_exchange(&r->failed, 1)) { r->result = got; r->failed_at = at; }
+            break;
+        }
         at += (uint64_t)got;
         uint64_t done = atomic_fetch_add(&r->done, (uint64_t)got) + (uint64_t)got;
         if (tid == 0 && r->progress) fprintf(stderr, "\r[reading the model: %.1f of %.1f GB]", done / 1e9, r->size / 1e9);
@@ -778,11 +782,12 @@ static void read_job(void *arg, int tid, int n) {
 static uint8_t *read_in(int fd, uint64_t size, const char *path, ThreadPool *pool, size_t *alloc_size) {
     uint8_t *mem = anon_alloc(size, alloc_size);
     if (!mem) die("cannot allocate %.2f GB to read %s into (try --mmap)", size / 1e9, path);
-    ReadIn r = {fd, mem, size, stderr_is_tty() && size > (1u << 30), 0, 0, 0};
+    ReadIn r = {fd, mem, size, stderr_is_tty() && size > (1u << 30), 0, 0, 0, 0};
     if (pool) pool_run(pool, read_job, &r);
     else read_job(&r, 0, 1);
     if (r.progress) fprintf(stderr, "\r\033[K");
-    if (atomic_load(&r.failed)) die("cannot read %s: %s", path, read_error(r.result));
+    if (atomic_load(&r.failed))
+        die("cannot read %s at offset %llu: %s", path, (unsigned long long)r.failed_at, read_error(r.result));
     return mem;
 }
 
@@ -888,11 +893,11 @@ void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uin
     uint64_t size = (uint64_t)st.st_size;
     uint8_t head[16] = {0};
     int64_t r = read_at(fd, head, sizeof(head) < size ? sizeof(head) : size, 0);
-    if (r < 0) die("cannot read %s: %s", path, read_error(r));
+    if (r < 0) die("cannot read %s at offset 0: %s", path, read_error(r));
     refuse_other_formats(path, head, size);
     if (size < HEADER_SIZE) die("%s is %llu bytes, too small to be a model file; re-run export.py", path, (unsigned long long)size);
     if ((r = read_at(fd, &m->config, sizeof(Config), 0)) != (int64_t)sizeof(Config))
-        die("cannot read %s: %s", path, read_error(r));
+        die("cannot read %s at offset 0: %s", path, read_error(r));
     model_check(&m->config, size, path);
     m->map_size = size;
     uint64_t avail = available_memory();
@@ -1661,7 +1666,7 @@ static void print_usage(FILE *out) {
         "      --stop STR        end the reply where STR appears, not printing it (repeatable)\n"
         "output and speed:\n"
         "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
-        "      --threads N       threads (default: the CPUs this process may run on)\n"
+        "      --threads N       threads (default and most: the CPUs this process may run on)\n"
         "      --mem SIZE        memory for the weights and working buffers, the KV cache aside (e.g. 12G):\n"
         "                        a larger model keeps its experts in a cache that fits, read from the\n"
         "                        file as needed (default: the memory available, when the model is larger)\n"
@@ -1837,7 +1842,16 @@ int main(int argc, char **argv) {
     Model model;
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = o.info || o.chat_ids_path || o.tokenize_path || o.detokenize_ids;
-    if (o.threads == 0) o.threads = pool_usable_cpus();
+    int cpus = pool_usable_cpus();
+    if (o.threads == 0) o.threads = cpus;
+#ifndef MIXTRAL_OVERSUBSCRIBE // (a test-only build: tests/test_engine.py checks that any thread count gives the same numbers)
+    if (o.threads > cpus) { // more threads than CPUs only wait for each other at every round of the pool
+        if (!o.run.quiet)
+            fprintf(stderr, "mixtral: --threads %d is more than the %d CPUs this process may use; running %d\n", o.threads,
+                    cpus, cpus);
+        o.threads = cpus;
+    }
+#endif
     ThreadPool pool; // reads the model in, then runs it
     if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
     model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load_mode, &pool, quick ? 0 : o.mem, o.context, o.chunk,

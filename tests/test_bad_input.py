@@ -304,7 +304,7 @@ def thread_pool_under_tsan(tmp):
     """The engine built with ThreadSanitizer: prompts in chunks and decoding on 3 threads, and chat,
     report no data race."""
     exe = os.path.join(tmp, "mixtral-tsan")
-    r = run([CC, "-O1", "-g", "-fsanitize=thread", "-std=c11", "-D_GNU_SOURCE", "-o", exe,
+    r = run([CC, "-O1", "-g", "-fsanitize=thread", "-std=c11", "-D_GNU_SOURCE", "-DMIXTRAL_OVERSUBSCRIBE", "-o", exe,
              *SOURCES, "-lm", "-lpthread"])
     if r.returncode != 0:
         raise Skip(f"{CC} cannot build with -fsanitize=thread: {r.stderr.strip().splitlines()[-1:]}")
@@ -444,3 +444,69 @@ def model_file_cut_short_while_running(tmp):
         check(status == 1 and "changed" in err and err.count("error") == 1,
               f"{' '.join(how)}: exit {status} (-7 is SIGBUS), stderr:\n{err[-800:]}")
     return "mapped and expert cache: 'the model file changed', exit 1"
+
+
+@test
+def reads_with_faults(tmp):
+    """Faults injected into the reads of the model file (tests/fault_shim.c, LD_PRELOAD): short reads
+    and EINTR give the same text, in the read-in and in the expert cache, and the same file from
+    export.py; a failed read is one line naming the file and the offset, exit 1, wherever it falls
+    (the header, the read-in, the weights kept resident, an embedding row, the cache's I/O threads,
+    export.py's tensor reads)."""
+    shim = os.path.join(tmp, "fault.so")
+    r = run([CC, "-shared", "-fPIC", "-O1", "-o", shim, os.path.join(HERE, "fault_shim.c"), "-ldl"])
+    if r.returncode != 0:
+        raise Skip(f"cannot build the LD_PRELOAD shim: {r.stderr.strip()[-200:]}")
+    model = small_model(tmp)
+    size = os.path.getsize(model)
+    r = run([ENGINE, model, "--bench", "-c", "256", "--chunk", "4", "--threads", "2", "--mem", str(size - 1)])
+    check(r.returncode == 0, r.stderr[-500:])
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    few_slots = rep["cache_other_bytes"] + 2 * rep["cache_slot_bytes"]
+    name = os.path.basename(model)
+    n = 0
+    for mode in (["--no-mmap"], ["--mem", str(few_slots)]):
+        cmd = [ENGINE, model, "-i", "Hello world", "-n", "8", "-t", "0", "-q", "-c", "256", "--chunk", "4",
+               "--threads", "2", *mode]
+        want = run(cmd)
+        check(want.returncode == 0, want.stderr[-500:])
+        for kind in ("short", "eintr"):
+            got = run(cmd, env=dict(os.environ, LD_PRELOAD=shim, FAULT_FILE=name, FAULT_KIND=kind))
+            check(got.returncode == 0 and got.stdout == want.stdout, f"{mode[0]}, {kind} reads: exit {got.returncode}, "
+                  f"{got.stdout!r} instead of {want.stdout!r}\n{got.stderr[-500:]}")
+            n += 1
+        where, failed = set(), []
+        for at in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144):
+            got = run(cmd, env=dict(os.environ, LD_PRELOAD=shim, FAULT_FILE=name, FAULT_KIND="error", FAULT_AT=str(at)))
+            if got.returncode == 0 and got.stdout == want.stdout:
+                continue  # the run made fewer reads
+            err = got.stderr.strip()
+            m = re.fullmatch(r"mixtral: error: (expert cache: )?cannot read (\S+) at offset (\d+): Input/output error.*", err)
+            check(got.returncode == 1 and len(err.splitlines()) == 1 and m and m.group(2) == model,
+                  f"{mode[0]}, read {at} fails: exit {got.returncode}, stderr:\n{err[-500:]}")
+            where.add("cache" if m.group(1) else "offset 0" if m.group(3) == "0" else "later")
+            failed.append(at)
+            n += 1
+        # the header's reads (1, 2), then the read-in (one read of this small file) or, with the cache,
+        # the weights kept resident, the embedding rows and the cache's reads
+        check(max(failed) >= 3 and (mode[0] == "--no-mmap" or {"cache", "later"} <= where),
+              f"{mode[0]}: the failed reads were only reads {failed}, at {sorted(where)}")
+    hf_dir = SMALL["hf"]
+    shard = [f for f in os.listdir(hf_dir) if f.endswith(".safetensors")][0]
+    out = os.path.join(tmp, "e.bin")
+    exp = [PYTHON, os.path.join(ROOT, "export.py"), hf_dir, out, "--type", "q8"]
+    r = run(exp)
+    check(r.returncode == 0, r.stderr[-500:])
+    want = open(out, "rb").read()
+    for kind in ("short", "eintr"):
+        os.remove(out)
+        r = run(exp, env=dict(os.environ, LD_PRELOAD=shim, FAULT_FILE=shard, FAULT_KIND=kind))
+        check(r.returncode == 0 and open(out, "rb").read() == want, f"export.py, {kind} reads: {r.stderr[-500:]}")
+        n += 1
+    for at in (1, 4, 12):
+        r = run(exp, env=dict(os.environ, LD_PRELOAD=shim, FAULT_FILE=shard, FAULT_KIND="error", FAULT_AT=str(at)))
+        err = r.stderr.strip()
+        check(r.returncode == 1 and len(err.splitlines()) == 1 and shard in err and ("offset" in err or "Input/output" in err),
+              f"export.py, read {at} fails: exit {r.returncode}\n{err[-500:]}")
+        n += 1
+    return f"{n} runs: short reads and EINTR change nothing; each failed read is one line with the file and offset"

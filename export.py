@@ -65,9 +65,10 @@ HEADER_FORMAT = "<8sIIII14iff4Q9B"
 MATRIX_KINDS = ("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head")
 WEIGHTS_ALIGN = 4096
 TENSOR_ALIGN = 64
-TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6")  # the weight types, by their number in the file
-F32, BF16, Q8, Q4, Q6 = 0, 1, 2, 3, 4
-QUANT = (Q8, Q6, Q4)
+TYPE_NAMES = ("f32", "bf16", "q8", "q4", "q6", "q3", "q2")  # the weight types, by their number in the file
+F32, BF16, Q8, Q4, Q6, Q3, Q2 = 0, 1, 2, 3, 4, 5, 6
+QUANT = (Q8, Q6, Q4, Q3, Q2)  # the types in groups of 16 rows, with int8 activations
+CODED = (Q3, Q2)  # codes into codebooks (kernels.h)
 CHUNK_ELEMS = 1 << 24  # elements converted per slice: bounds peak memory
 BLOCK = 32  # q8/q6/q4 weights per scale
 ROWS = 16  # q8/q6/q4 rows interleaved in a group
@@ -689,6 +690,9 @@ RECIPES = {
     "bf16": {k: BF16 for k in MATRIX_KINDS},
     "q8": {k: Q8 for k in MATRIX_KINDS},
     "q4": dict({k: Q4 for k in MATRIX_KINDS}, embed=Q6, lm_head=Q8),
+    # the experts in 3 or 2 bits; attention, which every token reads, in q4
+    "q3": dict({k: Q3 for k in MATRIX_KINDS}, wq=Q4, wk=Q4, wv=Q4, wo=Q4, embed=Q6, lm_head=Q8),
+    "q2": dict({k: Q2 for k in MATRIX_KINDS}, wq=Q4, wk=Q4, wv=Q4, wo=Q4, embed=Q4, lm_head=Q4),
 }
 
 
@@ -701,6 +705,8 @@ def tensor_bytes(shape, wtype):
     if wtype == BF16:
         return 2 * rows * cols
     groups = (rows + ROWS - 1) // ROWS
+    if wtype in CODED:
+        return groups * (32 + cols // BLOCK * CODED_BLOCK_BYTES[wtype])
     return groups * {Q8: 17, Q6: 13, Q4: 9}[wtype] * cols
 
 
@@ -819,8 +825,98 @@ def pack_groups(q, h, wtype):
     return np.concatenate([scales, u.reshape(G, -1)], axis=1).tobytes()
 
 
-def write_tensor(out, files, t, shape, wtype):
-    """Streams one tensor of any source into `out` as wtype, converting a slice of rows at a time."""
+# q3 and q2 (kernels.h): a code per weight into a codebook of int8 levels, one
+# of 16 per row and sub-block (the Lloyd-Max levels of a normal distribution at
+# 16 scales, each 0.9 times the next), and an f16 scale per row. The same
+# tables as kernels.c's q3_levels and q2_levels.
+Q2_LEVELS = np.array([[-26, -8, 8, 26], [-29, -9, 9, 29], [-32, -10, 10, 32], [-36, -11, 11, 36],
+                      [-40, -12, 12, 40], [-44, -13, 13, 44], [-49, -15, 15, 49], [-55, -16, 16, 55],
+                      [-61, -18, 18, 61], [-67, -20, 20, 67], [-75, -22, 22, 75], [-83, -25, 25, 83],
+                      [-93, -28, 28, 93], [-103, -31, 31, 103], [-114, -34, 34, 114], [-127, -38, 38, 127]])
+Q3_LEVELS = np.array([[-26, -16, -9, -3, 3, 9, 16, 26], [-29, -18, -10, -3, 3, 10, 18, 29],
+                      [-32, -20, -11, -4, 4, 11, 20, 32], [-36, -22, -13, -4, 4, 13, 22, 36],
+                      [-40, -25, -14, -5, 5, 14, 25, 40], [-44, -28, -16, -5, 5, 16, 28, 44],
+                      [-49, -31, -17, -6, 6, 17, 31, 49], [-55, -34, -19, -6, 6, 19, 34, 55],
+                      [-61, -38, -21, -7, 7, 21, 38, 61], [-67, -42, -24, -8, 8, 24, 42, 67],
+                      [-75, -47, -26, -9, 9, 26, 47, 75], [-83, -52, -29, -9, 9, 29, 52, 83],
+                      [-93, -58, -33, -11, 11, 33, 58, 93], [-103, -64, -36, -12, 12, 36, 64, 103],
+                      [-114, -71, -40, -13, 13, 40, 71, 114], [-127, -79, -45, -14, 14, 45, 79, 127]])
+CODED_LEVELS = {Q3: Q3_LEVELS, Q2: Q2_LEVELS}
+CODED_SUB = {Q3: 32, Q2: 16}  # weights that share a codebook
+CODED_BLOCK_BYTES = {Q3: 200, Q2: 144}  # books and codes of one block of 32 weights of 16 rows
+BOOK_STEP = 0.9  # each book's scale over the next one's
+
+
+def nearest_level(g, lev):
+    """g (..., n) values, lev (..., L) sorted levels -> the index of the nearest level of each value."""
+    mids = (lev[..., 1:] + lev[..., :-1]) * 0.5
+    return (g[..., :, None] > mids[..., None, :]).sum(-1)
+
+
+def quantize_coded(x, wtype, imp=None):
+    """x (rows, cols) f32 -> (d (rows,) f16, books (rows, cols/sub) ints, codes (rows, cols) ints):
+    w ~ d[row] * levels[book][code]. The error is weighted by imp (cols,), the importance of each
+    input column (the mean squared activation it sees, --imatrix), or equal. Each sub-block's best
+    scale for the top book's levels (weighted least squares, from the scale that maps its largest
+    weight to the top level); the row's scale makes the largest of them the top book; then of the
+    books nearest each sub-block's scale, the one with the least weighted error."""
+    levels = CODED_LEVELS[wtype].astype(np.float32)
+    sub = CODED_SUB[wtype]
+    rows, cols = x.shape
+    g = x.reshape(rows, cols // sub, sub).astype(np.float32)
+    w = np.ones((1, 1, sub), np.float32) if imp is None else imp.reshape(1, cols // sub, sub).astype(np.float32)
+    top = levels[15]
+    s = np.abs(g).max(-1) / top[-1]
+    for _ in range(2):  # assign to the nearest level, refit the scale
+        q = top[nearest_level(g / np.where(s > 0, s, 1)[..., None], top)]
+        num, den = (w * g * q).sum(-1), (w * q * q).sum(-1)
+        s = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1), s)
+    h, d = to_f16(s.max(1))
+    d = d.astype(np.float32)
+    dsafe = np.where(d > 0, d, 1)[:, None]
+    ratio = np.maximum(s / dsafe, 1e-6)
+    c0 = np.clip(np.rint(15 - np.log(ratio) / np.log(BOOK_STEP)), 0, 15).astype(np.int64)
+    best_err = np.full(s.shape, np.inf, np.float32)
+    books = np.zeros(s.shape, np.int64)
+    codes = np.zeros(g.shape, np.int64)
+    for delta in (-1, 0, 1):
+        c = np.clip(c0 + delta, 0, 15)
+        lev = levels[c] * d[:, None, None]
+        code = nearest_level(g, lev)
+        r = g - np.take_along_axis(lev, code, -1)
+        err = (w * r * r).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        books = np.where(better, c, books)
+        codes = np.where(better[..., None], code, codes)
+    return h, books, codes.reshape(rows, cols)
+
+
+def pack_coded(h, books, codes, wtype):
+    """Row scales (16G,) f16, books (16G, cols/sub), codes (16G, cols) -> the G groups' bytes."""
+    rows, cols = codes.shape
+    G, nb = rows // ROWS, cols // BLOCK
+    scales = h.astype("<f2").reshape(G, ROWS).view(np.uint8)
+    lo = (codes & 3).astype(np.uint8).reshape(G, ROWS, nb, 2, 4, 4)  # (g, l, b, chunk, j, i)
+    lo = (lo[..., 0, :] | lo[..., 1, :] << 2 | lo[..., 2, :] << 4 | lo[..., 3, :] << 6)  # (g, l, b, chunk, i)
+    lo = lo.transpose(0, 2, 3, 1, 4).reshape(G, nb, 128)
+    if wtype == Q2:
+        bk = books.astype(np.uint8).reshape(G, ROWS, nb, 2)
+        bk = (bk[..., 0] | bk[..., 1] << 4).transpose(0, 2, 1)  # (g, b, l)
+        blocks = np.concatenate([bk, lo], axis=2)
+    else:
+        bk = books.astype(np.uint8).reshape(G, ROWS // 2, 2, nb)
+        bk = (bk[:, :, 0] | bk[:, :, 1] << 4).transpose(0, 2, 1)  # (g, b, l/2)
+        top = (codes >> 2 & 1).astype(np.uint8).reshape(G, ROWS, nb, 8, 4)  # (g, l, b, s, i)
+        top = sum(top[..., k, :] << k for k in range(8)).astype(np.uint8)  # (g, l, b, i)
+        top = top.transpose(0, 2, 1, 3).reshape(G, nb, 64)
+        blocks = np.concatenate([bk, lo, top], axis=2)
+    return np.concatenate([scales, blocks.reshape(G, -1)], axis=1).tobytes()
+
+
+def write_tensor(out, files, t, shape, wtype, imp=None):
+    """Streams one tensor of any source into `out` as wtype, converting a slice of rows at a time;
+    imp: the importance of each input column for q3/q2's rounding (--imatrix), or None."""
     f = files.get(t.path)
     if f is None:
         f = files[t.path] = open(t.path, "rb")
@@ -839,7 +935,7 @@ def write_tensor(out, files, t, shape, wtype):
         return x
 
     if wtype in QUANT:
-        step = max(ROWS, step // (1 if wtype == Q8 else 4) // ROWS * ROWS)  # q6/q4's search: smaller slices
+        step = max(ROWS, step // {Q8: 1, Q6: 4, Q4: 4}.get(wtype, 8) // ROWS * ROWS)  # the searches: smaller slices
         for r0 in range(0, rows, step):
             nr = min(step, rows - r0)
             pad = -nr % ROWS  # the last group: zero rows
@@ -854,6 +950,9 @@ def write_tensor(out, files, t, shape, wtype):
             x = finite_rows(r0, nr)
             if pad:
                 x = np.vstack([x, np.zeros((pad, cols), np.float32)])
+            if wtype in CODED:
+                out.write(pack_coded(*quantize_coded(x, wtype, imp), wtype))
+                continue
             q, h = quantize_rows(x, wtype)
             out.write(pack_groups(q, h, wtype))
         return

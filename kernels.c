@@ -22,6 +22,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define KERNELS_AVX512
 #include <pthread.h> // (a per-thread buffer, freed when its thread ends)
+#if defined(__AVX512VBMI__)
+#define KERNELS_AVX512_VBMI // vpermb, vpermi2b: the q3 and q2 kernels (else their portable reference)
+#endif
 #endif
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
@@ -68,6 +71,31 @@ void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float
     ref_gemm_bf16_with(ref_dot_bf16, w, K, N, x, M, out, ldo);
 }
 
+const int8_t q2_levels[16][4] = {
+    {-26, -8, 8, 26},     {-29, -9, 9, 29},     {-32, -10, 10, 32},   {-36, -11, 11, 36},
+    {-40, -12, 12, 40},   {-44, -13, 13, 44},   {-49, -15, 15, 49},   {-55, -16, 16, 55},
+    {-61, -18, 18, 61},   {-67, -20, 20, 67},   {-75, -22, 22, 75},   {-83, -25, 25, 83},
+    {-93, -28, 28, 93},   {-103, -31, 31, 103}, {-114, -34, 34, 114}, {-127, -38, 38, 127},
+};
+const int8_t q3_levels[16][8] = {
+    {-26, -16, -9, -3, 3, 9, 16, 26},         {-29, -18, -10, -3, 3, 10, 18, 29},
+    {-32, -20, -11, -4, 4, 11, 20, 32},       {-36, -22, -13, -4, 4, 13, 22, 36},
+    {-40, -25, -14, -5, 5, 14, 25, 40},       {-44, -28, -16, -5, 5, 16, 28, 44},
+    {-49, -31, -17, -6, 6, 17, 31, 49},       {-55, -34, -19, -6, 6, 19, 34, 55},
+    {-61, -38, -21, -7, 7, 21, 38, 61},       {-67, -42, -24, -8, 8, 24, 42, 67},
+    {-75, -47, -26, -9, 9, 26, 47, 75},       {-83, -52, -29, -9, 9, 29, 52, 83},
+    {-93, -58, -33, -11, 11, 33, 58, 93},     {-103, -64, -36, -12, 12, 36, 64, 103},
+    {-114, -71, -40, -13, 13, 40, 71, 114},   {-127, -79, -45, -14, 14, 45, 79, 127},
+};
+
+// Weight j (0..31) of row l (0..15) in block blk of a q3 or q2 group: its level.
+static inline int coded_weight(int type, const uint8_t *blk, int l, int j) {
+    int lo = blk[(type == WEIGHT_Q3 ? 8 : 16) + j / 16 * 64 + l * 4 + j % 4] >> (2 * (j % 16 / 4)) & 3;
+    if (type == WEIGHT_Q2) return q2_levels[blk[l] >> (4 * (j / 16)) & 15][lo];
+    int hi = blk[8 + 128 + l * 4 + j % 4] >> (j / 4) & 1;
+    return q3_levels[blk[l / 2] >> (4 * (l % 2)) & 15][lo | hi << 2];
+}
+
 // Weight j (0..31) of block b of row l (0..15) of a group whose weights start at wq.
 static inline int quant_weight(int type, const uint8_t *wq, int b, int l, int j) {
     if (type == WEIGHT_Q8) return wq[(size_t)b * 512 + j / 4 * 64 + l * 4 + j % 4] - 128;
@@ -80,7 +108,29 @@ static inline int quant_weight(int type, const uint8_t *wq, int b, int l, int j)
     return (j % 8 < 4 ? v & 15 : v >> 4) - 8;
 }
 
+// The q3 and q2 products: per block, the integer sum of levels times activations.
+static void ref_gemm_coded(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    int nb = K / QBLOCK;
+    for (int g = 0; g * QROWS < N; g++) {
+        const uint8_t *grp = w + (size_t)g * quant_group_bytes(type, K);
+        const uint16_t *d = (const uint16_t *)grp; // (16,)
+        for (int l = 0; l < QROWS && g * QROWS + l < N; l++)
+            for (int m = 0; m < M; m++) {
+                QuantX xm = quantx_token(x, m, K);
+                float acc = 0.0f, dl = f16_to_f32(d[l]);
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *blk = grp + 32 + (size_t)b * coded_block_bytes(type);
+                    int32_t isum = 0;
+                    for (int j = 0; j < QBLOCK; j++) isum += coded_weight(type, blk, l, j) * xm.q[b * QBLOCK + j];
+                    acc += (float)isum * (dl * xm.scale[b]);
+                }
+                out[(size_t)m * ldo + g * QROWS + l] = acc;
+            }
+    }
+}
+
 void ref_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
+    if (weight_is_coded(type)) { ref_gemm_coded(type, w, K, N, x, M, out, ldo); return; }
     int nb = K / QBLOCK;
     for (int g = 0; g * QROWS < N; g++) {
         const uint8_t *grp = w + (size_t)g * quant_group_bytes(type, K), *wq = grp + (size_t)nb * 32;
@@ -131,6 +181,13 @@ void dequant_row(int type, const void *w, int K, int n, float *out) {
     int nb = K / QBLOCK, l = n % QROWS;
     const uint8_t *grp = (const uint8_t *)w + (size_t)(n / QROWS) * quant_group_bytes(type, K);
     const uint16_t *scale = (const uint16_t *)grp;
+    if (weight_is_coded(type)) {
+        float dl = f16_to_f32(scale[l]);
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < QBLOCK; j++)
+                out[b * QBLOCK + j] = (float)coded_weight(type, grp + 32 + (size_t)b * coded_block_bytes(type), l, j) * dl;
+        return;
+    }
     for (int b = 0; b < nb; b++)
         for (int j = 0; j < QBLOCK; j++)
             out[b * QBLOCK + j] = (float)quant_weight(type, grp + (size_t)nb * 32, b, l, j) * f16_to_f32(scale[b * QROWS + l]);
@@ -379,6 +436,95 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
 }
 
+#ifdef KERNELS_AVX512_VBMI
+// q3 and q2 groups against T tokens, as quant_group does q8 and q4: per step of
+// 4 weights of 16 rows, each byte's index into the codebooks (book << 2 | code
+// for q2's 64 levels, book << 3 | code for q3's 128) picks its level, stored
+// as u = level + 128, with vpermb (q2) or vpermi2b (q3); the offset comes out
+// as q8's does.
+static const uint8_t rows_of_lanes[64] = { // byte 4l+i: l (q2's books: byte l)
+    0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+    8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11, 12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15};
+static const uint8_t pairs_of_lanes[64] = { // byte 4l+i: l/2 (q3's books: byte l/2)
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
+static const uint16_t odd_rows_shift[32] = { // 16-bit lane of bytes 4l+i: 4 for odd l (the high nibble)
+    0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4};
+
+static inline __attribute__((always_inline)) void coded_group(int q3, const uint8_t *grp, int K, const QuantX *x,
+                                                              int tiled, const Tile *tile, int T, float *out, size_t ldo,
+                                                              int nrows, int fetch, int b0, int b1) {
+    const size_t bbytes = q3 ? 200 : 144;
+    const __mmask16 rows = (__mmask16)((1u << nrows) - 1);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp)); // the rows' scales
+    const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i rep = _mm512_loadu_si512(q3 ? pairs_of_lanes : rows_of_lanes);
+    const __m512i odd = _mm512_loadu_si512(odd_rows_shift);
+    // the codebooks as u = level + 128: q2's 64 bytes, q3's 128 in two registers
+    const __m512i lv0 = _mm512_xor_si512(_mm512_loadu_si512(q3 ? (const void *)q3_levels : (const void *)q2_levels), flip);
+    const __m512i lv1 = _mm512_xor_si512(_mm512_loadu_si512((const int8_t *)q3_levels + 64), flip);
+    __m512 acc[T_MAX];
+    QuantX xt[T_MAX];
+    for (int t = 0; t < T; t++) {
+        acc[t] = b0 ? _mm512_maskz_loadu_ps(rows, out + t * ldo) : _mm512_setzero_ps();
+        if (!tiled) xt[t] = quantx_token(x, t, K);
+    }
+#define ACT(t, b, s) (tiled ? tile->q + ((size_t)(b) * 8 + (s)) * 32 + 4 * (t) : xt[t].q + (b) * QBLOCK + 4 * (s))
+#define OFF(t, b) (tiled ? tile->off[(b) * 8 + (t)] : xt[t].qoff[2 * (b) + 1])
+#define SCALE(t, b) (tiled ? tile->scale[(b) * 8 + (t)] : xt[t].scale[b])
+    const int two = T < 5;
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *blk = grp + 32 + (size_t)b * bbytes;
+        if (fetch) { prefetch(blk); prefetch(blk + 64); prefetch(blk + 128); if (q3) prefetch(blk + 192); }
+        __m512i is[T_MAX], is2[T_MAX];
+        for (int t = 0; t < T; t++) {
+            if (two) is[t] = is2[t] = _mm512_setzero_si512();
+            else is[t] = _mm512_set1_epi32(OFF(t, b));
+        }
+        // each byte's book, in the bits above its code
+        __m512i books = _mm512_permutexvar_epi8(rep, _mm512_loadu_si512(blk)), bk[2];
+        if (q3) {
+            bk[0] = bk[1] = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(books, odd), nib), 3);
+        } else {
+            bk[0] = _mm512_slli_epi16(_mm512_and_si512(books, nib), 2);
+            bk[1] = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(books, 4), nib), 2);
+        }
+        const uint8_t *codes = blk + (q3 ? 8 : 16);
+        __m512i top = q3 ? _mm512_loadu_si512(codes + 128) : _mm512_setzero_si512();
+        for (int c = 0; c < 2; c++) {
+            __m512i p = _mm512_loadu_si512(codes + 64 * c);
+            for (int j = 0; j < 4; j++) {
+                int s = 4 * c + j;
+                __m512i low = _mm512_srli_epi16(p, 2 * j), idx, w;
+                if (q3) { // bit s of top to bit 2, under the low code's 2 bits, then the book above
+                    __m512i hi = s >= 2 ? _mm512_srli_epi16(top, s - 2) : _mm512_slli_epi16(top, 2 - s);
+                    // (vpternlogd's table: a = 0xF0, b = 0xCC, c = 0xAA) m = 3 ? low : hi; bk | (m & 7)
+                    __m512i m = _mm512_ternarylogic_epi32(three, low, hi, 0xCA);
+                    idx = _mm512_ternarylogic_epi32(bk[c], m, _mm512_set1_epi8(7), 0xF8);
+                    w = _mm512_permutex2var_epi8(lv0, idx, lv1);
+                } else {
+                    idx = _mm512_ternarylogic_epi32(bk[c], low, three, 0xF8); // bk | (low & 3)
+                    w = _mm512_permutexvar_epi8(idx, lv0);
+                }
+                for (int t = 0; t < T; t++) {
+                    if (two && (s & 1)) is2[t] = dpbusd_bcast(is2[t], w, ACT(t, b, s));
+                    else is[t] = dpbusd_bcast(is[t], w, ACT(t, b, s));
+                }
+            }
+        }
+        if (two)
+            for (int t = 0; t < T; t++)
+                is[t] = _mm512_add_epi32(_mm512_add_epi32(is[t], is2[t]), _mm512_set1_epi32(OFF(t, b)));
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(d, _mm512_set1_ps(SCALE(t, b))), acc[t]);
+    }
+#undef ACT
+#undef OFF
+#undef SCALE
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
+}
+#endif // KERNELS_AVX512_VBMI
+
 // Each thread's buffer for them is freed when the thread ends.
 static pthread_key_t tiles_key;
 static pthread_once_t tiles_once = PTHREAD_ONCE_INIT;
@@ -528,7 +674,11 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
 
 static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
-    size_t gbytes = quant_group_bytes(type, K), block_bytes = (gbytes - (size_t)K) / (K / QBLOCK); // weights only
+#ifndef KERNELS_AVX512_VBMI
+    if (weight_is_coded(type)) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; }
+#endif
+    size_t gbytes = quant_group_bytes(type, K);
+    size_t block_bytes = weight_is_coded(type) ? coded_block_bytes(type) : (gbytes - (size_t)K) / (K / QBLOCK); // weights
     int nb = K / QBLOCK, span = M <= T_MAX ? nb : (int)(SPAN_BYTES / block_bytes);
     if (span < 1) span = 1;
     const int8_t *tiles = NULL; // (AVX-512, 5 tokens or more: the activations regrouped by pass)
@@ -547,15 +697,33 @@ static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const Quant
                 QuantX xt = quantx_token(x, t, K);
                 float *o = out + (size_t)t * ldo + g * QROWS;
                 const Tile tile = tiles ? tile_of(tiles, t / 8, K) : (Tile){NULL, NULL, NULL};
+#define Q3_GROUP(T) coded_group(1, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
+#define Q2_GROUP(T) coded_group(0, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
+#define Q3_TILED(T) coded_group(1, grp, K, &xt, 1, &tile, T, o, ldo, nrows, 0, b0, b1)
+#define Q2_TILED(T) coded_group(0, grp, K, &xt, 1, &tile, T, o, ldo, nrows, 0, b0, b1)
 #define Q8_GROUP(T) quant_group(0, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
 #define Q4_GROUP(T) quant_group(1, grp, K, &xt, 0, &tile, T, o, ldo, nrows, t == 0, b0, b1)
 #define Q8_TILED(T) quant_group(0, grp, K, &xt, 1, &tile, T, o, ldo, nrows, 0, b0, b1)
 #define Q4_TILED(T) quant_group(1, grp, K, &xt, 1, &tile, T, o, ldo, nrows, 0, b0, b1)
+#ifdef KERNELS_AVX512_VBMI
+                if (type == WEIGHT_Q3 || type == WEIGHT_Q2) {
+                    if (tiles && nt >= 5) {
+                        if (type == WEIGHT_Q3) T_SHAPES(nt, Q3_TILED)
+                        else T_SHAPES(nt, Q2_TILED)
+                    } else if (type == WEIGHT_Q3) T_SHAPES(nt, Q3_GROUP)
+                    else T_SHAPES(nt, Q2_GROUP)
+                    continue;
+                }
+#endif
                 if (tiles && nt >= 5) {
                     if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_TILED)
                     else T_SHAPES(nt, Q4_TILED)
                 } else if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_GROUP)
                 else T_SHAPES(nt, Q4_GROUP)
+#undef Q3_GROUP
+#undef Q2_GROUP
+#undef Q3_TILED
+#undef Q2_TILED
 #undef Q8_GROUP
 #undef Q4_GROUP
 #undef Q8_TILED
@@ -746,6 +914,7 @@ static void neon_group(int q4, const uint8_t *grp, int K, const QuantX *x, float
 
 static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
+    if (weight_is_coded(type)) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; }
     for (int g = 0; g * QROWS < N; g++) {
         int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
         for (int m = 0; m < M; m++) {

@@ -12,7 +12,8 @@
 //       out[m ldo + n] = sum_b dw[n][b] dx[m][b] sum_{j in block b} qw[n][j] qx[m][j]
 //       for q8, q6 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
 //       (q6 has only the portable kernel: export.py gives it to the embedding, which
-//       is looked up a row at a time, never multiplied)
+//       is looked up a row at a time, never multiplied); for q3 and q2 weights,
+//       out[m ldo + n] = sum_b d[n] dx[m][b] sum_{j in block b} level[n][j] qx[m][j]
 //   quantize_blocks(qx, x, b0, b1): blocks b0..b1-1 of x (f32) to int8:
 //       qx = round(x * 127 / max|x|) (to nearest, ties to even, as lrintf),
 //       dx = max|x| / 127, qoff = -8 and -128 times the sum of the block's qx
@@ -37,6 +38,23 @@
 //             -32..31), then 2 chunks h of 64 bytes; chunk h, byte 4l+i: the top
 //             2 bits of row l's weights 32b+16h+4k+i, k = 0..3, at bits 2k, 2k+1
 //   so a group is 17K (q8), 13K (q6) or 9K bytes (q4): 8.5, 6.5 and 4.5 bits a weight.
+//   q2, q3 (the same groups of 16 interleaved rows): each weight a code into a
+//   small codebook of int8 levels, one codebook per row and sub-block chosen
+//   from 16 (q2_levels, q3_levels: the Lloyd-Max levels of a normal
+//   distribution at 16 scales, each 0.9 times the next), and one scale per row:
+//       w[row][k] = d[row] * levels[book(row, sub-block of k)][code(row, k)]
+//   q2: 2-bit codes, sub-blocks of 16 weights; q3: 3-bit codes, sub-blocks of 32.
+//   A group is
+//       scales:  16 rows, f16: d[row]
+//       then K/32 blocks, each
+//         q2: 16 bytes, byte l: row l's books, weights 0..15 in the low nibble, 16..31 in the high;
+//             2 chunks c of 64 bytes; chunk c, byte 4l+i: row l's codes of weights 16c+4j+i,
+//             j = 0..3, at bits 2j, 2j+1
+//         q3: 8 bytes, byte l/2: row l's book, in the low nibble for even l, the high for odd;
+//             the codes' low 2 bits in 2 chunks as q2's; then 1 chunk of 64 bytes whose byte
+//             4l+i holds the top bit of row l's code of weight 4s+i at bit s (s = 0..7)
+//   so a group is 32 + 4.5K (q2) or 32 + 6.25K bytes (q3): 2.25 and 3.125 bits a weight,
+//   and 16/K more for the row scales. Their activations are QuantX's, as q8's.
 //   Activations for q8/q6/q4: QuantX, the M tokens one after another. (For 5
 //   tokens or more, the AVX-512 gemm_quant first regroups them by 8 into a
 //   buffer of the calling thread's, kept for its next calls and freed when the
@@ -63,17 +81,35 @@
 #include <stdint.h>
 
 #define QBLOCK 32 // q8/q6/q4: weights (and activations) per scale, the quantization block
-#define QROWS 16  // q8/q6/q4: rows interleaved in a group
+#define QROWS 16  // q8/q6/q4/q3/q2: rows interleaved in a group
 
 // The weight types of the model file (export.py writes the same numbers).
-enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_Q6 = 4, WEIGHT_NTYPES };
+enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8 = 2, WEIGHT_Q4 = 3, WEIGHT_Q6 = 4, WEIGHT_Q3 = 5, WEIGHT_Q2 = 6,
+       WEIGHT_NTYPES };
 
-static inline int weight_is_quant(int type) { return type == WEIGHT_Q8 || type == WEIGHT_Q6 || type == WEIGHT_Q4; }
+// The types whose products take int8 activations (QuantX): all but f32 and bf16.
+static inline int weight_is_quant(int type) { return type >= WEIGHT_Q8 && type < WEIGHT_NTYPES; }
 
-// Bytes of one group of QROWS rows of K weights (q8/q6/q4).
+// q3 and q2: codes into codebooks, with a scale per row (the others: a scale per block).
+static inline int weight_is_coded(int type) { return type == WEIGHT_Q3 || type == WEIGHT_Q2; }
+
+// Bytes of one group of QROWS rows of K weights (q8/q6/q4/q3/q2).
 static inline uint64_t quant_group_bytes(int type, uint64_t K) {
-    return type == WEIGHT_Q8 ? 17 * K : type == WEIGHT_Q6 ? 13 * K : 9 * K;
+    switch (type) {
+    case WEIGHT_Q8: return 17 * K;
+    case WEIGHT_Q6: return 13 * K;
+    case WEIGHT_Q4: return 9 * K;
+    case WEIGHT_Q3: return 32 + K / QBLOCK * 200;
+    default: return 32 + K / QBLOCK * 144; // q2
+    }
 }
+
+// Bytes of one block of 32 weights of a group of q3 or q2 (the books and codes).
+static inline uint64_t coded_block_bytes(int type) { return type == WEIGHT_Q3 ? 200 : 144; }
+
+// The codebooks of q2 and q3: levels[book][code], int8.
+extern const int8_t q2_levels[16][4];
+extern const int8_t q3_levels[16][8];
 
 // Bytes of a whole matrix (N, K) of a weight type.
 static inline uint64_t weight_matrix_bytes(int type, uint64_t N, uint64_t K) {

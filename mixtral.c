@@ -60,7 +60,7 @@
 // The structs (Config, Matrix, Expert, Layer, Weights, Model, State) are in
 // mixtral.h, each array with its shape in the letters above.
 
-const char *const weight_type_name[WEIGHT_NTYPES] = {"f32", "bf16", "q8", "q4", "q6"};
+const char *const weight_type_name[WEIGHT_NTYPES] = {"f32", "bf16", "q8", "q4", "q6", "q3", "q2"};
 const char *const kind_name[N_KINDS] = {"embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head"};
 
 // ----------------------------------------------------------------------------

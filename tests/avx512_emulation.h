@@ -13,6 +13,7 @@
 #define __AVX512F__ 1
 #define __AVX512BW__ 1
 #define __AVX512VNNI__ 1
+#define __AVX512VBMI__ 1
 #define KERNELS_AVX512_EMULATED 1 // kernels.c: no inline assembly of AVX-512 instructions
 
 typedef struct { __m256 h[2]; } emu_m512;
@@ -165,4 +166,61 @@ static inline float emu_reduce_add_ps(emu_m512 a) {
     __m128 s2 = _mm_add_ps(s4, _mm_shuffle_ps(s4, s4, 0x4e));
     __m128 s1 = _mm_add_ps(s2, _mm_shuffle_ps(s2, s2, 0xb1));
     return _mm_cvtss_f32(s1);
+}
+
+// for the q3 and q2 kernels (coded_group)
+#undef _mm512_xor_si512
+#define _mm512_xor_si512 emu_xor_si512
+EMU_I2(emu_xor_si512, _mm256_xor_si256)
+
+#undef _mm512_slli_epi16
+#define _mm512_slli_epi16 emu_slli_epi16
+EMU_SHIFT(emu_slli_epi16, _mm256_slli_epi16)
+
+// vpsrlvw: each 16-bit lane shifted right by the count in the same lane of n (16 or more: 0)
+#undef _mm512_srlv_epi16
+#define _mm512_srlv_epi16 emu_srlv_epi16
+static inline emu_m512i emu_srlv_epi16(emu_m512i a, emu_m512i n) {
+    for (int i = 0; i < 32; i++) {
+        uint16_t v, c;
+        memcpy(&v, a.u8 + 2 * i, 2);
+        memcpy(&c, n.u8 + 2 * i, 2);
+        v = c > 15 ? 0 : (uint16_t)(v >> c);
+        memcpy(a.u8 + 2 * i, &v, 2);
+    }
+    return a;
+}
+
+// vpermb: byte i of the result is byte idx[i] & 63 of a
+#undef _mm512_permutexvar_epi8
+#define _mm512_permutexvar_epi8 emu_permutexvar_epi8
+static inline emu_m512i emu_permutexvar_epi8(emu_m512i idx, emu_m512i a) {
+    emu_m512i r;
+    for (int i = 0; i < 64; i++) r.u8[i] = a.u8[idx.u8[i] & 63];
+    return r;
+}
+
+// vpermi2b: byte i of the result is byte idx[i] & 63 of a, or of b when bit 6 of idx[i] is set
+#undef _mm512_permutex2var_epi8
+#define _mm512_permutex2var_epi8 emu_permutex2var_epi8
+static inline emu_m512i emu_permutex2var_epi8(emu_m512i a, emu_m512i idx, emu_m512i b) {
+    emu_m512i r;
+    for (int i = 0; i < 64; i++) r.u8[i] = (idx.u8[i] & 64 ? b : a).u8[idx.u8[i] & 63];
+    return r;
+}
+
+// vpternlogd: each bit of the result is bit (a b c) of imm, a the most significant
+#undef _mm512_ternarylogic_epi32
+#define _mm512_ternarylogic_epi32 emu_ternarylogic_epi32
+static inline emu_m512i emu_ternarylogic_epi32(emu_m512i a, emu_m512i b, emu_m512i c, int imm) {
+    emu_m512i r;
+    for (int i = 0; i < 64; i++) {
+        uint8_t v = 0;
+        for (int k = 0; k < 8; k++) {
+            int at = (a.u8[i] >> k & 1) << 2 | (b.u8[i] >> k & 1) << 1 | (c.u8[i] >> k & 1);
+            v |= (uint8_t)((imm >> at & 1) << k);
+        }
+        r.u8[i] = v;
+    }
+    return r;
 }

@@ -184,7 +184,7 @@ BUILD_FLAGS = ["-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE"]
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 
 
-AVX512VNNI = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+AVX512VNNI = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512vbmi"]  # (VBMI: the q3/q2 permutes)
 
 
 def x86_builds():
@@ -193,7 +193,7 @@ def x86_builds():
     with those instructions emulated (tests/avx512_emulation.h)."""
     kernels, emulated = os.path.join(ROOT, "kernels.c"), os.path.join(HERE, "avx512_emulated.c")
     builds = [("avx2", AVX2, kernels, {"avx2", "fma", "f16c"})]
-    if {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
+    if {"avx512f", "avx512bw", "avx512_vnni", "avx512vbmi"} <= cpu_flags():
         builds.append(("avx512-vnni", AVX512VNNI, kernels, {"avx512_vnni"}))
     else:
         builds.append(("avx512-vnni (emulated)", AVX2 + ["-I" + HERE], emulated, {"avx2", "fma", "f16c"}))

@@ -71,15 +71,23 @@ static uint16_t to_f16(float f) {
     return (uint16_t)(sign | exp << 10 | man);
 }
 
-// A q8 or q4 matrix of N rows (padded to whole groups) in the layout of
-// kernels.h, random bytes: exact: q in -5..5 (q8) or -4..4 (q4) and scales
-// 2^-0..2^-max_shift; else any q and random scales.
+// A q8, q4, q6, q3 or q2 matrix of N rows (padded to whole groups) in the layout
+// of kernels.h, random bytes: exact: q in -5..5 (q8) or -4..4 (q4), any level
+// (q3, q2) and scales 2^-0..2^-max_shift; else any q and random scales.
 static uint8_t *make_matrix(int type, int N, int K, int exact, int max_shift) {
     int nb = K / QBLOCK, groups = (N + QROWS - 1) / QROWS;
     size_t gb = quant_group_bytes(type, K);
     uint8_t *w = malloc(gb * groups);
     for (int g = 0; g < groups; g++) {
         uint8_t *grp = w + gb * g;
+        if (weight_is_coded(type)) { // q3, q2: row scales, then any bytes (every byte is a valid book or code)
+            for (int l = 0; l < QROWS; l++) {
+                uint16_t h = to_f16(exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.05f) * (irange(0, 1) ? 1 : -1));
+                memcpy(grp + 2 * l, &h, 2);
+            }
+            for (size_t i = 32; i < gb; i++) grp[i] = (uint8_t)irange(0, 255);
+            continue;
+        }
         for (int i = 0; i < nb * QROWS; i++) {
             uint16_t h = to_f16(exact ? ldexpf(1.0f, -irange(0, max_shift)) : uniform(1e-3f, 0.05f) * (irange(0, 1) ? 1 : -1));
             memcpy(grp + 2 * i, &h, 2);
@@ -168,7 +176,8 @@ static void test_gemm_bf16(void) {
 // enough to be cut into spans (x86_gemm_quant) with tokens for several passes.
 static void test_gemm_quant(void) {
     static const int blocks[] = {1, 2, 3, 5, 33, 70}, rows[] = {1, 3, 16, 17, 40}, tokens[] = {1, 2, 3, 5, 8, 9, 17};
-    for (int type = WEIGHT_Q8; type <= WEIGHT_Q6; type++) // q8, q4, q6
+    static const char *names[WEIGHT_NTYPES] = {"f32", "bf16", "q8", "q4", "q6", "q3", "q2"};
+    for (int type = WEIGHT_Q8; type < WEIGHT_NTYPES; type++) // q8, q4, q6, q3, q2
         for (int exact = 0; exact < 2; exact++)
             for (size_t bi = 0; bi < sizeof(blocks) / sizeof(blocks[0]); bi++)
                 for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
@@ -186,7 +195,7 @@ static void test_gemm_quant(void) {
                             QuantX xm = quantx_token(&x, m, K);
                             for (int r = 0; r < N; r++) {
                                 snprintf(what, sizeof(what), "gemm_quant %s%s K=%d N=%d M=%d m=%d",
-                                         type == WEIGHT_Q8 ? "q8" : type == WEIGHT_Q6 ? "q6" : "q4", exact ? " exact" : "", K, N, M, m);
+                                         names[type], exact ? " exact" : "", K, N, M, m);
                                 expect(what, r, got[m * ldo + r], want[m * ldo + r],
                                        exact ? -1 : tolerance(blocks[bi], quant_abs_sum(type, w, K, r, &xm)));
                             }

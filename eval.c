@@ -134,8 +134,72 @@ static int compare_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+// --- the importance matrix (--imatrix) ------------------------------------------
+//
+// For every matrix the products read (all but the embedding), every expert on
+// its own: the mean over the text's tokens of each input column's squared
+// activation, which export.py --imatrix uses to weight the rounding error of
+// q3 and q2 by how much each column matters. The file (little-endian):
+//   "MXIMATRX", u32 version 1, u32 n, u64 tokens of text,
+//   n times: u16 name bytes, the Hugging Face name, u32 cols, u64 tokens, f32 (cols,) mean squares
+
+#define IMATRIX_MAGIC "MXIMATRX"
+
+static Imatrix *imatrix_new(const Model *m) {
+    const Config *p = &m->config;
+    Imatrix *im = xcalloc(1, sizeof(Imatrix));
+    im->n = matrix_count(p);
+    im->cols = xcalloc(im->n, sizeof(int));
+    im->sum = xcalloc(im->n, sizeof(double *));
+    im->tokens = xcalloc(im->n, sizeof(uint64_t));
+    for (int id = 1; id < im->n; id++) { // (id 0, the embedding, is looked up, not multiplied)
+        int per_layer = 4 + 3 * p->n_experts, j = (id - 1) % per_layer;
+        int hidden_input = id != im->n - 1 && j >= 4 && (j - 4) % 3 == 2; // w2 reads the experts' hidden layer
+        int attn_output = id != im->n - 1 && j == 3;                         // wo reads the heads' outputs
+        im->cols[id] = hidden_input ? p->hidden_dim : attn_output ? p->n_heads * p->head_dim : p->dim;
+        im->sum[id] = xcalloc(im->cols[id], sizeof(double));
+    }
+    return im;
+}
+
+static void imatrix_write(const Imatrix *im, const Config *p, uint64_t text_tokens, const char *path,
+                          const char *const *inputs, int n_inputs) {
+    Output o;
+    output_open(&o, path, inputs, n_inputs);
+    uint32_t version = 1, n = 0;
+    for (int id = 0; id < im->n; id++) n += im->sum[id] != NULL;
+    output_write(&o, IMATRIX_MAGIC, 1, 8);
+    output_write(&o, &version, 4, 1);
+    output_write(&o, &n, 4, 1);
+    output_write(&o, &text_tokens, 8, 1);
+    float *mean = xcalloc(p->hidden_dim > p->dim ? p->hidden_dim : p->dim, sizeof(float));
+    for (int id = 0; id < im->n; id++) {
+        if (!im->sum[id]) continue;
+        char name[160];
+        matrix_name(p, id, name, sizeof(name));
+        uint16_t len = (uint16_t)strlen(name);
+        uint32_t cols = (uint32_t)im->cols[id];
+        for (uint32_t k = 0; k < cols; k++) mean[k] = im->tokens[id] ? (float)(im->sum[id][k] / im->tokens[id]) : 0.0f;
+        output_write(&o, &len, 2, 1);
+        output_write(&o, name, 1, len);
+        output_write(&o, &cols, 4, 1);
+        output_write(&o, &im->tokens[id], 8, 1);
+        output_write(&o, mean, 4, cols);
+    }
+    output_close(&o);
+    free(mean);
+}
+
+static void imatrix_free(Imatrix *im) {
+    for (int id = 0; id < im->n; id++) free(im->sum[id]);
+    free(im->sum);
+    free(im->cols);
+    free(im->tokens);
+    free(im);
+}
+
 void eval_perplexity(Model *m, State *s, const char *model_path, const char *text_path, const char *base_out,
-                    const char *base_in) {
+                     const char *base_in, const char *imatrix_out) {
     const Config *p = &m->config;
     int V = p->vocab_size, W = s->context;
     size_t len;
@@ -164,8 +228,13 @@ void eval_perplexity(Model *m, State *s, const char *model_path, const char *tex
             die("%s was made from another text than %s", base_in, text_path);
         free(bids);
     }
+    const char *inputs[] = {model_path, text_path, base_in};
+    if (imatrix_out) {
+        output_check(imatrix_out, inputs, 3); // before the work
+        if (base_out && !strcmp(base_out, imatrix_out)) die("--kl-base and --imatrix name the same file");
+        s->counts.imatrix = imatrix_new(m);
+    }
     if (base_out) {
-        const char *inputs[] = {model_path, text_path, base_in};
         output_open(&out, base_out, inputs, 3);
         output_write(&out, &h, sizeof(h), 1);
         output_write(&out, ids, sizeof(int), n_ids);
@@ -222,6 +291,13 @@ void eval_perplexity(Model *m, State *s, const char *model_path, const char *tex
         fclose(bf);
     }
     if (base_out) output_close(&out);
+    if (imatrix_out) {
+        imatrix_write(s->counts.imatrix, p, (uint64_t)windows * (W - 1), imatrix_out, inputs, 3);
+        imatrix_free(s->counts.imatrix);
+        s->counts.imatrix = NULL;
+        printf("importance matrix of %d matrices over %d tokens written to %s\n", matrix_count(p) - 1, windows * (W - 1),
+               imatrix_out);
+    }
     free(lp);
     free(blp);
     free(kl);

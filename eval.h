@@ -20,9 +20,10 @@ void output_close(Output *o);
 // "1,415,2936" (commas or spaces) as ids, each checked against the vocabulary;
 // flag names the option in error messages.
 IdList parse_ids(const char *flag, const char *str, int vocab_size);
-// --perplexity TEXT (windows of the state's context), --kl-base OUT, --kl-divergence BASE.
+// --perplexity TEXT (windows of the state's context), --kl-base OUT, --kl-divergence BASE,
+// --imatrix OUT (the importance matrix of the text, for export.py --imatrix).
 void eval_perplexity(Model *m, State *s, const char *model_path, const char *text_path, const char *base_out,
-                     const char *base_in);
+                     const char *base_in, const char *imatrix_out);
 // --ids with --dump-logits (and --dump-experts).
 void eval_dump_logits(Model *m, State *s, const char *model_path, const int *ids, int n, const char *logits_path,
                       const char *experts_path);

@@ -969,6 +969,63 @@ def write_tensor(out, files, t, shape, wtype, imp=None):
 
 
 # ----------------------------------------------------------------------------
+# The importance matrix (mixtral --perplexity TEXT --imatrix FILE): for every matrix
+# the products read, the mean squared activation of each input column over a text.
+#   "MXIMATRX", u32 version 1, u32 n, u64 tokens of text,
+#   n times: u16 name bytes, the Hugging Face name, u32 cols, u64 tokens, f32 (cols,)
+
+IMATRIX_MAGIC = b"MXIMATRX"
+
+
+def read_imatrix(path, plan):
+    """{(checkpoint name, kind): importance (cols,) float32, or None where no token reached it} for the
+    matrices of the plan that are multiplied (all but the embedding), in the plan's order; a file
+    for another model is refused naming the first tensor that does not match."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        reject(f"cannot read the importance matrix {path}: {e.strerror or e}")
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        if pos + n > len(data):
+            reject(f"{path}: truncated or malformed importance matrix (byte {pos})")
+        pos += n
+        return data[pos - n:pos]
+
+    if take(8) != IMATRIX_MAGIC:
+        reject(f"{path} is not an importance matrix of mixtral.c (make one with: mixtral MODEL.bin --perplexity "
+               f"TEXT --imatrix {path})")
+    version, n, _ = struct.unpack("<IIQ", take(16))
+    if version != 1:
+        reject(f"{path}: importance matrix version {version}, this export.py reads version 1")
+    wanted = [("lm_head.weight" if kind == "lm_head" else name, (name, kind), shape) for name, shape, kind in plan
+              if kind is not None and kind != "embed"]
+    out = {}
+    for i in range(max(n, len(wanted))):
+        if i >= n or i >= len(wanted):
+            which = wanted[i][0] if i < len(wanted) else "(an extra entry)"
+            reject(f"{path} was made for another model: it has {n} matrices where this one has {len(wanted)} "
+                   f"(first without a match: {which})")
+        (length,) = struct.unpack("<H", take(2))
+        name = take(length).decode("utf-8", "replace")
+        cols, tokens = struct.unpack("<IQ", take(12))
+        values = np.frombuffer(take(4 * cols), "<f4")
+        key, plan_key, shape = wanted[i]
+        if name != key or cols != shape[1]:
+            reject(f"{path} was made for another model: {key} ({shape[1]} input columns) does not match its "
+                   f"entry {short(name)} ({cols} columns)")
+        if not np.isfinite(values).all() or (values < 0).any():
+            reject(f"{path}: {name} holds negative, NaN or infinite values")
+        out[plan_key] = values.astype(np.float32) + 1e-6 * float(values.mean()) if tokens and values.any() else None
+    if pos != len(data):
+        reject(f"{path}: {len(data) - pos} bytes after the last matrix")
+    return out
+
+
+# ----------------------------------------------------------------------------
 # Sources: a Hugging Face folder or a GGUF, read through the same three methods:
 # config() (the dictionary read_config returns), tokenizer() ((pieces, flags,
 # unk_id), as read_tokenizer returns them) and tensors() ({Hugging Face name:
@@ -1012,7 +1069,7 @@ def open_source(path):
 # ----------------------------------------------------------------------------
 # The writer
 
-def export(model_dir, out_path, type_name):
+def export(model_dir, out_path, type_name, imatrix_path=None):
     wtype = TYPE_NAMES.index(type_name)
     kinds = RECIPES[type_name]
     source = open_source(model_dir)
@@ -1031,6 +1088,7 @@ def export(model_dir, out_path, type_name):
     pieces, flags, unk_id = source.tokenizer()
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], source.tokenizer_path)
     plan = check_tensors(c, tensors)
+    importance = read_imatrix(imatrix_path, plan) if imatrix_path else {}
 
     tok_off = HEADER_SIZE
     w_off = align(tok_off + len(tok), WEIGHTS_ALIGN)
@@ -1056,9 +1114,9 @@ def export(model_dir, out_path, type_name):
             out.write(header)
             out.write(tok)
             out.write(b"\0" * (w_off - out.tell()))
-            for i, ((name, shape, _), ty) in enumerate(zip(plan, types)):
+            for i, ((name, shape, kind), ty) in enumerate(zip(plan, types)):
                 out.write(b"\0" * (align(out.tell(), TENSOR_ALIGN) - out.tell()))
-                write_tensor(out, files, tensors[name], shape, ty)
+                write_tensor(out, files, tensors[name], shape, ty, importance.get((name, kind)))
                 done = out.tell()
                 now = time.time()
                 if now - last > (0.2 if tty else 10) or i == len(plan) - 1:
@@ -1099,11 +1157,13 @@ def main():
     ap.add_argument("out", help="output file, e.g. model.bin")
     ap.add_argument("--type", default="bf16", choices=sorted(RECIPES),
                     help="weight type for the matrices (default bf16)")
+    ap.add_argument("--imatrix", metavar="FILE", help="importance matrix (mixtral MODEL.bin --perplexity TEXT "
+                    "--imatrix FILE): q3 and q2 round where it matters least")
     args = ap.parse_args()
     # SIGTERM as SIGINT: either ends the export with the partial output removed (export() cleans up)
     signal.signal(signal.SIGTERM, on_terminate)
     try:
-        export(args.model_dir, args.out, args.type)
+        export(args.model_dir, args.out, args.type, args.imatrix)
     except KeyboardInterrupt:
         exit_with_error("interrupted; nothing was written", 130)
     except (ExportError, OSError) as e:

@@ -79,6 +79,16 @@ const char *const kind_name[N_KINDS] = {"embed", "wq", "wk", "wv", "wo", "w1", "
 // that the math below reads as math.
 static void count_memory(State *s, uint64_t bytes) { s->counts.memory_bytes += bytes; }
 
+// A product's input x (M, K) for --imatrix: the squares of each column, summed.
+static void count_activations(State *s, const Matrix *W, const float *x, int M) {
+    Imatrix *im = s->counts.imatrix;
+    if (!im || !im->sum[W->id]) return;
+    double *sum = im->sum[W->id];
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < W->cols; k++) sum[k] += (double)x[(size_t)m * W->cols + k] * x[(size_t)m * W->cols + k];
+    im->tokens[W->id] += (uint64_t)M;
+}
+
 // One token's routing in layer l: the router's softmax probs (E,) and its choice.
 static void count_routing(State *s, const Config *p, int l, const float *probs, const int *chosen) {
     Counters *c = &s->counts;
@@ -590,6 +600,7 @@ static void matmul(State *s, Gemm *g, int n) {
         work += row_tiles(W) * g[i].M;
         if (g[i].M > tokens) tokens = g[i].M;
         count_memory(s, W->bytes);
+        count_activations(s, W, g[i].x, g[i].M);
         if (!weight_is_quant(W->type)) continue;
         if (qj.n == 0 || s->xq[qj.n - 1].x != g[i].x) {
             QuantInput *xq = &s->xq[qj.n++];
@@ -619,6 +630,7 @@ typedef struct {
     const uint8_t *map;
     uint64_t off;
     int overflow;
+    int matrices;   // matrices walked so far: the next one's id
 } Cursor;
 
 static const void *cursor_take(Cursor *c, uint64_t bytes) {
@@ -629,7 +641,7 @@ static const void *cursor_take(Cursor *c, uint64_t bytes) {
 }
 
 static Matrix cursor_matrix(Cursor *c, int type, int rows, int cols) {
-    Matrix m = {NULL, type, rows, cols, weight_matrix_bytes(type, rows, cols)};
+    Matrix m = {NULL, type, rows, cols, weight_matrix_bytes(type, rows, cols), c->matrices++};
     m.data = cursor_take(c, m.bytes);
     return m;
 }
@@ -639,7 +651,7 @@ static const float *cursor_f32(Cursor *c, uint64_t n) {
 }
 
 static uint64_t walk_tensors(const Config *p, Weights *w, const uint8_t *map) {
-    Cursor c = {map, p->weights_offset, 0};
+    Cursor c = {map, p->weights_offset, 0, 0};
     const uint8_t *t = p->matrix_type;
     int D = p->dim, H = p->hidden_dim, E = p->n_experts;
     int Q = p->n_heads * p->head_dim, KV = p->n_kv_heads * p->head_dim;
@@ -667,6 +679,19 @@ static uint64_t walk_tensors(const Config *p, Weights *w, const uint8_t *map) {
     w->norm = cursor_f32(&c, D);
     w->lm_head = cursor_matrix(&c, t[KIND_LM_HEAD], p->vocab_size, D);
     return c.overflow ? UINT64_MAX : c.off;
+}
+
+// The matrices in the order walk_tensors numbers them: the embedding, per layer
+// wq wk wv wo and each expert's w1 w3 w2, then lm_head.
+int matrix_count(const Config *p) { return 2 + p->n_layers * (4 + 3 * p->n_experts); }
+
+void matrix_name(const Config *p, int id, char *out, size_t size) {
+    static const char *attn[] = {"q_proj", "k_proj", "v_proj", "o_proj"}, *expert[] = {"w1", "w3", "w2"};
+    int per_layer = 4 + 3 * p->n_experts, l = (id - 1) / per_layer, j = (id - 1) % per_layer;
+    if (id == 0) snprintf(out, size, "model.embed_tokens.weight");
+    else if (id == matrix_count(p) - 1) snprintf(out, size, "lm_head.weight");
+    else if (j < 4) snprintf(out, size, "model.layers.%d.self_attn.%s.weight", l, attn[j]);
+    else snprintf(out, size, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight", l, (j - 4) / 3, expert[(j - 4) % 3]);
 }
 
 // The size of the file the header describes (UINT64_MAX: it overflows).
@@ -1684,6 +1709,8 @@ static void print_usage(FILE *out) {
         "      --perplexity F    perplexity over text file F, in windows of -c tokens, each from BOS\n"
         "      --kl-base OUT     with --perplexity: save every position's log-probabilities to OUT\n"
         "      --kl-divergence B with --perplexity: KL divergence from, and top-1 agreement with, base file B\n"
+        "      --imatrix OUT     with --perplexity: save each matrix's mean squared input activations, per\n"
+        "                        column, for export.py --imatrix (q3 and q2 round where it matters least)\n"
         "test hooks:\n"
         "      --chat-ids-file F print the token ids (BOS included) conversation F formats to, and exit\n"
         "      --tokenize-file F print the ids of file F's bytes (no BOS) and exit\n"
@@ -1726,7 +1753,7 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
 typedef struct {
     const char *model_path, *prompt, *prompt_path, *ids_arg;
     const char *logits_path, *experts_path, *tokenize_path, *detokenize_ids;
-    const char *ppl_path, *kl_out, *kl_in;
+    const char *ppl_path, *kl_out, *kl_in, *imatrix_out;
     const char *mode, *system, *chat_path, *chat_ids_path;
     int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy;
     LoadMode load_mode;
@@ -1799,6 +1826,7 @@ static int parse_options(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--perplexity")) o->ppl_path = v;
         else if (!strcmp(a, "--kl-base")) o->kl_out = v;
         else if (!strcmp(a, "--kl-divergence")) o->kl_in = v;
+        else if (!strcmp(a, "--imatrix")) o->imatrix_out = v;
         else if (!strcmp(a, "--tokenize-file")) o->tokenize_path = v;
         else if (!strcmp(a, "--detokenize")) o->detokenize_ids = v;
         else { print_usage(stderr); die("unknown option %s", a); }
@@ -1817,7 +1845,8 @@ static int parse_options(int argc, char **argv, Options *o) {
     if (!o->chatting && (o->system || o->chat_path)) die("%s needs -m chat", o->system ? "-y" : "--chat-file");
     if (o->system && o->chat_path) die("-y and --chat-file both give the system prompt: put it in the file as a system message");
     if ((o->logits_path || o->experts_path) && !o->ids_arg) die("--dump-logits and --dump-experts need --ids");
-    if ((o->kl_out || o->kl_in) && !o->ppl_path) die("--kl-base and --kl-divergence need --perplexity FILE (the text)");
+    if ((o->kl_out || o->kl_in || o->imatrix_out) && !o->ppl_path)
+        die("--kl-base, --kl-divergence and --imatrix need --perplexity FILE (the text)");
     return 0;
 }
 
@@ -1894,7 +1923,7 @@ int main(int argc, char **argv) {
     if (o.do_bench) {
         bench(&model, &state, o.threads, o.bench_depth);
     } else if (o.ppl_path) {
-        eval_perplexity(&model, &state, o.model_path, o.ppl_path, o.kl_out, o.kl_in);
+        eval_perplexity(&model, &state, o.model_path, o.ppl_path, o.kl_out, o.kl_in, o.imatrix_out);
     } else if (o.ids_arg) {
         IdList ids = parse_ids("--ids", o.ids_arg, p->vocab_size);
         if (ids.n == 0) die("--ids: no token ids given");

@@ -76,10 +76,11 @@ _Static_assert(offsetof(Config, matrix_type) == 120 && sizeof(Config) <= HEADER_
 // A weight matrix W (rows, cols) stored in one of the weight types (kernels.h).
 // In a product it is W (N, K): N = rows outputs, K = cols inputs.
 typedef struct {
-    const void *data;    // f32 or bf16 rows, or q8/q6/q4 groups of 16 interleaved rows
+    const void *data;    // f32 or bf16 rows, or q8/q6/q4/q3/q2 groups of 16 interleaved rows
     int type;            // WEIGHT_*
     int rows, cols;
     uint64_t bytes;      // weight_matrix_bytes(type, rows, cols)
+    int id;              // its place among the file's matrices (matrix_name: which one)
 } Matrix;
 
 typedef struct {
@@ -133,13 +134,23 @@ typedef struct {
     int64_t blocks;   // M * K / QBLOCK
 } QuantInput;
 
+// --imatrix: for every matrix (by Matrix.id), the sum over the tokens of the
+// squares of each input column's activation, and how many tokens.
+typedef struct {
+    int n;             // matrices
+    int *cols;         // (n,)
+    double **sum;      // (n, cols) or NULL for a matrix never multiplied (the embedding)
+    uint64_t *tokens;  // (n,)
+} Imatrix;
+
 // What the forward pass counts as it goes, through the count_* hooks of
-// mixtral.c, for --bench and --expert-stats. The math never reads it.
+// mixtral.c, for --bench, --expert-stats and --imatrix. The math never reads it.
 typedef struct {
     uint64_t memory_bytes;   // weight and KV-cache bytes the products and attention read
     uint64_t *expert_count;  // (n_layers, E) times each expert was chosen
     double *router_entropy;  // (n_layers,) sum over tokens of the router softmax's entropy, bits
     uint64_t tokens_routed;  // tokens through the routers since the counts were cleared
+    Imatrix *imatrix;        // --imatrix, or NULL
 } Counters;
 
 typedef struct {
@@ -185,6 +196,9 @@ void state_free(State *s, const Config *p);
 // all_logits, else (1, V) of the last token.
 float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0, int all_logits);
 int argmax(const float *x, int n);
+// The matrices of a model, by Matrix.id: how many, and the Hugging Face name of one.
+int matrix_count(const Config *p);
+void matrix_name(const Config *p, int id, char *out, size_t size);
 // Writes the text of ids through decoder d to stdout.
 void echo_ids(TokenDecoder *d, const Tokenizer *t, const int *ids, int n);
 // Reads and formats a conversation file into ids (BOS first), or dies saying why.

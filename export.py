@@ -1026,6 +1026,104 @@ def read_imatrix(path, plan):
 
 
 # ----------------------------------------------------------------------------
+# --fit SIZE: the type of each kind of matrix for the least loss in SIZE bytes
+#
+# The loss of a choice is estimated as the sum over kinds of SENSITIVITY[kind]
+# times the number of such matrices on a token's path (one a layer, the
+# embedding and lm_head once) times the relative error of the kind's type,
+# sum(imp (w - w_q)^2) / sum(imp w^2), measured by quantizing a sample of the
+# kind's first matrix (imp: the importance matrix, or equal weights). From the
+# cheapest choice, the step that buys the most loss a byte is taken, as long as
+# the file fits.
+
+FIT_CHOICES = {kind: (Q2, Q3, Q4, Q8, BF16) for kind in MATRIX_KINDS}
+FIT_CHOICES["embed"] = (Q2, Q3, Q4, Q6, Q8, BF16)
+# How much a relative error of each kind moves the output: KL per unit of
+# relative error, each kind alone in q2 and the rest in bf16, on the demo model
+# (tests/../README "Choosing the types"), relative to w1's and rounded: the
+# logits take lm_head's error straight, the embedding's reaches every layer.
+SENSITIVITY = dict(embed=25.0, wq=1.0, wk=1.0, wv=1.0, wo=1.0, w1=1.0, w3=1.0, w2=1.0, lm_head=500.0)
+FIT_SAMPLE_ROWS = 64
+
+
+def parse_size(text):
+    """"14G", "800M", "4096K" or a number of bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)\s*", text or "")
+    if not m:
+        reject(f"--fit: expected a size such as 14G, 800M or a number of bytes, got {short(text, 40)}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def relative_error(x, wtype, imp):
+    """The importance-weighted relative squared error of rows x (a multiple of 16) stored as wtype."""
+    if wtype in (F32, BF16):
+        y = (f32_to_bf16(x.ravel()).astype(np.uint32) << 16).view(np.float32).reshape(x.shape) if wtype == BF16 else x
+    elif wtype in CODED:
+        h, books, codes = quantize_coded(x, wtype, imp)
+        lev = CODED_LEVELS[wtype].astype(np.float32)
+        sub = CODED_SUB[wtype]
+        b = np.repeat(books, sub, axis=1)
+        y = lev[b, codes] * h.astype(np.float32)[:, None]
+    else:
+        q, h = quantize_rows(x, wtype)
+        y = q * np.repeat(h.astype(np.float32), BLOCK, axis=1)
+    w = np.ones(x.shape[1], np.float32) if imp is None else imp
+    return float((w * (x - y) ** 2).sum() / max((w * x * x).sum(), 1e-30))
+
+
+def fit_types(plan, tensors, importance, size, start, c):
+    """{kind: type} of the least estimated loss whose file fits in size bytes; prints the choice."""
+    per_path = {kind: (1 if kind in ("embed", "lm_head") else c["n_layers"]) for kind in MATRIX_KINDS}
+    err, files = {}, {}
+    try:
+        for kind in MATRIX_KINDS:
+            name, shape, _ = next(p for p in plan if p[2] == kind)
+            t = tensors[name]
+            f = files.get(t.path) or files.setdefault(t.path, open(t.path, "rb"))
+            rows = min(FIT_SAMPLE_ROWS, shape[0]) // ROWS * ROWS or shape[0]
+            x = t.rows_f32(f, 0, rows).reshape(rows, shape[1]).astype(np.float32)
+            if rows % ROWS:
+                x = np.vstack([x, np.zeros((-rows % ROWS, shape[1]), np.float32)])
+            imp = importance.get((name, kind)) if kind != "embed" else None
+            err[kind] = {ty: relative_error(x, ty, imp) for ty in FIT_CHOICES[kind]}
+    finally:
+        for f in files.values():
+            f.close()
+
+    def file_size(kinds):
+        at = start
+        for _, shape, kind in plan:
+            at = align(at, TENSOR_ALIGN) + tensor_bytes(shape, F32 if kind is None else kinds[kind])
+        return at
+
+    def loss(kind, ty):
+        return SENSITIVITY[kind] * per_path[kind] * err[kind][ty]
+
+    kinds = {kind: FIT_CHOICES[kind][0] for kind in MATRIX_KINDS}
+    if file_size(kinds) > size:
+        reject(f"--fit: {size} bytes is less than the smallest file of this model, {file_size(kinds)} bytes "
+               f"(everything {TYPE_NAMES[Q2]})")
+    while True:
+        now, best = file_size(kinds), None
+        for kind in MATRIX_KINDS:
+            for ty in FIT_CHOICES[kind][FIT_CHOICES[kind].index(kinds[kind]) + 1:]:
+                grown = file_size(dict(kinds, **{kind: ty}))
+                gain = loss(kind, kinds[kind]) - loss(kind, ty)
+                if grown <= size and gain > 0:
+                    value = gain / max(grown - now, 1)
+                    if best is None or value > best[0]:
+                        best = (value, kind, ty)
+        if best is None:
+            break
+        kinds[best[1]] = best[2]
+    total = file_size(kinds)
+    print(f"export.py --fit {size}: " + " ".join(f"{k} {TYPE_NAMES[kinds[k]]}" for k in MATRIX_KINDS) +
+          f"; {total} bytes ({total / 1024 ** 3:.3f} GiB); estimated loss " +
+          f"{sum(loss(k, kinds[k]) for k in MATRIX_KINDS):.4g}", file=sys.stderr)
+    return kinds
+
+
+# ----------------------------------------------------------------------------
 # Sources: a Hugging Face folder or a GGUF, read through the same three methods:
 # config() (the dictionary read_config returns), tokenizer() ((pieces, flags,
 # unk_id), as read_tokenizer returns them) and tensors() ({Hugging Face name:
@@ -1069,13 +1167,27 @@ def open_source(path):
 # ----------------------------------------------------------------------------
 # The writer
 
-def export(model_dir, out_path, type_name, imatrix_path=None):
+def parse_matrix_types(spec):
+    """--matrix-types "w1=q2,lm_head=q8" -> {kind: type}."""
+    out = {}
+    for item in spec.split(","):
+        kind, _, name = item.strip().partition("=")
+        if kind not in MATRIX_KINDS or name not in TYPE_NAMES:
+            reject(f"--matrix-types: {short(item, 40)} is not KIND=TYPE with KIND one of {', '.join(MATRIX_KINDS)} and "
+                   f"TYPE one of {', '.join(TYPE_NAMES)}")
+        if TYPE_NAMES.index(name) == Q6 and kind != "embed":
+            reject(f"--matrix-types: q6 is for the embedding, which is looked up, not multiplied ({kind}=q6)")
+        out[kind] = TYPE_NAMES.index(name)
+    return out
+
+
+def export(model_dir, out_path, type_name, imatrix_path=None, matrix_types=None, fit=None):
     wtype = TYPE_NAMES.index(type_name)
-    kinds = RECIPES[type_name]
+    kinds = dict(RECIPES[type_name], **(matrix_types or {}))
     source = open_source(model_dir)
     c = source.config()
     check_limits(c, model_dir)
-    quantized = any(ty in QUANT for ty in kinds.values())
+    quantized = any(ty in QUANT for ty in kinds.values()) or fit is not None
     block = BLOCK if quantized else 0
     if block:
         for key, v in (("hidden_size", c["dim"]), ("intermediate_size", c["hidden_dim"]),
@@ -1089,7 +1201,9 @@ def export(model_dir, out_path, type_name, imatrix_path=None):
     tok = tokenizer_blob(pieces, flags, unk_id, c["vocab_size"], source.tokenizer_path)
     plan = check_tensors(c, tensors)
     importance = read_imatrix(imatrix_path, plan) if imatrix_path else {}
-
+    if fit is not None:
+        kinds = fit_types(plan, tensors, importance, fit, align(HEADER_SIZE + len(tok), WEIGHTS_ALIGN), c)
+        wtype = kinds["w1"]  # the file's name: its experts' type
     tok_off = HEADER_SIZE
     w_off = align(tok_off + len(tok), WEIGHTS_ALIGN)
     size = w_off
@@ -1138,7 +1252,7 @@ def export(model_dir, out_path, type_name, imatrix_path=None):
     finally:
         for f in files.values():
             f.close()
-    print(f"wrote {out_path}: {size / 1e9:.3f} GB, {type_name}, {len(plan)} tensors, "
+    print(f"wrote {out_path}: {size / 1e9:.3f} GB, {TYPE_NAMES[wtype]}, {len(plan)} tensors, "
           f"{time.time() - t0:.1f} s", file=sys.stderr)
 
 
@@ -1157,13 +1271,19 @@ def main():
     ap.add_argument("out", help="output file, e.g. model.bin")
     ap.add_argument("--type", default="bf16", choices=sorted(RECIPES),
                     help="weight type for the matrices (default bf16)")
+    ap.add_argument("--matrix-types", metavar="KIND=TYPE,...",
+                    help="the type of some kinds of matrix, over --type's choice (kinds: " + " ".join(MATRIX_KINDS) + ")")
+    ap.add_argument("--fit", metavar="SIZE", help="choose each kind of matrix's type for the least loss in a file of "
+                    "at most SIZE bytes (K, M, G: powers of 1024), and say which")
     ap.add_argument("--imatrix", metavar="FILE", help="importance matrix (mixtral MODEL.bin --perplexity TEXT "
                     "--imatrix FILE): q3 and q2 round where it matters least")
     args = ap.parse_args()
     # SIGTERM as SIGINT: either ends the export with the partial output removed (export() cleans up)
     signal.signal(signal.SIGTERM, on_terminate)
     try:
-        export(args.model_dir, args.out, args.type, args.imatrix)
+        export(args.model_dir, args.out, args.type, args.imatrix,
+               parse_matrix_types(args.matrix_types) if args.matrix_types else None,
+               parse_size(args.fit) if args.fit else None)
     except KeyboardInterrupt:
         exit_with_error("interrupted; nothing was written", 130)
     except (ExportError, OSError) as e:

@@ -176,3 +176,77 @@ def perplexity_and_kl(tmp):
     check(abs(res["kl_mean"] - kl) <= 1e-6 + 1e-3 * kl and abs(res["top1"] - top) < 1e-5,
           f"q8: engine KL {res['kl_mean']}, top-1 {res['top1']}; from the logits {kl}, {top}")
     return f"perplexity {got:.2f} (reference {want:.2f}); q8 KL {kl:.2g}, top-1 {top:.3f}, {len(nll)} positions"
+
+
+def decode_coded(raw, wtype, rows, cols):
+    """A q3 or q2 matrix (rows, cols) decoded from the layout kernels.h documents, written anew here:
+    the codebooks from their definition (the normal distribution's Lloyd-Max levels at 16 scales,
+    each 0.9 times the next, the largest level 127), not copied from export.py or kernels.c."""
+    base = {"q2": [-1.5104, -0.4528, 0.4528, 1.5104],
+            "q3": [-2.1520, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1520]}[wtype]
+    books = [np.rint(np.array(base) * 127 / base[-1] * 0.9 ** (15 - c)) for c in range(16)]
+    nb, bb = cols // 32, 144 if wtype == "q2" else 200
+    G = (rows + 15) // 16
+    out = np.zeros((G * 16, cols))
+    for g in range(G):
+        grp = raw[g * (32 + nb * bb):(g + 1) * (32 + nb * bb)]
+        d = grp[:32].view("<f2").astype(np.float64)
+        for b in range(nb):
+            blk = grp[32 + b * bb:32 + (b + 1) * bb].astype(np.int64)
+            codes_at = 16 if wtype == "q2" else 8
+            for l in range(16):
+                for j in range(32):
+                    code = blk[codes_at + j // 16 * 64 + l * 4 + j % 4] >> (2 * (j % 16 // 4)) & 3
+                    if wtype == "q2":
+                        book = blk[l] >> (4 * (j // 16)) & 15
+                    else:
+                        book = blk[l // 2] >> (4 * (l % 2)) & 15
+                        code |= (blk[8 + 128 + l * 4 + j % 4] >> (j // 4) & 1) << 2
+                    out[g * 16 + l, 32 * b + j] = d[l] * books[book][code]
+    return out[:rows]
+
+
+@test
+def coded_layouts(tmp):
+    """q3 and q2 files: every matrix decoded here from kernels.h's layout (decode_coded) lies near the
+    checkpoint's (relative RMS error within what 3 and 2 bits of a normal distribution allow: 0.19 and
+    0.34 at best), and the engine's logits equal, to the rounding of its int8 activations, those of
+    the numpy reference run on the decoded weights (a misplaced bit or a wrong book moves a weight
+    by a level or more)."""
+    d, cfg, ids, shape = random_model(tmp, 23, 8, 5, dim=64, hidden_dim=96, heads=4, kv_heads=2, experts=4, top_k=2,
+                                      layers=1)
+    W = reference.load_safetensors(d)
+    worst = {}
+    for wtype, bound in (("q3", 0.24), ("q2", 0.40)):
+        model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
+        head = open(model, "rb").read(256)
+        kinds = dict(zip(("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head"), head[120:129]))
+        decoded = dict(W)
+        errs = []
+        for e in range(cfg["num_local_experts"]):
+            for k in ("w1", "w3", "w2"):
+                name = f"model.layers.0.block_sparse_moe.experts.{e}.{k}.weight"
+                check(kinds[k] == {"q3": 5, "q2": 6}[wtype], f"{wtype}: {k} is type {kinds[k]}")
+                want = W[name].astype(np.float64)
+                rows, cols = want.shape
+                nbytes = (rows + 15) // 16 * (32 + cols // 32 * (144 if wtype == "q2" else 200))
+                raw = np.fromfile(model, np.uint8, offset=tensor_offset(model, name), count=nbytes)
+                got = decode_coded(raw, wtype, rows, cols)
+                errs.append(float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())))
+                decoded[name] = got
+        check(max(errs) <= bound, f"{wtype}: relative RMS error of the experts up to {max(errs):.3f} (bound {bound})")
+        # the rest of the file (q4 attention, q6/q4 embedding, q8/q4 lm_head) from a file of those types alone
+        ref_logits, _ = reference.forward(decoded, cfg, ids)
+        got, _ = engine_logits(model, ids, **shape)
+        other, _ = engine_logits(export(d, os.path.join(tmp, "q4.bin"), "q4"), ids, **shape)
+        f32ref, _ = reference.forward(W, cfg, ids)
+        # the experts' part of the difference: the engine against the reference with decoded experts
+        # should be far closer than the reference with the original experts is to it
+        near = float(np.abs(got - ref_logits).max())
+        far = float(np.abs(got - f32ref).max())
+        check(near < far or far < 1e-3, f"{wtype}: the engine is not nearer the decoded experts ({near:.3g}) "
+              f"than the originals ({far:.3g})")
+        worst[wtype] = (max(errs), near, far)
+        del other
+    return "; ".join(f"{k}: experts' relative RMS error {v[0]:.3f}, logits {v[1]:.3f} from the decoded reference "
+                     f"({v[2]:.3f} from the original)" for k, v in worst.items())

@@ -650,6 +650,92 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
         }
     }
 }
+
+// q3 and q2 groups against T tokens, as two halves of 8 rows: each half's
+// codebooks become vpshufb tables (a 128-bit lane holds 4 rows, 4 levels each:
+// q3's 8 levels in two tables, picked by the code's top bit), and the signed
+// levels multiply the activations as q8's do (|x| times the level with x's sign).
+static inline __attribute__((always_inline)) void coded_group(int q3, const uint8_t *grp, int K, const QuantX *x,
+                                                              int T, float *out, size_t ldo, int nrows, int fetch,
+                                                              int b0, int b1) {
+    const size_t bbytes = q3 ? 200 : 144;
+    const __m256i three = _mm256_set1_epi8(3), nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i rowoff = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                            0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    // each book's levels as one int32 (q3: levels 0..3, then 4..7), books 0..7 and 8..15
+    int32_t packed[2][16];
+    for (int c = 0; c < 16; c++)
+        for (int part = 0; part < 2; part++) {
+            const int8_t *lv = q3 ? q3_levels[c] + 4 * part : q2_levels[c];
+            packed[part][c] = (int32_t)((uint32_t)(uint8_t)lv[0] | (uint32_t)(uint8_t)lv[1] << 8 |
+                                        (uint32_t)(uint8_t)lv[2] << 16 | (uint32_t)(uint8_t)lv[3] << 24);
+        }
+    const __m256i cb[2][2] = {{_mm256_loadu_si256((const __m256i *)packed[0]), _mm256_loadu_si256((const __m256i *)(packed[0] + 8))},
+                              {_mm256_loadu_si256((const __m256i *)packed[1]), _mm256_loadu_si256((const __m256i *)(packed[1] + 8))}};
+    __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp)),
+                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16)))};
+    __m256 acc[T_MAX][2];
+    QuantX xt[T_MAX];
+    for (int t = 0; t < T; t++) {
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        if (b0) {
+            float tmp[QROWS] = {0};
+            memcpy(tmp, out + t * ldo, nrows * sizeof(float));
+            acc[t][0] = _mm256_loadu_ps(tmp);
+            acc[t][1] = _mm256_loadu_ps(tmp + 8);
+        }
+        xt[t] = quantx_token(x, t, K);
+    }
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *blk = grp + 32 + (size_t)b * bbytes, *codes = blk + (q3 ? 8 : 16);
+        if (fetch) { prefetch(blk); prefetch(blk + 64); prefetch(blk + 128); if (q3) prefetch(blk + 192); }
+        __m256i is[T_MAX][2];
+        for (int h = 0; h < 2; h++) {
+            for (int t = 0; t < T; t++) is[t][h] = _mm256_setzero_si256();
+            // the 8 rows' books, one a lane: q2 a byte each (two sub-blocks), q3 a nibble each
+            __m256i bk;
+            if (q3) {
+                uint32_t four;
+                memcpy(&four, blk + 4 * h, 4);
+                __m128i pairs = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)four), _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
+                bk = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), nib);
+            } else {
+                bk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * h)));
+            }
+            const __m256i *top = (const __m256i *)(codes + 128 + 32 * h);
+            for (int c = 0; c < 2; c++) {
+                __m256i book = q3 ? bk : _mm256_and_si256(c ? _mm256_srli_epi32(bk, 4) : bk, nib);
+                __m256i hi8 = _mm256_cmpgt_epi32(book, seven);
+                __m256i tl = _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(cb[0][0], book), _mm256_permutevar8x32_epi32(cb[0][1], book), hi8);
+                __m256i th = q3 ? _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(cb[1][0], book),
+                                                     _mm256_permutevar8x32_epi32(cb[1][1], book), hi8) : tl;
+                __m256i p = _mm256_loadu_si256((const __m256i *)(codes + 64 * c + 32 * h));
+                for (int j = 0; j < 4; j++) {
+                    int s = 4 * c + j;
+                    __m256i idx = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 2 * j), three), rowoff);
+                    __m256i w = _mm256_shuffle_epi8(tl, idx);
+                    if (q3) w = _mm256_blendv_epi8(w, _mm256_shuffle_epi8(th, idx), _mm256_slli_epi16(_mm256_loadu_si256(top), 7 - s));
+                    for (int t = 0; t < T; t++) {
+                        __m256i xv = _mm256_set1_epi32(load_i32(xt[t].q + b * QBLOCK + 4 * s));
+                        __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+                        is[t][h] = _mm256_add_epi32(is[t][h], _mm256_madd_epi16(prod, ones));
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < 2; h++)
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][h]), _mm256_mul_ps(d[h], _mm256_set1_ps(xt[t].scale[b])),
+                                            acc[t][h]);
+    }
+    for (int t = 0; t < T; t++) {
+        float tmp[QROWS];
+        _mm256_storeu_ps(tmp, acc[t][0]);
+        _mm256_storeu_ps(tmp + 8, acc[t][1]);
+        memcpy(out + t * ldo, tmp, nrows * sizeof(float));
+    }
+}
 #endif
 
 // Calls GROUP(T) with T a constant, so that each tile is compiled with its
@@ -674,7 +760,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
 
 static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
-#ifndef KERNELS_AVX512_VBMI
+#if defined(KERNELS_AVX512) && !defined(KERNELS_AVX512_VBMI)
     if (weight_is_coded(type)) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; }
 #endif
     size_t gbytes = quant_group_bytes(type, K);
@@ -714,6 +800,13 @@ static void x86_gemm_quant(int type, const uint8_t *w, int K, int N, const Quant
                     else T_SHAPES(nt, Q2_GROUP)
                     continue;
                 }
+#elif !defined(KERNELS_AVX512)
+#define Q3_AVX2(T) coded_group(1, grp, K, &xt, T, o, ldo, nrows, t == 0, b0, b1)
+#define Q2_AVX2(T) coded_group(0, grp, K, &xt, T, o, ldo, nrows, t == 0, b0, b1)
+                if (type == WEIGHT_Q3) { T_SHAPES(nt, Q3_AVX2) continue; }
+                if (type == WEIGHT_Q2) { T_SHAPES(nt, Q2_AVX2) continue; }
+#undef Q3_AVX2
+#undef Q2_AVX2
 #endif
                 if (tiles && nt >= 5) {
                     if (type == WEIGHT_Q8) T_SHAPES(nt, Q8_TILED)

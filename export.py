@@ -1204,6 +1204,8 @@ def export(model_dir, out_path, type_name, imatrix_path=None, matrix_types=None,
     if fit is not None:
         kinds = fit_types(plan, tensors, importance, fit, align(HEADER_SIZE + len(tok), WEIGHTS_ALIGN), c)
         wtype = kinds["w1"]  # the file's name: its experts' type
+        quantized = any(ty in QUANT for ty in kinds.values())
+        block = BLOCK if quantized else 0
     tok_off = HEADER_SIZE
     w_off = align(tok_off + len(tok), WEIGHTS_ALIGN)
     size = w_off

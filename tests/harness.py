@@ -98,8 +98,8 @@ def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, errors="replace", **kw)
 
 
-def export(hf_dir, out, wtype="f32"):
-    r = run([PYTHON, os.path.join(ROOT, "export.py"), hf_dir, out, "--type", wtype])
+def export(hf_dir, out, wtype="f32", extra=()):
+    r = run([PYTHON, os.path.join(ROOT, "export.py"), hf_dir, out, "--type", wtype, *extra])
     check(r.returncode == 0, f"export.py failed:\n{r.stderr}")
     return out
 

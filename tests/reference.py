@@ -63,9 +63,18 @@ def rope(x, pos, theta):
     return x * cos + rot * sin
 
 
-def forward(W, c, ids, bf16=False):
-    """Returns logits (T, vocab) and the chosen experts (T, layers, top_k), sorted per token."""
+def forward(W, c, ids, bf16=False, inputs=None):
+    """Returns logits (T, vocab) and the chosen experts (T, layers, top_k), sorted per token.
+    inputs: a dict that gets, for every matrix, [sum over the tokens it multiplies of each input
+    column's square, how many tokens] added (the importance matrix's numbers)."""
     g = (lambda n: round_bf16(W[n])) if bf16 else (lambda n: W[n])
+
+    def seen(name, h):
+        if inputs is not None:
+            h = np.atleast_2d(h)
+            acc = inputs.setdefault(name, [np.zeros(h.shape[1]), 0])
+            acc[0] += (h.astype(np.float64) ** 2).sum(0)
+            acc[1] += h.shape[0]
     T = len(ids)
     d, nh, nkv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
     hd = c.get("head_dim") or d // nh
@@ -81,6 +90,8 @@ def forward(W, c, ids, bf16=False):
     for l in range(c["num_hidden_layers"]):
         p = f"model.layers.{l}."
         h = rmsnorm(x, W[p + "input_layernorm.weight"], eps)
+        for m in ("q_proj", "k_proj", "v_proj"):
+            seen(p + f"self_attn.{m}.weight", h)
         q = (h @ g(p + "self_attn.q_proj.weight").T).reshape(T, nh, hd)
         k = (h @ g(p + "self_attn.k_proj.weight").T).reshape(T, nkv, hd)
         v = (h @ g(p + "self_attn.v_proj.weight").T).reshape(T, nkv, hd)
@@ -92,6 +103,7 @@ def forward(W, c, ids, bf16=False):
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("hpt,thd->phd", s, v).reshape(T, nh * hd)
+        seen(p + "self_attn.o_proj.weight", o)
         x = x + o @ g(p + "self_attn.o_proj.weight").T
 
         h = rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
@@ -107,9 +119,13 @@ def forward(W, c, ids, bf16=False):
                 pe = p + f"block_sparse_moe.experts.{e}."
                 a = h[t] @ g(pe + "w1.weight").T
                 b = h[t] @ g(pe + "w3.weight").T
+                seen(pe + "w1.weight", h[t])
+                seen(pe + "w3.weight", h[t])
+                seen(pe + "w2.weight", a / (1 + np.exp(-a)) * b)
                 out[t] += wgt * ((a / (1 + np.exp(-a)) * b) @ g(pe + "w2.weight").T)
         x = x + out
     x = rmsnorm(x, W["model.norm.weight"], eps)
+    seen("lm_head.weight", x)
     head = "model.embed_tokens.weight" if c.get("tie_word_embeddings") else "lm_head.weight"
     return x @ g(head).T, chosen
 

@@ -206,47 +206,160 @@ def decode_coded(raw, wtype, rows, cols):
     return out[:rows]
 
 
+def coded_matrices(model, names, wtype, W):
+    """The matrices `names` of a q3 or q2 file decoded (decode_coded), and their relative RMS errors."""
+    out, errs = {}, []
+    for name in names:
+        want = W[name].astype(np.float64)
+        rows, cols = want.shape
+        nbytes = (rows + 15) // 16 * (32 + cols // 32 * (144 if wtype == "q2" else 200))
+        got = decode_coded(np.fromfile(model, np.uint8, offset=tensor_offset(model, name), count=nbytes), wtype, rows, cols)
+        out[name] = got
+        errs.append(float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())))
+    return out, errs
+
+
 @test
 def coded_layouts(tmp):
-    """q3 and q2 files: every matrix decoded here from kernels.h's layout (decode_coded) lies near the
-    checkpoint's (relative RMS error within what 3 and 2 bits of a normal distribution allow: 0.19 and
-    0.34 at best), and the engine's logits equal, to the rounding of its int8 activations, those of
-    the numpy reference run on the decoded weights (a misplaced bit or a wrong book moves a weight
-    by a level or more)."""
+    """q3 and q2 experts (the rest f32, --matrix-types): every expert matrix decoded here from
+    kernels.h's layout (decode_coded) lies near the checkpoint's (relative RMS error within what 3 and
+    2 bits of a normal distribution allow: 0.19 and 0.34 at best), and the engine's logits equal, to
+    the rounding of its int8 activations, those of the numpy reference run on the decoded weights (a
+    misplaced bit or a wrong book moves a weight by a level or more, and the logits with it)."""
     d, cfg, ids, shape = random_model(tmp, 23, 8, 5, dim=64, hidden_dim=96, heads=4, kv_heads=2, experts=4, top_k=2,
                                       layers=1)
     W = reference.load_safetensors(d)
+    names = [f"model.layers.0.block_sparse_moe.experts.{e}.{k}.weight" for e in range(4) for k in ("w1", "w3", "w2")]
+    f32ref, _ = reference.forward(W, cfg, ids)
+    spread = float(f32ref.std())
     worst = {}
     for wtype, bound in (("q3", 0.24), ("q2", 0.40)):
-        model = export(d, os.path.join(tmp, f"{wtype}.bin"), wtype)
-        head = open(model, "rb").read(256)
-        kinds = dict(zip(("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head"), head[120:129]))
-        decoded = dict(W)
-        errs = []
-        for e in range(cfg["num_local_experts"]):
-            for k in ("w1", "w3", "w2"):
-                name = f"model.layers.0.block_sparse_moe.experts.{e}.{k}.weight"
-                check(kinds[k] == {"q3": 5, "q2": 6}[wtype], f"{wtype}: {k} is type {kinds[k]}")
-                want = W[name].astype(np.float64)
-                rows, cols = want.shape
-                nbytes = (rows + 15) // 16 * (32 + cols // 32 * (144 if wtype == "q2" else 200))
-                raw = np.fromfile(model, np.uint8, offset=tensor_offset(model, name), count=nbytes)
-                got = decode_coded(raw, wtype, rows, cols)
-                errs.append(float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())))
-                decoded[name] = got
+        model = export(d, os.path.join(tmp, f"{wtype}.bin"), "f32", ("--matrix-types", f"w1={wtype},w3={wtype},w2={wtype}"))
+        decoded, errs = coded_matrices(model, names, wtype, W)
         check(max(errs) <= bound, f"{wtype}: relative RMS error of the experts up to {max(errs):.3f} (bound {bound})")
-        # the rest of the file (q4 attention, q6/q4 embedding, q8/q4 lm_head) from a file of those types alone
-        ref_logits, _ = reference.forward(decoded, cfg, ids)
-        got, _ = engine_logits(model, ids, **shape)
-        other, _ = engine_logits(export(d, os.path.join(tmp, "q4.bin"), "q4"), ids, **shape)
-        f32ref, _ = reference.forward(W, cfg, ids)
-        # the experts' part of the difference: the engine against the reference with decoded experts
-        # should be far closer than the reference with the original experts is to it
-        near = float(np.abs(got - ref_logits).max())
-        far = float(np.abs(got - f32ref).max())
-        check(near < far or far < 1e-3, f"{wtype}: the engine is not nearer the decoded experts ({near:.3g}) "
-              f"than the originals ({far:.3g})")
+        ref_logits, ref_experts = reference.forward(dict(W, **decoded), cfg, ids)
+        got, got_experts = engine_logits(model, ids, **shape)
+        agree = (got_experts == ref_experts).all(-1).all(-1)
+        near = float(np.sqrt(((got - ref_logits)[agree] ** 2).mean()) / spread)
+        far = float(np.sqrt(((got - f32ref) ** 2).mean()) / spread)
+        # int8 activations alone: a few percent of the logits' spread (q8's whole error is 3%)
+        check(agree.mean() >= 0.5 and near <= 0.05, f"{wtype}: the engine is {near:.3f} of the logits' spread from "
+              f"the reference on the decoded weights (routing agrees at {agree.mean():.0%} of the positions)")
         worst[wtype] = (max(errs), near, far)
-        del other
-    return "; ".join(f"{k}: experts' relative RMS error {v[0]:.3f}, logits {v[1]:.3f} from the decoded reference "
-                     f"({v[2]:.3f} from the original)" for k, v in worst.items())
+    return "; ".join(f"{k}: experts' relative RMS error {v[0]:.3f}; logits {v[1]:.4f} of their spread from the "
+                     f"decoded reference ({v[2]:.3f} from the original)" for k, v in worst.items())
+
+
+def read_imatrix_file(path):
+    """An --imatrix file, read from the format eval.c documents: (tokens, [(name, tokens, means)])."""
+    raw = open(path, "rb").read()
+    check(raw[:8] == b"MXIMATRX", f"{path}: no magic")
+    version, n, tokens = struct.unpack_from("<IIQ", raw, 8)
+    check(version == 1, f"{path}: version {version}")
+    at, entries = 24, []
+    for _ in range(n):
+        (length,) = struct.unpack_from("<H", raw, at)
+        name = raw[at + 2:at + 2 + length].decode()
+        cols, count = struct.unpack_from("<IQ", raw, at + 2 + length)
+        at += 2 + length + 12
+        entries.append((name, count, np.frombuffer(raw, "<f4", cols, at)))
+        at += 4 * cols
+    check(at == len(raw), f"{path}: {len(raw) - at} bytes after the last entry")
+    return tokens, entries
+
+
+@test
+def importance_matrix(tmp):
+    """--perplexity TEXT --imatrix OUT: every multiplied matrix, every expert on its own, in file order,
+    holds the mean over the tokens it multiplied of each input column's square, equal (to f32 rounding)
+    to the numpy reference's on the same windows; an expert's tokens add up to the text's times top_k.
+    export.py --imatrix: q2's importance-weighted error is lower with it than without; a file made
+    for another model is refused naming the first tensor that does not match."""
+    import sentencepiece
+    d, cfg, _, shape = random_model(tmp, 29, 1, 0, dim=64, hidden_dim=96, heads=4, kv_heads=2, experts=4, top_k=2,
+                                    layers=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+    text = os.path.join(tmp, "calib.txt")
+    open(text, "w").write(open(os.path.join(ROOT, "demo", "heldout.txt")).read()[:700])
+    Wn = 16
+    ids = [1] + sp.encode(open(text).read())
+    W = reference.load_safetensors(d)
+    acc = {}
+    for w in range(len(ids) // Wn):
+        win = ids[w * Wn:(w + 1) * Wn]
+        win[0] = 1
+        reference.forward(W, cfg, win[:Wn - 1], inputs=acc)
+    model = export(d, os.path.join(tmp, "f32.bin"), "f32")
+    im = os.path.join(tmp, "m.imatrix")
+    r = run([ENGINE, model, "--perplexity", text, "-c", str(Wn), "--imatrix", im])
+    check(r.returncode == 0, r.stderr[-500:])
+    tokens, entries = read_imatrix_file(im)
+    T = len(ids) // Wn * (Wn - 1)
+    check(tokens == T, f"the file says {tokens} tokens of text, the windows hold {T}")
+    want_names = []
+    for l in range(2):
+        want_names += [f"model.layers.{l}.self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        want_names += [f"model.layers.{l}.block_sparse_moe.experts.{e}.{k}.weight" for e in range(4) for k in ("w1", "w3", "w2")]
+    want_names.append("lm_head.weight")
+    check([e[0] for e in entries] == want_names, f"matrices {[e[0] for e in entries][:5]}... in another order or set")
+    worst = 0.0
+    for name, count, mean in entries:
+        s, n = acc.get(name, [None, 0])
+        check(count == n, f"{name}: {count} tokens, the reference {n}")
+        if n:
+            rel = float(np.abs(mean - s / n).max() / max(float(np.abs(s / n).max()), 1e-30))
+            worst = max(worst, rel)
+            check(rel < 1e-3, f"{name}: mean squares differ from the reference's by {rel:.2g} of the largest")
+    for l in range(2):
+        n = sum(c for name, c, _ in entries if name.startswith(f"model.layers.{l}.") and name.endswith("w1.weight"))
+        check(n == T * 2, f"layer {l}: the experts' tokens add up to {n}, not {T} x top_k 2")
+    # export.py with it: a lower importance-weighted error for q2, the file of another model refused
+    names = [f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
+    plain = export(d, os.path.join(tmp, "q2.bin"), "f32", ("--matrix-types", "w2=q2"))
+    weighted = export(d, os.path.join(tmp, "q2i.bin"), "f32", ("--matrix-types", "w2=q2", "--imatrix", im))
+    imp = {name: mean for name, _, mean in entries}
+    gain = []
+    for name in names:
+        a, _ = coded_matrices(plain, [name], "q2", W)
+        b, _ = coded_matrices(weighted, [name], "q2", W)
+        want = W[name].astype(np.float64)
+        ea = float((imp[name] * (a[name] - want) ** 2).sum())
+        eb = float((imp[name] * (b[name] - want) ** 2).sum())
+        gain.append(eb / ea)
+    check(max(gain) < 1.0, f"q2 with the importance matrix: weighted error {max(gain):.3f} of without, not lower")
+    d2, _, _, _ = random_model(tmp, 31, 1, 0, name="other", dim=64, hidden_dim=128, heads=4, kv_heads=2, experts=4,
+                               top_k=2, layers=2)
+    r = run([PYTHON, os.path.join(ROOT, "export.py"), d2, os.path.join(tmp, "x.bin"), "--type", "q2", "--imatrix", im])
+    check(r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "experts.0.w2.weight" in r.stderr
+          and "another model" in r.stderr, f"another model's importance matrix: exit {r.returncode}\n{r.stderr[-500:]}")
+    return (f"{len(entries)} matrices over {T} tokens within {worst:.1g} of the reference; q2's weighted error "
+            f"{max(gain):.2f}x of without it; another model's file refused")
+
+
+@test
+def fit_to_size(tmp):
+    """export.py --fit SIZE: the file is at most SIZE bytes and its header holds the choice printed;
+    a larger SIZE never gives a smaller file; a SIZE below the smallest file, or not a size, is one line."""
+    d, cfg, _, _ = random_model(tmp, 33, 1, 0, dim=64, hidden_dim=128, heads=4, kv_heads=2, experts=4, top_k=2, layers=2)
+    smallest = os.path.getsize(export(d, os.path.join(tmp, "q2.bin"), "f32", ("--matrix-types", ",".join(
+        f"{k}=q2" for k in ("embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head")))))
+    largest = os.path.getsize(export(d, os.path.join(tmp, "bf16.bin"), "bf16"))
+    sizes, last = [], 0
+    for frac in (0.0, 0.1, 0.3, 0.6, 1.0):
+        size = int(smallest + frac * (largest - smallest))
+        out = os.path.join(tmp, f"fit{frac}.bin")
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, out, "--fit", str(size)])
+        check(r.returncode == 0, f"--fit {size}: {r.stderr[-500:]}")
+        got = os.path.getsize(out)
+        check(got <= size and got >= last, f"--fit {size}: {got} bytes (the previous size gave {last})")
+        chosen = re.search(r"--fit \d+: (.*?);", r.stderr).group(1)
+        info = run([ENGINE, out, "--info"]).stdout
+        check("matrix types: " + chosen in info, f"--fit {size} printed '{chosen}', the header says:\n{info}")
+        sizes.append(got)
+        last = got
+    check(sizes[-1] > sizes[0], "every size gave the same file")
+    for bad, needle in ((str(smallest - 4096), "less than the smallest"), ("12Q", "expected a size")):
+        r = run([PYTHON, os.path.join(ROOT, "export.py"), d, os.path.join(tmp, "x.bin"), "--fit", bad])
+        check(r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1,
+              f"--fit {bad}: exit {r.returncode}\n{r.stderr[-300:]}")
+    return f"{len(sizes)} sizes from {smallest} to {largest} bytes: files of {sizes[0]} to {sizes[-1]} bytes, each within"

@@ -46,8 +46,9 @@ run: mixtral $(DEMO_BIN)
 	./mixtral $(DEMO_BIN) -i "And it came to pass" -n 96 -t 0.8 -s 2
 
 # Speed against memory bandwidth on Mixtral-8x7B layer shapes (see bench/bench.py); with
-# LLAMA_BENCH / IK_BENCH (peers' llama-bench) and GGUF_Q8 / GGUF_Q4 / GGUF_BF16 (the same
-# checkpoint as GGUF) the peers run beside ours, round by round.
+# LLAMA_BENCH / IK_BENCH (peers' llama-bench) and GGUF_Q8 / GGUF_Q4 / GGUF_BF16 / GGUF_Q3 / GGUF_Q2
+# (the same checkpoint as GGUF: IQ3_XXS, IQ2_XS) and IK_GGUF_Q3 / IK_GGUF_Q2 (IQ3_KS, IQ2_KS, for
+# ik_llama.cpp) the peers run beside ours, round by round.
 bench/bandwidth: bench/bandwidth.c
 	$(CC) $(CFLAGS) -o $@ $< -lpthread
 
@@ -59,7 +60,9 @@ bench-kernel: bench/kernel
 	bench/kernel
 
 BENCH_PEERS = $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH)) $(if $(IK_BENCH),--ik-bench $(IK_BENCH)) \
-	$(if $(GGUF_Q8),--gguf q8=$(GGUF_Q8)) $(if $(GGUF_Q4),--gguf q4=$(GGUF_Q4)) $(if $(GGUF_BF16),--gguf bf16=$(GGUF_BF16))
+	$(if $(GGUF_Q8),--gguf q8=$(GGUF_Q8)) $(if $(GGUF_Q4),--gguf q4=$(GGUF_Q4)) $(if $(GGUF_BF16),--gguf bf16=$(GGUF_BF16)) \
+	$(if $(GGUF_Q3),--gguf q3=$(GGUF_Q3)) $(if $(GGUF_Q2),--gguf q2=$(GGUF_Q2)) \
+	$(if $(IK_GGUF_Q3),--ik-gguf q3=$(IK_GGUF_Q3)) $(if $(IK_GGUF_Q2),--ik-gguf q2=$(IK_GGUF_Q2))
 
 bench: mixtral bench/bandwidth
 	tests/deps.sh
@@ -72,10 +75,12 @@ bench-paging: mixtral
 	$(PYTHON) bench/paging.py $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH)) $(if $(GGUF_Q4),--gguf $(GGUF_Q4)) $(PAGING_ARGS)
 
 # How much each weight format loses (KL divergence from bf16, see bench/quality.py); with
-# LLAMA_PERPLEXITY and QUALITY_ARGS="--gguf bench:bf16=... --gguf bench:Q8_0=..." llama.cpp's beside ours.
+# LLAMA_PERPLEXITY and QUALITY_ARGS="--gguf bench:bf16=... --gguf bench:IQ2_XS=..." llama.cpp's beside ours,
+# with IK_PERPLEXITY and "--ik-gguf bench:bf16=... --ik-gguf bench:IQ2_KS=..." ik_llama.cpp's; ours at each one's size.
 quality: mixtral
 	tests/deps.sh
-	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) $(QUALITY_ARGS)
+	$(PYTHON) bench/quality.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY)) \
+		$(if $(IK_PERPLEXITY),--ik-perplexity $(IK_PERPLEXITY)) $(QUALITY_ARGS)
 
 # Fuzzing: each target of tests/fuzz with clang's libFuzzer, ASan and UBSan, for FUZZ_SECONDS,
 # starting from the committed seeds (tests/fuzz/corpus) and keeping what it finds in .cache/fuzz;

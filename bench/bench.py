@@ -107,7 +107,7 @@ def peer_depth_run(tool, gguf, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--types", default="bf16,q8,q4")
+    ap.add_argument("--types", default="bf16,q8,q4,q3,q2")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per row; the median is shown")
     ap.add_argument("--llama-bench", help="a llama.cpp llama-bench to run beside ours, round by round")
     ap.add_argument("--ik-bench", help="an ik_llama.cpp llama-bench (run with -rtr 1), the same way")
@@ -116,10 +116,13 @@ def main():
                          "beside ik_llama.cpp's -p 512 and -gp when it is given")
     ap.add_argument("--gguf", action="append", default=[], metavar="TYPE=PATH",
                     help="the peers' GGUF of the same checkpoint for one of our types, e.g. q8=m-q8_0.gguf")
+    ap.add_argument("--ik-gguf", action="append", default=[], metavar="TYPE=PATH",
+                    help="ik_llama.cpp's own GGUF for one of our types (e.g. q2=m-IQ2_KS.gguf), instead of --gguf's")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
     ggufs = dict(g.split("=", 1) for g in a.gguf)
+    ik_ggufs = dict(ggufs, **dict(g.split("=", 1) for g in a.ik_gguf))
     peers = [(name, tool, name == "ik_llama.cpp") for name, tool in (("llama.cpp", a.llama_bench),
                                                                       ("ik_llama.cpp", a.ik_bench)) if tool]
     paths = ensure_models(types)
@@ -129,7 +132,7 @@ def main():
     macs_per_token = SHAPE["layers"] * (2 * D * D + 2 * D * KVD + SHAPE["experts"] * D + SHAPE["top_k"] * 3 * D * H)
     # The 32-layer projection: the per-layer bytes scale with depth, lm_head does not.
     V = SHAPE["vocab"]
-    edge = {"f32": 4.0, "bf16": 2.0, "q8": 17 / 16, "q4": 17 / 16}
+    edge = {"f32": 4.0, "bf16": 2.0, "q8": 17 / 16, "q4": 17 / 16, "q3": 17 / 16, "q2": 9 / 16}  # lm_head's bytes a weight
 
     depth_types = [t for t in a.depth.split(",") if t]
     rows, peer_rows, depth_rows = [], [], []
@@ -146,12 +149,13 @@ def main():
                 bw = (before + after) / 2
                 runs.append(dict(res, bw=bw, ratio=res["gb_per_s"] / bw))
                 for name, tool, ik in peers:
-                    if t not in ggufs:
+                    gguf = (ik_ggufs if ik else ggufs).get(t)
+                    if not gguf:
                         continue
-                    pp, tg = peer_run(tool, ggufs[t], n, ik)
+                    pp, tg = peer_run(tool, gguf, n, ik)
                     ratios.setdefault(name, []).append((res["prefill_tok_s"] / pp, res["decode_tok_s"] / tg, pp, tg))
                     if depth and ik:
-                        peer = peer_depth_run(tool, ggufs[t], n)
+                        peer = peer_depth_run(tool, gguf, n)
                         ours = {"pp512": res["pp512_tok_s"], **{d: res[f"decode_at_{d}_tok_s"] for d in DEPTHS}}
                         depth_runs.append((ours, peer))
             res = {k: median([r[k] for r in runs]) for k in ("prefill_tok_s", "decode_tok_s", "bytes_per_token",
@@ -164,7 +168,8 @@ def main():
             rows.append((t, n, res["prefill_tok_s"], gemm, res["decode_tok_s"], res["bytes_per_token"],
                          res["gb_per_s"], bw, 100 * ratio, res["gb_per_s"] * 1e9 / full))
             for name, r in ratios.items():
-                peer_rows.append((t, n, name, median(x[2] for x in r), median(x[3] for x in r),
+                peer_file = os.path.basename((ik_ggufs if name == "ik_llama.cpp" else ggufs)[t])
+                peer_rows.append((t, n, f"{name} {peer_file}", median(x[2] for x in r), median(x[3] for x in r),
                                   median(x[0] for x in r), median(x[1] for x in r)))
             if depth_runs:
                 keys = ["pp512"] + list(DEPTHS)
@@ -188,10 +193,10 @@ def main():
         print()
         print("Peers on the same checkpoint (GGUF), interleaved round by round with ours; ratios are the medians "
               "of the per-round ratios ours/peer")
-        print(f"{'format':6} {'thr':>3} {'peer':14} {'prompt tok/s':>12} {'decode tok/s':>12} {'ours/peer prompt':>16} "
+        print(f"{'format':6} {'thr':>3} {'peer':34} {'prompt tok/s':>12} {'decode tok/s':>12} {'ours/peer prompt':>16} "
               f"{'ours/peer decode':>16}")
         for t, n, name, pp, tg, rp, rd in peer_rows:
-            print(f"{t:6} {n:3d} {name:14} {pp:12.2f} {tg:12.2f} {rp:16.2f} {rd:16.2f}")
+            print(f"{t:6} {n:3d} {name:34} {pp:12.2f} {tg:12.2f} {rp:16.2f} {rd:16.2f}")
 
     if depth_rows:
         print()

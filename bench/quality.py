@@ -12,11 +12,19 @@ Each format runs `mixtral --perplexity TEXT -c 128` with --kl-divergence
 against the bf16 file's --kl-base. Positions scored: the second half of each
 window, as llama.cpp's perplexity tool scores them.
 
+Our formats: q8, q4, q3 and q2, the last two with an importance matrix our
+engine makes from a calibration text (--calib, another text than the scored
+one: by default the GPL-3's text, /usr/share/common-licenses/GPL-3).
+
 With --llama-perplexity (llama.cpp's) and GGUFs of the same models (--gguf
 MODEL:NAME=PATH, one of them NAME=bf16, the base), each GGUF is measured the
-same way with llama-perplexity's --kl-divergence, in the same run:
+same way with llama-perplexity's --kl-divergence, in the same run; the same
+for ik_llama.cpp with --ik-perplexity and --ik-gguf. For every peer file, ours
+is exported at its exact size (export.py --fit, with our importance matrix)
+and the table gives our KL over the peer's:
 
-    python3 bench/quality.py [--llama-perplexity PATH --gguf bench:bf16=B.gguf --gguf bench:Q8_0=Q.gguf ...]
+    python3 bench/quality.py [--llama-perplexity PATH --gguf bench:bf16=B.gguf --gguf bench:IQ2_XS=Q.gguf ...]
+        [--ik-perplexity PATH --ik-gguf bench:bf16=B.gguf --ik-gguf bench:IQ2_KS=K.gguf] [--models bench]
 """
 import argparse
 import json
@@ -31,12 +39,20 @@ import bench  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "quality")
 TEXT = os.path.join(ROOT, "demo", "heldout.txt")
+CALIB = "/usr/share/common-licenses/GPL-3"
 CTX = 128
 
 
-def export(src, out, wtype):
+def export(src, out, wtype, extra=()):
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
-        bench.sh([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--type", wtype])
+        bench.sh([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--type", wtype, *extra])
+    return out
+
+
+def importance(engine, bf16, calib, out):
+    """Our importance matrix of a model, from its bf16 file on the calibration text (once)."""
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(bf16):
+        bench.sh([engine, bf16, "--perplexity", calib, "-c", str(CTX), "--imatrix", out])
     return out
 
 
@@ -48,7 +64,7 @@ def ours(models, text, engine):
         out, _ = bench.sh([engine, files["bf16"], "--perplexity", text[name], "-c", str(CTX), "--kl-base", base])
         ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
         rows.append((name, "bf16 (base)", os.path.getsize(files["bf16"]), 0.0, 0.0, 1.0, ppl))
-        for fmt in ("q8", "q4"):
+        for fmt in [f for f in files if f != "bf16"]:
             out, _ = bench.sh([engine, files[fmt], "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base])
             r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
             rows.append((name, fmt, os.path.getsize(files[fmt]), r["kl_mean"], r["kl_p99"], r["top1"], r["perplexity"]))
@@ -56,13 +72,13 @@ def ours(models, text, engine):
     return rows
 
 
-def peers(tool, ggufs, text):
-    """The same measure with llama.cpp's llama-perplexity for each GGUF."""
+def peers(tool, ggufs, text, engine_name="llama.cpp"):
+    """The same measure with llama.cpp's (or ik_llama.cpp's) llama-perplexity for each GGUF."""
     rows = []
     for model, files in ggufs.items():
         if "bf16" not in files:
             sys.exit(f"quality: --gguf for {model} needs a bf16 file, the base")
-        base = os.path.join(CACHE, f"{model}-peer.kld")
+        base = os.path.join(CACHE, f"{model}-{engine_name}.kld")
         common = ["-f", text[model], "-c", str(CTX), "-t", str(os.cpu_count() or 1), "-b", str(CTX)]
         bench.sh([tool, "-m", files["bf16"], *common, "--kl-divergence-base", base])
         for name, path in files.items():
@@ -74,10 +90,19 @@ def peers(tool, ggufs, text):
             p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)
             top = float(re.search(r"Same top p:\s+([0-9.]+)", log).group(1)) / 100
             ppl = re.search(r"Mean\s+PPL\(Q\)\s*:\s+([0-9.]+)", log)
-            rows.append((model, "llama.cpp " + name, os.path.getsize(path), kl, float(p99.group(1)) if p99 else float("nan"),
+            rows.append((model, f"{engine_name} {name}", os.path.getsize(path), kl, float(p99.group(1)) if p99 else float("nan"),
                          top, float(ppl.group(1)) if ppl else float("nan")))
         os.remove(base)
     return rows
+
+
+def parse_ggufs(specs):
+    out = {}
+    for g in specs:
+        model, rest = g.split(":", 1)
+        name, path = rest.split("=", 1)
+        out.setdefault(model, {})[name] = path
+    return out
 
 
 def main():
@@ -85,31 +110,52 @@ def main():
     ap.add_argument("--llama-perplexity", help="llama.cpp's llama-perplexity, to measure its formats beside ours")
     ap.add_argument("--gguf", action="append", default=[], metavar="MODEL:NAME=PATH",
                     help="a GGUF of the demo or bench model; NAME bf16 is the base")
+    ap.add_argument("--ik-perplexity", help="ik_llama.cpp's llama-perplexity, for --ik-gguf files")
+    ap.add_argument("--ik-gguf", action="append", default=[], metavar="MODEL:NAME=PATH",
+                    help="a GGUF for ik_llama.cpp (its own types); NAME bf16 is the base")
+    ap.add_argument("--calib", default=CALIB, help="the calibration text of our importance matrix")
+    ap.add_argument("--models", default="demo,bench", help="which models: demo, bench or both")
     a = ap.parse_args()
     os.makedirs(CACHE, exist_ok=True)
     engine = os.path.join(ROOT, "mixtral")
-    bench_files = bench.ensure_models(["bf16", "q8", "q4"])
-    demo = {t: export(os.path.join(ROOT, "demo", "model"), os.path.join(CACHE, f"demo-{t}.bin"), t)
-            for t in ("bf16", "q8", "q4")}
-    # the bench model runs its bf16 prompts slowly: 8 windows of its text are enough
+    which = a.models.split(",")
     short = os.path.join(CACHE, "heldout-start.txt")
     with open(TEXT) as f:
         open(short, "w").write("".join(f.readlines()[:60]))
     text = {"demo": TEXT, "bench": short}
-    rows = ours({"demo": demo, "bench": bench_files}, text, engine)
-    ggufs = {}
-    for g in a.gguf:
-        model, rest = g.split(":", 1)
-        name, path = rest.split("=", 1)
-        ggufs.setdefault(model, {})[name] = path
+    sources = {"demo": os.path.join(ROOT, "demo", "model"), "bench": os.path.join(bench.CACHE, "hf")}
+    models = {}
+    if "bench" in which:
+        models["bench"] = bench.ensure_models(["bf16", "q8", "q4"])
+    if "demo" in which:
+        models["demo"] = {t: export(sources["demo"], os.path.join(CACHE, f"demo-{t}.bin"), t) for t in ("bf16", "q8", "q4")}
+    ggufs, ik_ggufs = parse_ggufs(a.gguf), parse_ggufs(a.ik_gguf)
+    for name, files in models.items():
+        imatrix = importance(engine, files["bf16"], a.calib, os.path.join(CACHE, f"{name}.imatrix"))
+        with_im = ("--imatrix", imatrix)
+        for t in ("q3", "q2"):
+            files[t] = export(sources[name], os.path.join(CACHE, f"{name}-{t}.bin"), t, with_im)
+        for peer, group in (("llama.cpp", ggufs.get(name, {})), ("ik_llama.cpp", ik_ggufs.get(name, {}))):
+            for fmt, path in group.items():
+                if fmt != "bf16":
+                    size = os.path.getsize(path)
+                    files[f"fit {peer} {fmt}"] = export(sources[name], os.path.join(CACHE, f"{name}-fit-{fmt}.bin"), "q4",
+                                                        ("--fit", str(size), *with_im))
+    rows = ours(models, text, engine)
     if a.llama_perplexity and ggufs:
-        rows += peers(a.llama_perplexity, ggufs, text)
+        rows += peers(a.llama_perplexity, {m: g for m, g in ggufs.items() if m in models}, text)
+    if a.ik_perplexity and ik_ggufs:
+        rows += peers(a.ik_perplexity, {m: g for m, g in ik_ggufs.items() if m in models}, text, "ik_llama.cpp")
     print()
-    print(f"KL divergence from the same model's bf16 run, text: demo/heldout.txt (bench: its first 60 verses), "
-          f"windows of -c {CTX}, second halves scored")
-    print(f"{'model':6} {'format':22} {'file GB':>8} {'mean KL':>9} {'99% KL':>9} {'top-1':>7} {'ppl':>10}")
+    print(f"KL divergence from the same model's bf16 run (each engine its own), text: demo/heldout.txt (bench: its "
+          f"first 60 verses), windows of -c {CTX}, second halves scored; importance matrices from {a.calib}")
+    print(f"{'model':6} {'format':30} {'file GB':>8} {'mean KL':>9} {'99% KL':>9} {'top-1':>7} {'ppl':>10} {'ours/peer KL':>13}")
+    by = {(r[0], r[1]): r for r in rows}
     for model, fmt, size, kl, p99, top, ppl in sorted(rows, key=lambda r: (r[0], -r[2])):
-        print(f"{model:6} {fmt:22} {size / 1e9:8.3f} {kl:9.5f} {p99:9.5f} {top:7.4f} {ppl:10.3f}")
+        ratio = ""
+        if fmt.startswith(("llama.cpp ", "ik_llama.cpp ")) and (model, "fit " + fmt) in by:
+            ratio = f"{by[(model, 'fit ' + fmt)][3] / kl:13.2f}" if kl > 0 else ""
+        print(f"{model:6} {fmt:30} {size / 1e9:8.3f} {kl:9.5f} {p99:9.5f} {top:7.4f} {ppl:10.3f} {ratio}")
 
 
 if __name__ == "__main__":

@@ -848,9 +848,15 @@ BOOK_STEP = 0.9  # each book's scale over the next one's
 
 
 def nearest_level(g, lev):
-    """g (..., n) values, lev (..., L) sorted levels -> the index of the nearest level of each value."""
-    mids = (lev[..., 1:] + lev[..., :-1]) * 0.5
-    return (g[..., :, None] > mids[..., None, :]).sum(-1)
+    """g (..., n) values, lev (..., L) sorted levels -> (the index of the nearest level of each value,
+    the level), a comparison with each midpoint at a time."""
+    code = np.zeros(g.shape, np.int8)
+    value = np.broadcast_to(lev[..., :1], g.shape).astype(np.float32)
+    for k in range(lev.shape[-1] - 1):
+        above = g > ((lev[..., k] + lev[..., k + 1]) * 0.5)[..., None]
+        code += above
+        value = value + above * (lev[..., k + 1] - lev[..., k])[..., None]
+    return code, value
 
 
 def quantize_coded(x, wtype, imp=None):
@@ -868,7 +874,7 @@ def quantize_coded(x, wtype, imp=None):
     top = levels[15]
     s = np.abs(g).max(-1) / top[-1]
     for _ in range(2):  # assign to the nearest level, refit the scale
-        q = top[nearest_level(g / np.where(s > 0, s, 1)[..., None], top)]
+        _, q = nearest_level(g / np.where(s > 0, s, 1)[..., None], top)
         num, den = (w * g * q).sum(-1), (w * q * q).sum(-1)
         s = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1), s)
     h, d = to_f16(s.max(1))
@@ -882,8 +888,8 @@ def quantize_coded(x, wtype, imp=None):
     for delta in (-1, 0, 1):
         c = np.clip(c0 + delta, 0, 15)
         lev = levels[c] * d[:, None, None]
-        code = nearest_level(g, lev)
-        r = g - np.take_along_axis(lev, code, -1)
+        code, value = nearest_level(g, lev)
+        r = g - value
         err = (w * r * r).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)

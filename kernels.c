@@ -1005,9 +1005,83 @@ static void neon_group(int q4, const uint8_t *grp, int K, const QuantX *x, float
     memcpy(out, tmp, nrows * sizeof(float));
 }
 
+// A q3 or q2 group against one token: each 4 rows' bytes index the codebooks
+// (book << 2 | code for q2's 64 levels, book << 3 | code for q3's 128) with
+// tbl lookups of 64 bytes (q3: two, the second for indices 64..127), and the
+// signed levels multiply the activations.
+static void neon_coded_group(int q3, const uint8_t *grp, int K, const QuantX *x, float *out, int nrows) {
+    int nb = K / QBLOCK;
+    const size_t bbytes = q3 ? 200 : 144;
+    const int8_t *lv = q3 ? &q3_levels[0][0] : &q2_levels[0][0];
+    const int8x16x4_t t0 = {{vld1q_s8(lv), vld1q_s8(lv + 16), vld1q_s8(lv + 32), vld1q_s8(lv + 48)}};
+    const int8x16x4_t t1 = q3 ? (int8x16x4_t){{vld1q_s8(lv + 64), vld1q_s8(lv + 80), vld1q_s8(lv + 96), vld1q_s8(lv + 112)}} : t0;
+    static const uint8_t rep_rows[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};  // byte 4r+i: row r's book
+    static const uint8_t rep_pairs[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}; // q3: its pair's byte
+    static const int8_t odd_shift[16] = {0, 0, 0, 0, -4, -4, -4, -4, 0, 0, 0, 0, -4, -4, -4, -4};
+    const uint8x16_t three = vdupq_n_u8(3), fifteen = vdupq_n_u8(15), sixtyfour = vdupq_n_u8(64);
+    float32x4_t d[4], acc[4];
+    for (int k = 0; k < 4; k++) {
+        d[k] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)grp + 4 * k)));
+        acc[k] = vdupq_n_f32(0);
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + 32 + (size_t)b * bbytes, *codes = blk + (q3 ? 8 : 16);
+        const int8_t *xq = x->q + b * QBLOCK;
+        int32x4_t is[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+        for (int k = 0; k < 4; k++) {
+            uint8x16_t bk[2];
+            if (q3) {
+                uint16_t two;
+                memcpy(&two, blk + 2 * k, 2);
+                uint8x16_t v = vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16(two)), vld1q_u8(rep_pairs));
+                bk[0] = bk[1] = vshlq_n_u8(vandq_u8(vshlq_u8(v, vld1q_s8(odd_shift)), fifteen), 3);
+            } else {
+                uint32_t four;
+                memcpy(&four, blk + 4 * k, 4);
+                uint8x16_t v = vqtbl1q_u8(vreinterpretq_u8_u32(vdupq_n_u32(four)), vld1q_u8(rep_rows));
+                bk[0] = vshlq_n_u8(vandq_u8(v, fifteen), 2);
+                bk[1] = vshlq_n_u8(vshrq_n_u8(v, 4), 2);
+            }
+            uint8x16_t top = q3 ? vld1q_u8(codes + 128 + 16 * k) : vdupq_n_u8(0);
+            for (int c = 0; c < 2; c++) {
+                uint8x16_t p = vld1q_u8(codes + 64 * c + 16 * k);
+                for (int j = 0; j < 4; j++) {
+                    int s = 4 * c + j;
+                    uint8x16_t code = vandq_u8(vshlq_u8(p, vdupq_n_s8((int8_t)(-2 * j))), three);
+                    int8x16_t w;
+                    if (q3) {
+                        uint8x16_t hi = vshlq_n_u8(vandq_u8(vshlq_u8(top, vdupq_n_s8((int8_t)-s)), vdupq_n_u8(1)), 2);
+                        uint8x16_t idx = vorrq_u8(vorrq_u8(bk[c], code), hi);
+                        w = vqtbx4q_s8(vqtbl4q_s8(t0, idx), t1, vsubq_u8(idx, sixtyfour));
+                    } else {
+                        w = vqtbl4q_s8(t0, vorrq_u8(bk[c], code));
+                    }
+                    int32_t xv;
+                    memcpy(&xv, xq + 4 * s, 4);
+                    is[k] = dot4_s8(is[k], w, vreinterpretq_s8_s32(vdupq_n_s32(xv)));
+                }
+            }
+        }
+        for (int k = 0; k < 4; k++) acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(is[k]), vmulq_n_f32(d[k], x->scale[b]));
+    }
+    float tmp[QROWS];
+    for (int k = 0; k < 4; k++) vst1q_f32(tmp + 4 * k, acc[k]);
+    memcpy(out, tmp, nrows * sizeof(float));
+}
+
 static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
-    if (weight_is_coded(type)) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; }
+    if (weight_is_coded(type)) {
+        for (int g = 0; g * QROWS < N; g++) {
+            int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
+            for (int m = 0; m < M; m++) {
+                QuantX xm = quantx_token(x, m, K);
+                neon_coded_group(type == WEIGHT_Q3, w + (size_t)g * quant_group_bytes(type, K), K, &xm,
+                                 out + (size_t)m * ldo + g * QROWS, nrows);
+            }
+        }
+        return;
+    }
     for (int g = 0; g * QROWS < N; g++) {
         int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
         for (int m = 0; m < M; m++) {

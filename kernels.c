@@ -193,6 +193,102 @@ void dequant_row(int type, const void *w, int K, int n, float *out) {
             out[b * QBLOCK + j] = (float)quant_weight(type, grp + (size_t)nb * 32, b, l, j) * f16_to_f32(scale[b * QROWS + l]);
 }
 
+// --- the KV cache's rows -------------------------------------------------------
+
+// f32 to IEEE half, rounded to nearest even (normal and subnormal results; the
+// scales stored here are never above 65504: values of a row are finite floats).
+static uint16_t f32_to_f16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = v.u >> 16 & 0x8000, a = v.u & 0x7FFFFFFF;
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7BFF); // (clamped: 65504)
+    if (a < 0x38800000u) { // below the smallest normal half: a multiple of 2^-24
+        float m = (float)(a ? ((union { uint32_t u; float f; }){a}).f : 0.0f) * 16777216.0f;
+        return (uint16_t)(sign | (uint32_t)lrintf(m));
+    }
+    uint32_t r = a + 0xFFF + (a >> 13 & 1); // to nearest even at bit 13
+    return (uint16_t)(sign | (r - 0x38000000u) >> 13);
+}
+
+void kv_store(int type, const float *x, void *row, int n) {
+    if (type == KV_F32) { memcpy(row, x, (size_t)n * 4); return; }
+    uint8_t *r = row;
+    if (type == KV_BF16) {
+        for (int i = 0; i < n; i++) {
+            union { float f; uint32_t u; } v = {x[i]};
+            uint16_t h = (uint16_t)((v.u + 0x7FFF + (v.u >> 16 & 1)) >> 16); // to nearest even
+            memcpy(r + 2 * i, &h, 2);
+        }
+        return;
+    }
+    if (type == KV_Q8) {
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        uint16_t h = f32_to_f16(amax / 127.0f);
+        float d = f16_to_f32(h), inv = d > 0 ? 1.0f / d : 0.0f;
+        memcpy(r, &h, 2);
+        for (int i = 0; i < n; i++) {
+            long q = lrintf(x[i] * inv);
+            r[2 + i] = (uint8_t)(int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+        }
+        return;
+    }
+    for (int b = 0; b < n / 32; b++, x += 32, r += 18) { // q4
+        float big = 0.0f;
+        for (int i = 0; i < 32; i++) big = fabsf(x[i]) > fabsf(big) ? x[i] : big;
+        uint16_t h = f32_to_f16(big / -8.0f);
+        float d = f16_to_f32(h), inv = d != 0 ? 1.0f / d : 0.0f;
+        memcpy(r, &h, 2);
+        for (int i = 0; i < 16; i++) {
+            long a = lrintf(x[2 * i] * inv), c = lrintf(x[2 * i + 1] * inv);
+            a = a > 7 ? 7 : a < -8 ? -8 : a;
+            c = c > 7 ? 7 : c < -8 ? -8 : c;
+            r[2 + i] = (uint8_t)((a + 8) | (c + 8) << 4);
+        }
+    }
+}
+
+// Value i of a row.
+static inline float kv_value(int type, const uint8_t *row, int i) {
+    switch (type) {
+    case KV_F32: { float v; memcpy(&v, row + 4 * (size_t)i, 4); return v; }
+    case KV_BF16: { uint16_t h; memcpy(&h, row + 2 * (size_t)i, 2); return bf16_to_f32(h); }
+    case KV_Q8: { uint16_t h; memcpy(&h, row, 2); return f16_to_f32(h) * (float)(int8_t)row[2 + i]; }
+    default: {
+        const uint8_t *blk = row + (size_t)(i / 32) * 18;
+        uint16_t h;
+        memcpy(&h, blk, 2);
+        uint8_t b = blk[2 + i % 32 / 2];
+        return f16_to_f32(h) * (float)((i % 2 ? b >> 4 : b & 15) - 8);
+    }
+    }
+}
+
+float ref_kv_dot(int type, const float *q, const void *row, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += q[i] * kv_value(type, row, i);
+    return s;
+}
+
+void ref_kv_axpy(int type, float a, const void *row, float *out, int n) {
+    for (int i = 0; i < n; i++) out[i] += a * kv_value(type, row, i);
+}
+
+void kv_rotate(float *x, int n) {
+    int m = n & -n; // the largest power of two dividing n
+    if (m < 2) return;
+    float norm = 1.0f / sqrtf((float)m);
+    for (float *blk = x; blk < x + n; blk += m) {
+        for (int h = 1; h < m; h *= 2)
+            for (int i = 0; i < m; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float a = blk[j], b = blk[j + h];
+                    blk[j] = a + b;
+                    blk[j + h] = a - b;
+                }
+        for (int i = 0; i < m; i++) blk[i] *= norm;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // 2. x86-64: AVX2 + FMA + F16C, with AVX-512 VNNI where the build has it
 #ifdef KERNELS_AVX2
@@ -217,6 +313,81 @@ static float avx2_dot_f32(const float *w, const float *x, int n) {
     float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < n; i++) s += w[i] * x[i];
     return s;
+}
+
+// The KV cache's q8 and q4 rows (kv_dot, kv_axpy): 8 values at a time widened
+// to f32; bf16 and f32 rows through the dot products above and below.
+static inline __m256 i8x8_ps(const void *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+// q4: a block's 32 values as 4 vectors of 8 (value 2i in the low nibble of byte i).
+static inline void q4_block_ps(const uint8_t *b, __m256 v[4]) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)b), low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, low), eight), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low), eight);
+    __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi); // values 0..15, 16..31 in order
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+}
+
+static float avx2_dot_bf16(const uint16_t *w, const float *x, int n);
+
+static float avx2_kv_dot(int type, const float *q, const void *row, int n) {
+    const uint8_t *r = row;
+    if (type == KV_F32) return avx2_dot_f32((const float *)row, q, n);
+    if (type == KV_BF16) return avx2_dot_bf16((const uint16_t *)row, q, n);
+    uint16_t h;
+    if (type == KV_Q8) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            a0 = _mm256_fmadd_ps(i8x8_ps(r + 2 + i), _mm256_loadu_ps(q + i), a0);
+            a1 = _mm256_fmadd_ps(i8x8_ps(r + 2 + i + 8), _mm256_loadu_ps(q + i + 8), a1);
+        }
+        float s = hsum_ps(_mm256_add_ps(a0, a1));
+        for (; i < n; i++) s += (float)(int8_t)r[2 + i] * q[i];
+        memcpy(&h, r, 2);
+        return s * f16_to_f32(h);
+    }
+    float s = 0.0f; // q4: per block, then scaled
+    for (int b = 0; b < n / 32; b++, r += 18, q += 32) {
+        __m256 v[4];
+        q4_block_ps(r + 2, v);
+        __m256 a = _mm256_mul_ps(v[0], _mm256_loadu_ps(q));
+        a = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(q + 8), a);
+        a = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(q + 16), a);
+        a = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(q + 24), a);
+        memcpy(&h, r, 2);
+        s += hsum_ps(a) * f16_to_f32(h);
+    }
+    return s;
+}
+
+static void avx2_kv_axpy(int type, float a, const void *row, float *out, int n) {
+    const uint8_t *r = row;
+    int i = 0;
+    if (type == KV_Q4) {
+        for (int b = 0; b < n / 32; b++, r += 18, out += 32) {
+            uint16_t h;
+            memcpy(&h, r, 2);
+            __m256 v[4], s = _mm256_set1_ps(a * f16_to_f32(h));
+            q4_block_ps(r + 2, v);
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + 8 * c, _mm256_fmadd_ps(v[c], s, _mm256_loadu_ps(out + 8 * c)));
+        }
+        return;
+    }
+    float scale = a;
+    if (type == KV_Q8) { uint16_t h; memcpy(&h, r, 2); scale = a * f16_to_f32(h); }
+    __m256 s = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = type == KV_F32 ? _mm256_loadu_ps((const float *)row + i)
+                 : type == KV_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + 2 * i))), 16))
+                 : i8x8_ps(r + 2 + i);
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(v, s, _mm256_loadu_ps(out + i)));
+    }
+    for (; i < n; i++) out[i] += type == KV_Q8 ? scale * (float)(int8_t)r[2 + i] : a * kv_value(type, r, i);
 }
 
 // bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
@@ -1091,6 +1262,64 @@ static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const Quan
         }
     }
 }
+// The KV cache's rows: f32 and bf16 through the dot products above, q8 and q4
+// widened to f32, 4 values at a time.
+static inline float32x4_t i8x4_f32(int8x8_t v, int high) {
+    int16x8_t w = vmovl_s8(v);
+    return vcvtq_f32_s32(vmovl_s16(high ? vget_high_s16(w) : vget_low_s16(w)));
+}
+
+static float neon_kv_dot(int type, const float *q, const void *row, int n) {
+    const uint8_t *r = row;
+    if (type == KV_F32) return neon_dot_f32((const float *)row, q, n);
+    if (type == KV_BF16) return neon_dot_bf16((const uint16_t *)row, q, n);
+    uint16_t h;
+    if (type == KV_Q8) {
+        float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            int8x8_t v = vld1_s8((const int8_t *)r + 2 + i);
+            a0 = vfmaq_f32(a0, i8x4_f32(v, 0), vld1q_f32(q + i));
+            a1 = vfmaq_f32(a1, i8x4_f32(v, 1), vld1q_f32(q + i + 4));
+        }
+        float s = vaddvq_f32(vaddq_f32(a0, a1));
+        for (; i < n; i++) s += (float)(int8_t)r[2 + i] * q[i];
+        memcpy(&h, r, 2);
+        return s * f16_to_f32(h);
+    }
+    float s = 0.0f;
+    for (int b = 0; b < n / 32; b++, r += 18, q += 32) {
+        uint8x16_t raw = vld1q_u8(r + 2);
+        int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15))), vdupq_n_s8(8));
+        int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), vdupq_n_s8(8));
+        int8x16x2_t z = vzipq_s8(lo, hi); // values 0..15, 16..31 in order
+        float32x4_t a = vdupq_n_f32(0);
+        for (int c = 0; c < 2; c++)
+            for (int half = 0; half < 2; half++) {
+                int8x8_t v = half ? vget_high_s8(z.val[c]) : vget_low_s8(z.val[c]);
+                a = vfmaq_f32(a, i8x4_f32(v, 0), vld1q_f32(q + 16 * c + 8 * half));
+                a = vfmaq_f32(a, i8x4_f32(v, 1), vld1q_f32(q + 16 * c + 8 * half + 4));
+            }
+        memcpy(&h, r, 2);
+        s += vaddvq_f32(a) * f16_to_f32(h);
+    }
+    return s;
+}
+
+static void neon_kv_axpy(int type, float a, const void *row, float *out, int n) {
+    if (type != KV_Q8) { ref_kv_axpy(type, a, row, out, n); return; }
+    const uint8_t *r = row;
+    uint16_t h;
+    memcpy(&h, r, 2);
+    float scale = a * f16_to_f32(h);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        int8x8_t v = vld1_s8((const int8_t *)r + 2 + i);
+        vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), i8x4_f32(v, 0), scale));
+        vst1q_f32(out + i + 4, vfmaq_n_f32(vld1q_f32(out + i + 4), i8x4_f32(v, 1), scale));
+    }
+    for (; i < n; i++) out[i] += scale * (float)(int8_t)r[2 + i];
+}
 #endif // KERNELS_NEON
 
 // ----------------------------------------------------------------------------
@@ -1118,6 +1347,8 @@ void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *ou
 #endif
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { avx2_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
+float kv_dot(int type, const float *q, const void *row, int n) { return avx2_kv_dot(type, q, row, n); }
+void kv_axpy(int type, float a, const void *row, float *out, int n) { avx2_kv_axpy(type, a, row, out, n); }
 
 #elif defined(KERNELS_NEON)
 const char kernels_simd_name[] = "neon";
@@ -1131,6 +1362,8 @@ void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
+float kv_dot(int type, const float *q, const void *row, int n) { return neon_kv_dot(type, q, row, n); }
+void kv_axpy(int type, float a, const void *row, float *out, int n) { neon_kv_axpy(type, a, row, out, n); }
 
 #else
 const char kernels_simd_name[] = "portable C";
@@ -1144,4 +1377,6 @@ void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
+float kv_dot(int type, const float *q, const void *row, int n) { return ref_kv_dot(type, q, row, n); }
+void kv_axpy(int type, float a, const void *row, float *out, int n) { ref_kv_axpy(type, a, row, out, n); }
 #endif

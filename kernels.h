@@ -19,6 +19,12 @@
 //       dx = max|x| / 127, qoff = -8 and -128 times the sum of the block's qx
 //   swiglu(h, h2, n)        : h[i] = silu(h[i]) * h2[i], silu(g) = g / (1 + e^-g)
 //   dequant_row(type, W, K, n, out): row n of W as f32 (the embedding lookup)
+//   the KV cache's rows (a key or a value of one head, n = head_dim values) in a KV_* type:
+//   kv_store(type, x, row, n): x (n,) f32 into the row (the same function on every build)
+//   kv_dot(type, q, row, n)  = sum_i q[i] kv(row)[i]
+//   kv_axpy(type, a, row, out, n): out[i] += a kv(row)[i]
+//   kv_rotate(x, n): x = H x, H the normalised Walsh-Hadamard matrix of the largest power of two
+//       dividing n, on each such block: orthonormal and its own inverse, so q.k = (Hq).(Hk)
 //
 // THE LAYOUT THEY READ
 //   f32, bf16: row-major, K values a row. bf16 is the top half of an f32.
@@ -107,6 +113,23 @@ static inline uint64_t quant_group_bytes(int type, uint64_t K) {
 // Bytes of one block of 32 weights of a group of q3 or q2 (the books and codes).
 static inline uint64_t coded_block_bytes(int type) { return type == WEIGHT_Q3 ? 200 : 144; }
 
+// The KV cache's types (--kv). A row is head_dim values:
+//   f32, bf16: as the weights;
+//   q8: an f16 scale d, then head_dim int8 q: v = d q, d = max|x| / 127 (rounded to f16)
+//   q4: per 32 values an f16 scale d and 16 bytes, value 2i in the low nibble of byte i and 2i+1
+//       in the high, as u = q + 8: v = d q, q in -8..7, d = -(the value of largest magnitude) / 8
+//   (q8 and q4 rows hold H x: kv_rotate's rotation, which spreads outliers over the row)
+enum { KV_F32, KV_BF16, KV_Q8, KV_Q4, KV_NTYPES };
+
+static inline size_t kv_row_bytes(int type, int n) {
+    switch (type) {
+    case KV_F32: return (size_t)4 * n;
+    case KV_BF16: return (size_t)2 * n;
+    case KV_Q8: return (size_t)n + 2;
+    default: return (size_t)n / 32 * 18; // q4
+    }
+}
+
 // The codebooks of q2 and q3: levels[book][code], int8.
 extern const int8_t q2_levels[16][4];
 extern const int8_t q3_levels[16][8];
@@ -170,6 +193,10 @@ void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *ou
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void swiglu(float *h, const float *h2, int64_t n);
 void dequant_row(int type, const void *w, int K, int n, float *out);
+void kv_store(int type, const float *x, void *row, int n);
+float kv_dot(int type, const float *q, const void *row, int n);
+void kv_axpy(int type, float a, const void *row, float *out, int n);
+void kv_rotate(float *x, int n);
 
 // The portable references, the same contracts.
 float ref_dot_f32(const float *a, const float *b, int n);
@@ -180,5 +207,7 @@ void ref_gemm_bf16_with(float (*dot)(const uint16_t *, const float *, int), cons
                         const float *x, int M, float *out, size_t ldo);
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
+float ref_kv_dot(int type, const float *q, const void *row, int n);
+void ref_kv_axpy(int type, float a, const void *row, float *out, int n);
 
 #endif

@@ -272,6 +272,44 @@ static void test_swiglu(void) {
     }
 }
 
+// kv_dot and kv_axpy against their references on rows kv_store wrote, every KV type, head
+// sizes with and without tails; kv_rotate is its own inverse and keeps the norm.
+static void test_kv(void) {
+    static const int sizes[] = {32, 64, 96, 128, 256};
+    static const char *names[KV_NTYPES] = {"f32", "bf16", "q8", "q4"};
+    for (int type = 0; type < KV_NTYPES; type++)
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
+            for (int trial = 0; trial < 20; trial++) {
+                int n = sizes[si];
+                float x[256], q[256], out[256], want[256], y[256];
+                uint8_t row[1024];
+                double abs_sum = 0, norm = 0, back = 0;
+                for (int i = 0; i < n; i++) {
+                    x[i] = uniform(-2, 2) * (trial % 3 == 0 && i == 5 ? 30.0f : 1.0f); // an outlier now and then
+                    q[i] = uniform(-1, 1);
+                    out[i] = want[i] = uniform(-1, 1);
+                    y[i] = x[i];
+                    norm += (double)x[i] * x[i];
+                }
+                kv_store(type, x, row, n);
+                float vals[256] = {0};
+                ref_kv_axpy(type, 1.0f, row, vals, n); // the row's values
+                for (int i = 0; i < n; i++) abs_sum += fabs((double)q[i] * vals[i]);
+                char what[64];
+                snprintf(what, sizeof(what), "kv_dot %s n=%d", names[type], n);
+                expect(what, trial, kv_dot(type, q, row, n), ref_kv_dot(type, q, row, n), tolerance(n, abs_sum));
+                kv_axpy(type, 0.37f, row, out, n);
+                ref_kv_axpy(type, 0.37f, row, want, n);
+                snprintf(what, sizeof(what), "kv_axpy %s n=%d", names[type], n);
+                for (int i = 0; i < n; i++) expect(what, i, out[i], want[i], 1e-5 * (fabs(want[i]) + 1));
+                kv_rotate(y, n);
+                for (int i = 0; i < n; i++) back += (double)y[i] * y[i];
+                expect("kv_rotate keeps the norm", n, (float)back, (float)norm, 1e-5 * norm);
+                kv_rotate(y, n);
+                for (int i = 0; i < n; i++) expect("kv_rotate twice", i, y[i], x[i], 1e-5 * (fabs(x[i]) + 1));
+            }
+}
+
 int main(int argc, char **argv) {
     uint64_t seed = argc > 1 ? strtoull(argv[1], NULL, 10) : 1;
     rng_state = seed * 0x9E3779B97F4A7C15ULL + 1;
@@ -280,6 +318,7 @@ int main(int argc, char **argv) {
     test_gemm_bf16();
     test_quantize();
     test_swiglu();
+    test_kv();
     printf("kernels_test (%s): %d checks, %d failed, seed %llu\n", kernels_simd_name, checks, failures,
            (unsigned long long)seed);
     return failures ? 1 : 0;

@@ -374,7 +374,7 @@ static void avx2_kv_axpy(int type, float a, const void *row, float *out, int n) 
             memcpy(&h, r, 2);
             __m256 v[4], s = _mm256_set1_ps(a * f16_to_f32(h));
             q4_block_ps(r + 2, v);
-            for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + 8 * c, _mm256_fmadd_ps(v[c], s, _mm256_loadu_ps(out + 8 * c)));
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + 8 * c, _mm256_add_ps(_mm256_loadu_ps(out + 8 * c), _mm256_mul_ps(v[c], s)));
         }
         return;
     }
@@ -385,7 +385,7 @@ static void avx2_kv_axpy(int type, float a, const void *row, float *out, int n) 
         __m256 v = type == KV_F32 ? _mm256_loadu_ps((const float *)row + i)
                  : type == KV_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + 2 * i))), 16))
                  : i8x8_ps(r + 2 + i);
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(v, s, _mm256_loadu_ps(out + i)));
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(v, s))); // (no FMA: as o += a v in C)
     }
     for (; i < n; i++) out[i] += type == KV_Q8 ? scale * (float)(int8_t)r[2 + i] : a * kv_value(type, r, i);
 }

@@ -62,6 +62,7 @@
 
 const char *const weight_type_name[WEIGHT_NTYPES] = {"f32", "bf16", "q8", "q4", "q6", "q3", "q2"};
 const char *const kind_name[N_KINDS] = {"embed", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "lm_head"};
+const char *const kv_type_name[KV_NTYPES] = {"f32", "bf16", "q8", "q4"};
 
 // ----------------------------------------------------------------------------
 // 2. state and KV cache
@@ -103,10 +104,11 @@ static void clear_counts(const Config *p, State *s) {
     s->counts.tokens_routed = 0;
 }
 
-void state_init(State *s, const Config *p, int context, int chunk, ThreadPool *pool) {
+void state_init(State *s, const Config *p, int context, int chunk, int kv_type, ThreadPool *pool) {
     size_t D = p->dim, H = p->hidden_dim, top_k = p->n_experts_per_tok, E = p->n_experts, C = chunk;
     size_t Q = (size_t)p->n_heads * p->head_dim, KV = (size_t)p->n_kv_heads * p->head_dim;
     memset(s, 0, sizeof(*s));
+    s->kv_type = kv_type;
     s->context = context;
     s->kv_len = p->sliding_window > 0 && p->sliding_window < context ? p->sliding_window : context;
     s->chunk = chunk;
@@ -126,8 +128,11 @@ void state_init(State *s, const Config *p, int context, int chunk, ThreadPool *p
     s->pair_weight = xcalloc(C * top_k, sizeof(float));
     s->router = xcalloc(E, sizeof(float));
     s->logits = xcalloc(C * p->vocab_size, sizeof(float));
-    s->keys = xcalloc((size_t)p->n_layers * s->kv_len * KV, sizeof(float));
-    s->values = xcalloc((size_t)p->n_layers * s->kv_len * KV, sizeof(float));
+    s->kv_row = kv_row_bytes(s->kv_type, p->head_dim);
+    s->keys = xcalloc((size_t)p->n_layers * s->kv_len * p->n_kv_heads, s->kv_row);
+    s->values = xcalloc((size_t)p->n_layers * s->kv_len * p->n_kv_heads, s->kv_row);
+    s->chunk_keys = xcalloc(C * p->n_kv_heads, s->kv_row);
+    s->chunk_values = xcalloc(C * p->n_kv_heads, s->kv_row);
     s->chosen = xcalloc(C * p->n_layers * top_k, sizeof(int));
     s->chosen_w = xcalloc(C * p->n_layers * top_k, sizeof(float));
     s->counts.expert_count = xcalloc((size_t)p->n_layers * E, sizeof(uint64_t));
@@ -151,11 +156,14 @@ void state_init(State *s, const Config *p, int context, int chunk, ThreadPool *p
 
 void state_free(State *s, const Config *p) {
     float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att_out, s->att, s->moe_in, s->hb, s->hb2,
-                     s->moe_out, s->pair_weight, s->router, s->logits, s->keys, s->values,
-                     s->chosen_w, s->rope_inv_freq};
+                     s->moe_out, s->pair_weight, s->router, s->logits, s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qoff); }
     free(s->xq);
+    free(s->keys);
+    free(s->values);
+    free(s->chunk_keys);
+    free(s->chunk_values);
     free(s->chosen);
     free(s->pair_token);
     free(s->counts.expert_count);
@@ -222,16 +230,16 @@ static void rope(float *vec, int n_heads, int head_dim, int pos, const float *in
 typedef struct {
     const Config *p;
     State *s;
-    const float *kc, *vc; // this layer's KV cache: keys, values (n_kv_heads, S, head_dim)
-    int pos0, n;          // the chunk: positions pos0 .. pos0+n-1
+    const uint8_t *kc, *vc; // this layer's KV cache: keys, values (n_kv_heads, S) rows
+    int pos0, n;            // the chunk: positions pos0 .. pos0+n-1
 } AttentionJob;
 
-// Key or value of position t for kv head kvh: from the chunk's own (C, KV) if
-// t is in the chunk, else from the KV cache, at t % S.
-static inline const float *kv_at(const AttentionJob *j, const float *held, const float *chunk, int kvh, int t, int at) {
-    int hd = j->p->head_dim, S = j->s->kv_len;
-    return t >= j->pos0 ? chunk + (size_t)(t - j->pos0) * j->p->n_kv_heads * hd + (size_t)kvh * hd
-                        : held + ((size_t)kvh * S + at) * hd;
+// The row of the key or value of position t for kv head kvh: from the chunk's
+// own rows (C, n_kv_heads) if t is in the chunk, else from the KV cache, at t % S.
+static inline const uint8_t *kv_at(const AttentionJob *j, const uint8_t *held, const uint8_t *chunk, int kvh, int t, int at) {
+    size_t row = j->s->kv_row;
+    return t >= j->pos0 ? chunk + ((size_t)(t - j->pos0) * j->p->n_kv_heads + kvh) * row
+                        : held + ((size_t)kvh * j->s->kv_len + at) * row;
 }
 
 // Scaled dot-product attention for a share of the kv heads, for every query
@@ -239,7 +247,9 @@ static inline const float *kv_at(const AttentionJob *j, const float *held, const
 // query attention (repeat_kv). A worker takes whole kv heads and runs all their
 // query heads together, key by key and value by value, so that each key and
 // value is read from memory once per query, not once per query head.
-// Keys before the chunk come from the KV cache, the chunk's own from s->k, s->v.
+// Keys before the chunk come from the KV cache, the chunk's own from its rows
+// (s->chunk_keys, s->chunk_values): stored in the same type, so that a prompt in
+// chunks reads the same numbers as token by token.
 static void attention_job(void *arg, int tid, int nthreads) {
     AttentionJob *j = arg;
     const Config *p = j->p;
@@ -257,17 +267,14 @@ static void attention_job(void *arg, int tid, int nthreads) {
             const float *q = s->q + (size_t)i * Q + (size_t)h0 * hd;
             float *att = s->att + (size_t)h0 * S, *out = s->att_out + (size_t)i * Q + (size_t)h0 * hd;
             for (int t = first, at = first % S; t <= pos; t++, at = at + 1 == S ? 0 : at + 1) {
-                const float *k = kv_at(j, j->kc, s->k, kvh, t, at);
-                for (int r = 0; r < group; r++) att[(size_t)r * S + t - first] = dot_f32(q + r * hd, k, hd) * scale;
+                const uint8_t *k = kv_at(j, j->kc, s->chunk_keys, kvh, t, at);
+                for (int r = 0; r < group; r++) att[(size_t)r * S + t - first] = kv_dot(s->kv_type, q + r * hd, k, hd) * scale;
             }
             for (int r = 0; r < group; r++) softmax(att + (size_t)r * S, pos - first + 1);
             memset(out, 0, (size_t)group * hd * sizeof(float));
             for (int t = first, at = first % S; t <= pos; t++, at = at + 1 == S ? 0 : at + 1) {
-                const float *v = kv_at(j, j->vc, s->v, kvh, t, at);
-                for (int r = 0; r < group; r++) {
-                    float a = att[(size_t)r * S + t - first], *o = out + r * hd;
-                    for (int d = 0; d < hd; d++) o[d] += a * v[d];
-                }
+                const uint8_t *v = kv_at(j, j->vc, s->chunk_values, kvh, t, at);
+                for (int r = 0; r < group; r++) kv_axpy(s->kv_type, att[(size_t)r * S + t - first], v, out + r * hd, hd);
             }
         }
     }
@@ -277,8 +284,8 @@ static void attention_job(void *arg, int tid, int nthreads) {
 // modeling_mixtral.py: MixtralAttention.forward
 static void attention(const Config *p, const Layer *L, State *s, int l, int pos0, int n) {
     int D = p->dim, Q = p->n_heads * p->head_dim, hd = p->head_dim, KV = p->n_kv_heads * hd, S = s->kv_len;
-    float *kc = s->keys + (size_t)l * S * KV;
-    float *vc = s->values + (size_t)l * S * KV;
+    size_t row = s->kv_row, layer_rows = (size_t)p->n_kv_heads * S;
+    uint8_t *kc = s->keys + (size_t)l * layer_rows * row, *vc = s->values + (size_t)l * layer_rows * row;
 
     for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * D, s->x + (size_t)i * D, L->attn_norm, D, p->rms_norm_eps);
     Gemm qkv[3] = {{s->q, s->xb, &L->wq, n, NULL}, {s->k, s->xb, &L->wk, n, NULL}, {s->v, s->xb, &L->wv, n, NULL}};
@@ -288,19 +295,36 @@ static void attention(const Config *p, const Layer *L, State *s, int l, int pos0
         rope(s->k + (size_t)i * KV, p->n_kv_heads, p->head_dim, pos0 + i, s->rope_inv_freq);
     }
 
+    // The chunk's keys and values as KV-cache rows. A quantized cache holds
+    // them rotated (kv_rotate: the same orthonormal H for queries and keys
+    // keeps q.k, and spreads a head's outliers over its row before rounding);
+    // the output, a sum of rotated values, is rotated back below.
+    int rotated = s->kv_type == KV_Q8 || s->kv_type == KV_Q4;
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < p->n_kv_heads; h++) {
+            float *k = s->k + (size_t)i * KV + h * hd, *v = s->v + (size_t)i * KV + h * hd;
+            if (rotated) { kv_rotate(k, hd); kv_rotate(v, hd); }
+            kv_store(s->kv_type, k, s->chunk_keys + ((size_t)i * p->n_kv_heads + h) * row, hd);
+            kv_store(s->kv_type, v, s->chunk_values + ((size_t)i * p->n_kv_heads + h) * row, hd);
+        }
+    if (rotated)
+        for (int i = 0; i < n * p->n_heads; i++) kv_rotate(s->q + (size_t)i * hd, hd);
+
     AttentionJob job = {p, s, kc, vc, pos0, n};
     pool_run(s->pool, attention_job, &job);
+    if (rotated)
+        for (int i = 0; i < n * p->n_heads; i++) kv_rotate(s->att_out + (size_t)i * hd, hd);
     // Only now do the chunk's keys and values join the KV cache: with a window,
     // a chunk longer than one step would otherwise overwrite keys its own
     // earlier queries still need. Position t goes to t % S (the ring).
     for (int i = 0; i < n; i++) {
         size_t at = (size_t)((pos0 + i) % S);
         for (int h = 0; h < p->n_kv_heads; h++) {
-            memcpy(kc + ((size_t)h * S + at) * hd, s->k + (size_t)i * KV + h * hd, hd * sizeof(float));
-            memcpy(vc + ((size_t)h * S + at) * hd, s->v + (size_t)i * KV + h * hd, hd * sizeof(float));
+            memcpy(kc + ((size_t)h * S + at) * row, s->chunk_keys + ((size_t)i * p->n_kv_heads + h) * row, row);
+            memcpy(vc + ((size_t)h * S + at) * row, s->chunk_values + ((size_t)i * p->n_kv_heads + h) * row, row);
         }
         int seen = pos0 + i + 1 < S ? pos0 + i + 1 : S;
-        count_memory(s, (uint64_t)2 * seen * KV * sizeof(float));
+        count_memory(s, (uint64_t)2 * seen * p->n_kv_heads * row);
     }
     Gemm o = {s->xb2, s->att_out, &L->wo, n, NULL};
     matmul(s, &o, 1); // o_proj
@@ -904,7 +928,7 @@ static int kv_len_of(const Config *p, int context) {
 // tokens and a reserve of 1/32) after the other weights and the working
 // buffers of `chunk`-token chunks.
 void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uint64_t mem, int context, int chunk,
-                int cache_policy) {
+                int kv_type, int cache_policy) {
     memset(m, 0, sizeof(*m));
     struct stat st;
     if (stat(path, &st) != 0) die("cannot open model file %s: %s", path, strerror(errno));
@@ -934,7 +958,7 @@ void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uin
     if (!expert_cache) { close(fd); return; }
     const Config *p = &m->config;
     int kv_len = kv_len_of(p, context);
-    uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * kv_len * p->n_kv_heads * p->head_dim * sizeof(float);
+    uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * kv_len * p->n_kv_heads * kv_row_bytes(kv_type, p->head_dim);
     uint64_t work = working_memory(p, chunk, pool->n, kv_len);
     uint64_t given = mem ? mem : avail - avail / 32 > kv_bytes ? avail - avail / 32 - kv_bytes : 0;
     uint64_t resident = keep_resident(m, fd, path);
@@ -1701,6 +1725,8 @@ static void print_usage(FILE *out) {
         "                        shares the page cache, runs slower (default: read it in if it fits)\n"
         "      --no-mmap         read the model into memory even if it looks too big to fit\n"
         "      --chunk N         prompt tokens processed together, each expert once per chunk (default 128)\n"
+        "      --kv TYPE         how the KV cache holds keys and values: f32, bf16, q8 or q4 (rotated;\n"
+        "                        q8 a quarter of f32's memory, q4 a seventh; default f32)\n"
         "      --info            print the model's configuration and exit\n"
         "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
@@ -1755,7 +1781,7 @@ typedef struct {
     const char *logits_path, *experts_path, *tokenize_path, *detokenize_ids;
     const char *ppl_path, *kl_out, *kl_in, *imatrix_out;
     const char *mode, *system, *chat_path, *chat_ids_path;
-    int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy;
+    int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy, kv_type;
     LoadMode load_mode;
     uint64_t seed, mem;
     RunOptions run;
@@ -1820,6 +1846,12 @@ static int parse_options(int argc, char **argv, Options *o) {
             o->cache_policy = !strcmp(v, "usage") ? EXPERT_CACHE_USAGE : EXPERT_CACHE_LRU;
         }
         else if (!strcmp(a, "--chunk")) o->chunk = (int)parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--kv")) {
+            int t = 0;
+            while (t < KV_NTYPES && strcmp(v, kv_type_name[t])) t++;
+            if (t == KV_NTYPES) die("--kv: expected f32, bf16, q8 or q4, got \"%.40s\"", v);
+            o->kv_type = t;
+        }
         else if (!strcmp(a, "--ids")) o->ids_arg = v;
         else if (!strcmp(a, "--dump-logits")) o->logits_path = v;
         else if (!strcmp(a, "--dump-experts")) o->experts_path = v;
@@ -1884,7 +1916,7 @@ int main(int argc, char **argv) {
     ThreadPool pool; // reads the model in, then runs it
     if (pool_init(&pool, o.threads) != 0) die("cannot start %d threads (try fewer with --threads)", o.threads);
     model_load(&model, o.model_path, quick ? LOAD_MMAP : o.load_mode, &pool, quick ? 0 : o.mem, o.context, o.chunk,
-               o.cache_policy);
+               o.kv_type, o.cache_policy);
     t_load = time_s() - t_load;
     const Config *p = &model.config;
     int status = 0;
@@ -1898,6 +1930,8 @@ int main(int argc, char **argv) {
         goto done;
     }
     if (o.context == 0) o.context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+    if (o.kv_type == KV_Q4 && p->head_dim % 32)
+        die("--kv q4 needs a head_dim that is a multiple of 32 (this model's is %d): use --kv q8", p->head_dim);
     if (o.context > p->max_seq_len)
         fprintf(stderr, "mixtral: warning: -c %d is beyond the %d positions the model was trained for; "
                         "expect worse text past %d\n", o.context, p->max_seq_len, p->max_seq_len);
@@ -1911,14 +1945,17 @@ int main(int argc, char **argv) {
     int running = !o.do_bench && !o.ppl_path && !o.ids_arg;
     if (running && !o.run.quiet) {
         double rss = resident_mb();
-        fprintf(stderr, "mixtral: loaded %s (%s, %.2f GB, %s) in %.2f s, %.0f MB resident; %d threads, context %d\n",
+        int kv_len = p->sliding_window > 0 && p->sliding_window < o.context ? p->sliding_window : o.context;
+        double kv_mb = 2.0 * p->n_layers * kv_len * p->n_kv_heads * kv_row_bytes(o.kv_type, p->head_dim) / 1e6;
+        fprintf(stderr, "mixtral: loaded %s (%s, %.2f GB, %s) in %.2f s, %.0f MB resident; %d threads, context %d, "
+                        "KV cache %s %.0f MB\n",
                 o.model_path, weight_type_name[p->weight_type], model.map_size / 1e9,
                 model.in_memory ? "read into memory" : "mapped", t_load,
-                rss >= 0 ? rss : peak_resident_mb(), o.threads, o.context);
+                rss >= 0 ? rss : peak_resident_mb(), o.threads, o.context, kv_type_name[o.kv_type], kv_mb);
         if (!o.seeded && o.sampler.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)o.seed);
     }
 
-    state_init(&state, p, o.context, o.chunk, &pool);
+    state_init(&state, p, o.context, o.chunk, o.kv_type, &pool);
     state.expert_cache = model.expert_cache;
     if (o.do_bench) {
         bench(&model, &state, o.threads, o.bench_depth);

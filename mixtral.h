@@ -43,6 +43,7 @@
 enum { KIND_EMBED, KIND_WQ, KIND_WK, KIND_WV, KIND_WO, KIND_W1, KIND_W3, KIND_W2, KIND_LM_HEAD, N_KINDS };
 extern const char *const kind_name[N_KINDS];
 extern const char *const weight_type_name[WEIGHT_NTYPES]; // "f32", "bf16", "q8", ... by WEIGHT_*
+extern const char *const kv_type_name[KV_NTYPES];         // "f32", "bf16", "q8", "q4" by KV_*
 
 typedef struct {
     char magic[8];          // "MIXTRALC"
@@ -174,8 +175,11 @@ typedef struct {
     float *router;     // (E,) router logits, then their softmax
     float *rope_inv_freq; // (head_dim/2,)
     float *logits;     // (C, V)
-    float *keys;       // (n_layers, n_kv_heads, S, head_dim) the KV cache: keys
-    float *values;     // (n_layers, n_kv_heads, S, head_dim) the KV cache: values
+    int kv_type;       // KV_* (kernels.h): how the KV cache holds a key or value (--kv)
+    size_t kv_row;     // bytes of one key or value of one head: kv_row_bytes(kv_type, head_dim)
+    uint8_t *keys;     // (n_layers, n_kv_heads, S) rows: the KV cache's keys
+    uint8_t *values;   // (n_layers, n_kv_heads, S) rows: its values
+    uint8_t *chunk_keys, *chunk_values; // (C, n_kv_heads) rows: the chunk's own, before they join it
     int *chosen;       // (C, n_layers, top_k) experts picked for each token of the last chunk
     float *chosen_w;   // (C, n_layers, top_k) their routing weights
     QuantInput *xq;    // (n_experts,) a batch's inputs quantized for q8/q6/q4 weights, C rows each
@@ -188,9 +192,9 @@ typedef struct {
 // What mixtral.c offers eval.c and the test drivers
 
 void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uint64_t mem, int context, int chunk,
-                int cache_policy);
+                int kv_type, int cache_policy);
 void model_free(Model *m);
-void state_init(State *s, const Config *p, int context, int chunk, ThreadPool *pool);
+void state_init(State *s, const Config *p, int context, int chunk, int kv_type, ThreadPool *pool);
 void state_free(State *s, const Config *p);
 // Runs n tokens at positions pos0.. through the model; the logits (n, V) with
 // all_logits, else (1, V) of the last token.

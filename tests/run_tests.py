@@ -27,7 +27,7 @@ import harness  # noqa: E402
 from harness import DEBUG_ENGINE, ENGINE, TESTS, Failure, Skip, compare_tokenizer  # noqa: E402
 
 FEATURES = ("test_engine", "test_kernels", "test_formats", "test_tokenizer_chat", "test_cli", "test_bad_input",
-            "test_expert_cache")
+            "test_expert_cache", "test_kv_cache")
 for feature in FEATURES:
     __import__(feature)
 

@@ -13,7 +13,7 @@ static void put_u32(FILE *f, uint32_t v) { fwrite(&v, 4, 1, f); }
 int main(int argc, char **argv) {
     if (argc != 4) die("usage: tok_batch MODEL.bin IN OUT");
     Model m;
-    model_load(&m, argv[1], LOAD_MMAP, NULL, 0, 0, 1, EXPERT_CACHE_LRU);
+    model_load(&m, argv[1], LOAD_MMAP, NULL, 0, 0, 1, KV_F32, EXPERT_CACHE_LRU);
     const Tokenizer *t = &m.tokenizer;
     size_t len;
     char *in = read_file(argv[2], &len);

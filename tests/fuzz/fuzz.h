@@ -24,7 +24,7 @@ static const Tokenizer *fuzz_tokenizer(void) {
         const char *path = getenv("MIXTRAL_FUZZ_MODEL");
         if (!path) { fprintf(stderr, "set MIXTRAL_FUZZ_MODEL to a model file (its tokenizer is used)\n"); abort(); }
         if (setjmp(die_jump)) { fprintf(stderr, "MIXTRAL_FUZZ_MODEL=%s does not load\n", path); abort(); }
-        model_load(&fuzz_model, path, LOAD_MMAP, NULL, 0, 0, 1, EXPERT_CACHE_LRU);
+        model_load(&fuzz_model, path, LOAD_MMAP, NULL, 0, 0, 1, KV_F32, EXPERT_CACHE_LRU);
         loaded = 1;
     }
     return &fuzz_model.tokenizer;

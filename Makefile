@@ -5,9 +5,9 @@ CFLAGS ?= -O3 $(ARCH) -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE
 LDLIBS = -lm -lpthread
 PYTHON ?= /usr/bin/python3
 # the engine, and what a program that #includes mixtral.c (the test drivers) links with it
-LIB = eval.c expert_cache.c util.c kernels.c pool.c chat.c tokenizer.c
+LIB = eval.c expert_cache.c session.c util.c kernels.c pool.c chat.c tokenizer.c
 SRC = mixtral.c $(LIB)
-HDR = mixtral.h eval.h expert_cache.h util.h kernels.h pool.h chat.h tokenizer.h
+HDR = mixtral.h eval.h expert_cache.h session.h util.h kernels.h pool.h chat.h tokenizer.h
 
 all: mixtral
 

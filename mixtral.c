@@ -53,6 +53,7 @@
 
 #include "eval.h"
 #include "mixtral.h"
+#include "session.h"
 
 // ----------------------------------------------------------------------------
 // 1. notation
@@ -132,6 +133,7 @@ void state_init(State *s, const Config *p, int context, int chunk, int kv_type, 
     s->keys = xcalloc((size_t)p->n_layers * s->kv_len * p->n_kv_heads, s->kv_row);
     s->values = xcalloc((size_t)p->n_layers * s->kv_len * p->n_kv_heads, s->kv_row);
     s->chunk_keys = xcalloc(C * p->n_kv_heads, s->kv_row);
+    s->tokens = xcalloc(context, sizeof(int));
     s->chunk_values = xcalloc(C * p->n_kv_heads, s->kv_row);
     s->chosen = xcalloc(C * p->n_layers * top_k, sizeof(int));
     s->chosen_w = xcalloc(C * p->n_layers * top_k, sizeof(float));
@@ -164,6 +166,7 @@ void state_free(State *s, const Config *p) {
     free(s->values);
     free(s->chunk_keys);
     free(s->chunk_values);
+    free(s->tokens);
     free(s->chosen);
     free(s->pair_token);
     free(s->counts.expert_count);
@@ -502,6 +505,7 @@ float *forward_chunk(Model *m, State *s, const int *ids, int n, int pos0, int al
     }
     if (pos0 < 0 || pos0 > s->context - n)
         die("position %d is past the context of %d tokens; use a larger -c", pos0 + n - 1, s->context);
+    memcpy(s->tokens + pos0, ids, n * sizeof(int));
     for (int l = 0; l < p->n_layers; l++) {
         attention(p, &m->weights.layers[l], s, l, pos0, n);
         moe(p, &m->weights.layers[l], l + 1 < p->n_layers ? &m->weights.layers[l + 1] : NULL, s, l, n);
@@ -1113,6 +1117,8 @@ typedef struct {
     int n_stop;
     int stats, trace;   // --expert-stats, --trace-experts
     int quiet;          // --quiet: stdout's text only, nothing on stderr but errors
+    const char *session; // --session: the file of the tokens and KV cache kept between runs, or NULL
+    const char *model_path;
 } RunOptions;
 
 // Ctrl-C stops a reply (or a prompt being read in) instead of the program. The
@@ -1414,6 +1420,23 @@ static void print_routing(const Model *m, const State *s, const RunOptions *opt,
     fflush(stdout);
 }
 
+// --session: the positions whose keys and values the session file held for
+// the start of ids (n tokens), and the sampler told of them. 0 without one.
+static int resume(const Model *m, State *s, Sampler *sm, const RunOptions *opt, const int *ids, int n) {
+    if (!opt->session) return 0;
+    int reused = session_resume(opt->session, m, s, ids, n);
+    for (int i = 0; i < reused; i++) sampler_accept(sm, ids[i]);
+    if (!opt->quiet && reused) fprintf(stderr, "[%d tokens from %s]\n", reused, opt->session);
+    return reused;
+}
+
+// --session: the first n positions' tokens and keys and values saved for the next run.
+static void keep_session(const Model *m, const State *s, const RunOptions *opt, int n) {
+    if (!opt->session || n <= 0) return;
+    const char *inputs[] = {opt->model_path};
+    session_save(opt->session, m, s, n, inputs, 1);
+}
+
 // Continues a prompt. Returns the exit status: 0, or 130 after Ctrl-C.
 static int generate(Model *m, State *s, Sampler *sm, const char *prompt, size_t prompt_len, const RunOptions *opt) {
     const Config *p = &m->config;
@@ -1430,12 +1453,13 @@ static int generate(Model *m, State *s, Sampler *sm, const char *prompt, size_t 
     echo_ids(&dec, &m->tokenizer, prompt_ids.ids + 1, n - 1);
 
     double t0 = time_s();
-    int pos = 0;
-    int fed = feed(m, s, sm, prompt_ids.ids, n, &pos, show_progress(opt, s, n));
+    int pos = resume(m, s, sm, opt, prompt_ids.ids, n);
+    int fed = feed(m, s, sm, prompt_ids.ids + pos, n - pos, &pos, show_progress(opt, s, n - pos));
     double t_prompt = time_s() - t0;
     Trace tr = {0};
     Reply r = {0};
-    if (fed == n) r = reply(m, s, sm, opt, &pos, &dec, opt->trace ? &tr : NULL);
+    if (pos == n) r = reply(m, s, sm, opt, &pos, &dec, opt->trace ? &tr : NULL);
+    keep_session(m, s, opt, pos);
     printf("\n");
     print_routing(m, s, opt, &tr);
     trace_free(&tr);
@@ -1535,10 +1559,14 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         }
         chat_free(&conv);
         double t0 = time_s();
-        if (feed(m, s, sm, turn.ids, turn.n, &pos, show_progress(opt, s, turn.n)) < turn.n)
+        int reused = pos = resume(m, s, sm, opt, turn.ids, turn.n);
+        if (feed(m, s, sm, turn.ids + pos, turn.n - pos, &pos, show_progress(opt, s, turn.n - pos)) < turn.n - reused)
             die("interrupted while reading %s", conv_path);
-        tot.in_tokens += turn.n;
+        tot.in_tokens += turn.n - reused;
         tot.in_s += time_s() - t0;
+        if (!opt->quiet)
+            fprintf(stderr, "[%d tokens in, %.2f tok/s, in %.2f s]\n", turn.n - reused, per_second(turn.n - reused, time_s() - t0),
+                    time_s() - t0);
         chat_reply(m, s, sm, opt, &pos, &dec, &tot);
         replied = 1;
         system = NULL; // it belonged to the file's first user message
@@ -1586,6 +1614,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         chat_reply(m, s, sm, opt, &pos, &dec, &tot);
         replied = 1;
     }
+    keep_session(m, s, opt, pos);
     if (!opt->quiet) print_summary(tot.in_tokens, tot.in_s, tot.out_tokens, tot.out_s);
     if (!opt->quiet && s->expert_cache) print_expert_cache(s->expert_cache, stderr);
     free(turn.ids);
@@ -1713,6 +1742,9 @@ static void print_usage(FILE *out) {
         "  -p, --top-p P         keep the fewest most likely tokens holding P of the mass, 1 = off (default 0.9)\n"
         "  -s, --seed N          random seed (default: from the clock, printed to stderr)\n"
         "      --stop STR        end the reply where STR appears, not printing it (repeatable)\n"
+        "      --session F       keep the tokens and KV cache in F after the run; a later run of the same\n"
+        "                        model whose prompt or conversation starts with them reuses their keys\n"
+        "                        and values and runs only the rest\n"
         "output and speed:\n"
         "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
         "      --threads N       threads (default and most: the CPUs this process may run on)\n"
@@ -1804,7 +1836,7 @@ static int parse_options(int argc, char **argv, Options *o) {
         return 1;
     }
     if (argc < 2 || argv[1][0] == '-') { print_usage(stderr); die("the first argument must be a model file"); }
-    o->model_path = argv[1];
+    o->model_path = o->run.model_path = argv[1];
     o->run.stop = xcalloc(argc, sizeof(char *));
     Sampler *sm = &o->sampler;
     for (int i = 2; i < argc; i++) {
@@ -1858,6 +1890,7 @@ static int parse_options(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--perplexity")) o->ppl_path = v;
         else if (!strcmp(a, "--kl-base")) o->kl_out = v;
         else if (!strcmp(a, "--kl-divergence")) o->kl_in = v;
+        else if (!strcmp(a, "--session")) o->run.session = v;
         else if (!strcmp(a, "--imatrix")) o->imatrix_out = v;
         else if (!strcmp(a, "--tokenize-file")) o->tokenize_path = v;
         else if (!strcmp(a, "--detokenize")) o->detokenize_ids = v;

@@ -180,6 +180,7 @@ typedef struct {
     uint8_t *keys;     // (n_layers, n_kv_heads, S) rows: the KV cache's keys
     uint8_t *values;   // (n_layers, n_kv_heads, S) rows: its values
     uint8_t *chunk_keys, *chunk_values; // (C, n_kv_heads) rows: the chunk's own, before they join it
+    int *tokens;       // (context,) the token at each position run so far (--session saves them)
     int *chosen;       // (C, n_layers, top_k) experts picked for each token of the last chunk
     float *chosen_w;   // (C, n_layers, top_k) their routing weights
     QuantInput *xq;    // (n_experts,) a batch's inputs quantized for q8/q6/q4 weights, C rows each

@@ -172,7 +172,8 @@ QUANT_BOUNDS = {  # rms error / logit std, top-1 agreement, max error where rout
 
 
 # what the Makefile builds: mixtral.c and LIB, what a program that #includes mixtral.c links with it
-LIB = [os.path.join(ROOT, f) for f in ("eval.c", "expert_cache.c", "util.c", "kernels.c", "pool.c", "chat.c", "tokenizer.c")]
+LIB = [os.path.join(ROOT, f) for f in ("eval.c", "expert_cache.c", "session.c", "util.c", "kernels.c", "pool.c", "chat.c",
+                                      "tokenizer.c")]
 
 
 SOURCES = [os.path.join(ROOT, "mixtral.c")] + LIB

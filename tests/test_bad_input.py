@@ -369,7 +369,8 @@ def fails_cleanly(cmd, needle, path, content, what):
 def failed_outputs_leave_nothing(tmp):
     """Every output that fails, for any reason, removes what it began and leaves an existing file as it
     was: --dump-logits when --dump-experts cannot be written (it left L.partial before), and on a full
-    disk (a 256 KB tmpfs the test mounts) --dump-logits, --kl-base and export.py: one line, exit 1."""
+    disk (a 256 KB tmpfs the test mounts) --dump-logits, --kl-base, --imatrix, --session and
+    export.py: one line, exit 1."""
     model = small_model(tmp)
     out = os.path.join(tmp, "out")
     os.makedirs(out)
@@ -398,7 +399,22 @@ def failed_outputs_leave_nothing(tmp):
               f"export.py on a full disk: exit {r.returncode}\n{r.stderr[-500:]}")
         check(open(exported, "rb").read() == old and not [f for f in os.listdir(disk) if f.endswith(".partial")],
               "export.py on a full disk: the file changed or a partial file is left")
-        n += 3
+        # --imatrix and --session on a disk with 8 KB left
+        im = os.path.join(disk, "m.imatrix")
+        open(im, "wb").write(old)
+        st = os.statvfs(disk)
+        with open(os.path.join(disk, "filler"), "wb") as f:
+            f.write(b"\0" * max(st.f_bavail * st.f_frsize - 8 * 1024, 0))
+        fails_cleanly([ENGINE, model, "--perplexity", text, "-c", "32", "--imatrix", im], "no space", im, old,
+                      "--imatrix on a full disk")
+        sess = os.path.join(disk, "m.session")
+        open(sess, "wb").write(old)
+        os.remove(sess)  # (a session that is not a session would be refused before the run)
+        r = run([ENGINE, model, "-i", "Once upon a time", "-n", "100", "-t", "0", "-c", "256", "--session", sess])
+        check(r.returncode == 1 and "no space" in r.stderr.lower() and not os.path.exists(sess)
+              and not [f for f in os.listdir(disk) if f.endswith(".partial")],
+              f"--session on a full disk: exit {r.returncode}\n{r.stderr[-400:]}")
+        n += 5
     return f"{n} failed outputs: no partial file left, the existing file untouched"
 
 

@@ -54,3 +54,68 @@ def kv_memory_and_options(tmp):
                                experts=4, top_k=2)
     expect_error([ENGINE, export(d2, os.path.join(tmp, "odd.bin"), "bf16"), "-i", "x", "--kv", "q4"], "multiple of 32")
     return f"KV cache at -c 16384: " + ", ".join(f"{k} {v} MB" for k, v in mb.items())
+
+
+def file_digest(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@test
+def sessions(tmp):
+    """--session: a second run of the same prompt, of a longer prompt that starts with it, and of a grown
+    --chat-file conversation reuses the saved tokens' keys and values (it says how many) and prints
+    exactly what a run without the session prints (greedy), in every KV type; a session of another
+    model, another KV type or context, a truncated or a corrupt one is refused with one line and left
+    as it was."""
+    d, cfg, ids, shape = random_model(tmp, 43, 4, 3, dim=64, hidden_dim=96, heads=4, kv_heads=2, head_dim=32, experts=4,
+                                      top_k=2)
+    model = export(d, os.path.join(tmp, "m.bin"), "q8")
+    n = 0
+    for kv in ("f32", "q8", "q4"):
+        sess = os.path.join(tmp, f"{kv}.session")
+        base = [ENGINE, model, "-n", "12", "-t", "0", "-c", "256", "--kv", kv]
+        for prompt in ("Once upon a time there was", "Once upon a time there was a king who"):
+            want = run(base + ["-i", prompt])
+            got = run(base + ["-i", prompt, "--session", sess])
+            check(want.returncode == 0 and got.returncode == 0 and got.stdout == want.stdout,
+                  f"--kv {kv}, {prompt!r}: with the session {got.stdout!r}, without {want.stdout!r}\n{got.stderr[-300:]}")
+            n += 1
+        again = run(base + ["-i", "Once upon a time there was a king who", "--session", sess])
+        m = re.search(r"\[(\d+) tokens from", again.stderr)
+        check(m and int(m.group(1)) >= 8 and again.stdout == want.stdout, f"--kv {kv}: the second run reused "
+              f"{m.group(1) if m else 'nothing'}:\n{again.stderr[-300:]}")
+    # a conversation file that grows: the reply is the same, and only the new turn is run
+    conv = os.path.join(tmp, "conv.json")
+    msgs = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    json.dump({"messages": msgs}, open(conv, "w"))
+    sess = os.path.join(tmp, "chat.session")
+    chat = [ENGINE, model, "-m", "chat", "-n", "10", "-t", "0", "-c", "512", "--chat-file", conv]
+    first = run(chat + ["--session", sess], input="")
+    check(first.returncode == 0, first.stderr[-300:])
+    reply = first.stdout.split("Assistant: ", 1)[1].split("\n")[0]
+    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then what happened?"}]
+    json.dump({"messages": msgs}, open(conv, "w"))
+    want = run(chat, input="")
+    got = run(chat + ["--session", sess], input="")
+    m = re.search(r"\[(\d+) tokens from", got.stderr)
+    check(got.stdout == want.stdout and m and int(m.group(1)) >= 10, f"the grown conversation: with the session "
+          f"{got.stdout!r} (reused {m.group(1) if m else 'nothing'}), without {want.stdout!r}")
+    # refusals, the file as it was
+    sess = os.path.join(tmp, "f32.session")
+    before = file_digest(sess)
+    other = export(random_model(tmp, 47, 1, 0, name="other", dim=64, hidden_dim=96, heads=4, kv_heads=2, head_dim=32,
+                                experts=4, top_k=2)[0], os.path.join(tmp, "other.bin"), "q8")
+    cases = [([ENGINE, other, "-i", "Once", "-c", "256", "--session", sess], "another model"),
+             ([ENGINE, model, "-i", "Once", "-c", "256", "--kv", "q8", "--session", sess], "type f32"),
+             ([ENGINE, model, "-i", "Once", "-c", "300", "--session", sess], "another context")]
+    for cmd, needle in cases:
+        expect_error(cmd, needle)
+        check(file_digest(sess) == before, f"{needle}: the session file changed")
+    raw = open(sess, "rb").read()
+    for name, data, needle in (("cut", raw[:-100], "truncated"), ("flipped", raw[:60] + bytes([raw[60] ^ 1]) + raw[61:], "corrupt")):
+        bad = os.path.join(tmp, name + ".session")
+        open(bad, "wb").write(data)
+        expect_error([ENGINE, model, "-i", "Once", "-c", "256", "--session", bad], needle)
+        check(open(bad, "rb").read() == data, f"{name}: the session file changed")
+    return f"{n} runs, 3 KV types and a grown conversation identical with their sessions; 5 bad sessions refused"

@@ -1626,8 +1626,9 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
 // --bench: a 128-token prompt of fixed pseudo-random ids, then 64 greedy
 // tokens (EOS does not stop it). Decode speed is reported with the bytes of
 // weights and KV cache it read, and the closing JSON line is for scripts. With
-// --bench-depth also a 512-token prompt, and decoding (32 tokens) after 1024
-// and after 4096 tokens of context, as far as -c allows.
+// --bench-depth also a 512-token prompt, and decoding (32 tokens) after 1024,
+// 4096, 16384 and 32768 tokens of context, and a 512-token prompt after 8192
+// (by default with the context that needs).
 static double bench_decode(Model *m, State *s, int n, int *pos) {
     double t0 = time_s();
     for (int i = 0; i < n; i++) forward(m, s, argmax(s->logits, m->config.vocab_size), (*pos)++);
@@ -1636,8 +1637,8 @@ static double bench_decode(Model *m, State *s, int n, int *pos) {
 
 static double bench_prompt(Model *m, State *s, int n, int *pos) {
     int *ids = xcalloc(n, sizeof(int));
-    uint64_t rng = 0x2545F4914F6CDD1DULL;
-    ids[0] = m->config.bos_id;
+    uint64_t rng = 0x2545F4914F6CDD1DULL + (uint64_t)*pos;
+    ids[0] = *pos ? (int)(random_u32(&rng) % (uint32_t)m->config.vocab_size) : m->config.bos_id;
     for (int i = 1; i < n; i++) ids[i] = (int)(random_u32(&rng) % (uint32_t)m->config.vocab_size);
     double t0 = time_s();
     feed(m, s, NULL, ids, n, pos, 0);
@@ -1674,24 +1675,28 @@ static void bench(Model *m, State *s, int threads, int depth) {
             prefill, decode, bytes / 1e6, bytes * decode / 1e9);
     char extra[768] = "";
     int o = 0;
-    if (depth) {
-        if (s->context >= 512) {
-            pos = 0;
-            double pp512 = bench_prompt(m, s, 512, &pos);
-            fprintf(stderr, "512-token prompt: %.2f tok/s\n", pp512);
-            o += snprintf(extra + o, sizeof(extra) - o, ", \"pp512_tok_s\": %.3f", pp512);
-        }
-        static const int depths[] = {1024, 4096};
-        for (int i = 0; i < 2; i++) {
-            if (s->context < depths[i] + DEPTH_DECODE) {
-                fprintf(stderr, "decoding after %d tokens: skipped, -c %d is too short\n", depths[i], s->context);
+    if (depth) { // one sequence that grows: a 512-token prompt first, then to each depth and decode there
+        pos = 0;
+        double pp512 = bench_prompt(m, s, 512, &pos);
+        fprintf(stderr, "512-token prompt: %.2f tok/s\n", pp512);
+        o += snprintf(extra + o, sizeof(extra) - o, ", \"pp512_tok_s\": %.3f", pp512);
+        static const int depths[] = {1024, 4096, 8192, 16384, 32768};
+        for (int i = 0; i < 5; i++) {
+            int d = depths[i], need = d + (d == 8192 ? 512 : DEPTH_DECODE);
+            if (s->context < need) {
+                fprintf(stderr, "after %d tokens: skipped, it needs -c %d (this run's is %d)\n", d, need, s->context);
                 continue;
             }
-            pos = 0;
-            bench_prompt(m, s, depths[i], &pos);
-            double d = bench_decode(m, s, DEPTH_DECODE, &pos);
-            fprintf(stderr, "decoding after %d tokens: %.2f tok/s\n", depths[i], d);
-            o += snprintf(extra + o, sizeof(extra) - o, ", \"decode_at_%d_tok_s\": %.3f", depths[i], d);
+            if (pos < d) bench_prompt(m, s, d - pos, &pos);
+            if (d == 8192) { // a prompt after a long context: attention over 8k keys for each token
+                double r = bench_prompt(m, s, 512, &pos);
+                fprintf(stderr, "512-token prompt after %d tokens: %.2f tok/s\n", d, r);
+                o += snprintf(extra + o, sizeof(extra) - o, ", \"pp512_at_%d_tok_s\": %.3f", d, r);
+                continue;
+            }
+            double r = bench_decode(m, s, DEPTH_DECODE, &pos);
+            fprintf(stderr, "decoding after %d tokens: %.2f tok/s\n", d, r);
+            o += snprintf(extra + o, sizeof(extra) - o, ", \"decode_at_%d_tok_s\": %.3f", d, r);
         }
     }
     if (m->expert_cache) {
@@ -1763,7 +1768,8 @@ static void print_usage(FILE *out) {
         "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
         "      --bench           time a 128-token prompt and 64 generated tokens; ends with a JSON line\n"
-        "      --bench-depth     --bench, then a 512-token prompt and decoding after 1024 and 4096 tokens\n"
+        "      --bench-depth     --bench, then a 512-token prompt, decoding after 1024, 4096, 16384 and 32768\n"
+        "                        tokens and a 512-token prompt after 8192 (-c 32800 unless given)\n"
         "      --perplexity F    perplexity over text file F, in windows of -c tokens, each from BOS\n"
         "      --kl-base OUT     with --perplexity: save every position's log-probabilities to OUT\n"
         "      --kl-divergence B with --perplexity: KL divergence from, and top-1 agreement with, base file B\n"
@@ -1962,6 +1968,7 @@ int main(int argc, char **argv) {
         if (o.detokenize_ids) eval_detokenize(&model.tokenizer, o.detokenize_ids);
         goto done;
     }
+    if (o.context == 0 && o.bench_depth) o.context = 32768 + 32; // the depths it measures
     if (o.context == 0) o.context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
     if (o.kv_type == KV_Q4 && p->head_dim % 32)
         die("--kv q4 needs a head_dim that is a multiple of 32 (this model's is %d): use --kv q8", p->head_dim);

@@ -88,17 +88,21 @@ def peer_run(tool, gguf, threads, ik):
     return pp[0], tg[0]
 
 
-DEPTHS = (1024, 4096)
+DEPTHS = (1024, 4096, 16384, 32768)  # decoding after these many tokens; and a 512-token prompt after 8192
+PEER_KV = {"f32": "f32", "bf16": "bf16", "q8": "q8_0", "q4": "q4_0"}  # our --kv, ik_llama.cpp's -ctk/-ctv
 
 
-def peer_depth_run(tool, gguf, threads):
-    """ik_llama.cpp at depth: a 512-token prompt, and 32 tokens decoded after 1024 and after 4096 tokens
-    of context (its -gp): {"pp512": tok/s, 1024: tok/s, 4096: tok/s}."""
-    cmd = [tool, "-m", gguf, "-p", "512", "-n", "0", "-t", str(threads), "-r", "1", "-rtr", "1", "-o", "json"]
+def peer_depth_run(tool, gguf, threads, kv):
+    """ik_llama.cpp at depth with the KV type that matches ours: a 512-token prompt, 32 tokens decoded
+    after each of DEPTHS (its -gp), and a 512-token prompt after 8192 (the time of -p 8704 less that of
+    -p 8192): {"pp512": tok/s, "pp512@8192": tok/s, 1024: tok/s, ...}."""
+    cmd = [tool, "-m", gguf, "-p", "512,8192,8704", "-n", "0", "-t", str(threads), "-r", "1", "-rtr", "1", "-o", "json",
+           "-fa", "1", "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv]]
     for d in DEPTHS:
         cmd += ["-gp", f"{d},32"]
     rows = json.loads(sh(cmd)[0])
-    out = {"pp512": next(r["avg_ts"] for r in rows if r.get("n_prompt") == 512 and r.get("n_gen") == 0)}
+    pp = {r["n_prompt"]: r["avg_ts"] for r in rows if r.get("n_gen") == 0}
+    out = {"pp512": pp[512], "pp512@8192": 512 / (8704 / pp[8704] - 8192 / pp[8192])}
     for d in DEPTHS:
         out[d] = next(r["avg_ts"] for r in rows if r.get("n_prompt") == d and r.get("n_gen") == 32)
     return out
@@ -112,8 +116,12 @@ def main():
     ap.add_argument("--llama-bench", help="a llama.cpp llama-bench to run beside ours, round by round")
     ap.add_argument("--ik-bench", help="an ik_llama.cpp llama-bench (run with -rtr 1), the same way")
     ap.add_argument("--depth", default="", metavar="TYPES",
-                    help="also a 512-token prompt and decoding after 1024 and 4096 tokens for these types (e.g. q8,q4), "
-                         "beside ik_llama.cpp's -p 512 and -gp when it is given")
+                    help="also a 512-token prompt, decoding after 1024, 4096, 16384 and 32768 tokens and a 512-token "
+                         "prompt after 8192 for these weight types (e.g. q4), beside ik_llama.cpp's when it is given")
+    ap.add_argument("--depth-repeat", type=int, default=1, help="rounds of each depth run (they are long)")
+    ap.add_argument("--kv", default="f32", metavar="TYPES",
+                    help="the KV cache types of the depth runs (e.g. f32,q8,q4); ik_llama.cpp gets the same "
+                         "(-ctk/-ctv f32, q8_0, q4_0, -fa 1)")
     ap.add_argument("--gguf", action="append", default=[], metavar="TYPE=PATH",
                     help="the peers' GGUF of the same checkpoint for one of our types, e.g. q8=m-q8_0.gguf")
     ap.add_argument("--ik-gguf", action="append", default=[], metavar="TYPE=PATH",
@@ -138,13 +146,10 @@ def main():
     rows, peer_rows, depth_rows = [], [], []
     for t in types:
         for n in threads:
-            runs, ratios, depth_runs = [], {}, []
+            runs, ratios = [], {}
             for _ in range(a.repeat):  # one round: bandwidth, ours, bandwidth, then each peer
-                depth = t in depth_types
                 before = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
-                cmd = [engine, paths[t], "--threads", str(n)]
-                cmd += ["--bench-depth", "-c", str(DEPTHS[-1] + 64)] if depth else ["--bench"]
-                res = last_json(sh(cmd)[0])
+                res = last_json(sh([engine, paths[t], "--threads", str(n), "--bench"])[0])
                 after = last_json(sh([bw_tool, str(n), "1024"])[0])["read_gb_per_s"]
                 bw = (before + after) / 2
                 runs.append(dict(res, bw=bw, ratio=res["gb_per_s"] / bw))
@@ -154,10 +159,6 @@ def main():
                         continue
                     pp, tg = peer_run(tool, gguf, n, ik)
                     ratios.setdefault(name, []).append((res["prefill_tok_s"] / pp, res["decode_tok_s"] / tg, pp, tg))
-                    if depth and ik:
-                        peer = peer_depth_run(tool, gguf, n)
-                        ours = {"pp512": res["pp512_tok_s"], **{d: res[f"decode_at_{d}_tok_s"] for d in DEPTHS}}
-                        depth_runs.append((ours, peer))
             res = {k: median([r[k] for r in runs]) for k in ("prefill_tok_s", "decode_tok_s", "bytes_per_token",
                                                                "gb_per_s", "bw", "ratio")}
             bw, ratio = res["bw"], res["ratio"]
@@ -171,13 +172,28 @@ def main():
                 peer_file = os.path.basename((ik_ggufs if name == "ik_llama.cpp" else ggufs)[t])
                 peer_rows.append((t, n, f"{name} {peer_file}", median(x[2] for x in r), median(x[3] for x in r),
                                   median(x[0] for x in r), median(x[1] for x in r)))
-            if depth_runs:
-                keys = ["pp512"] + list(DEPTHS)
-                depth_rows.append((t, n, {k: median(o[k] for o, _ in depth_runs) for k in keys},
-                                   {k: median(p[k] for _, p in depth_runs) for k in keys},
-                                   {k: median(o[k] / p[k] for o, p in depth_runs) for k in keys}))
             print(f"  {t} x{n}: prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.2f} tok/s, "
                   f"{res['gb_per_s']:.1f} of {bw:.1f} GB/s ({100 * ratio:.0f}%)", flush=True)
+
+    # At depth: each weight type of --depth with each KV type of --kv, ours and ik_llama.cpp's in turns
+    keys = ["pp512", "pp512@8192"] + list(DEPTHS)
+    ik_tool = a.ik_bench
+    for t in depth_types:
+        for kv in a.kv.split(","):
+            n = threads[-1]
+            depth_runs = []
+            for _ in range(a.depth_repeat):
+                res = last_json(sh([engine, paths[t], "--threads", str(n), "--bench-depth", "--kv", kv])[0])
+                ours = {"pp512": res["pp512_tok_s"], "pp512@8192": res["pp512_at_8192_tok_s"],
+                        **{d: res[f"decode_at_{d}_tok_s"] for d in DEPTHS}}
+                peer = peer_depth_run(ik_tool, ik_ggufs[t], n, kv) if ik_tool and t in ik_ggufs else None
+                depth_runs.append((ours, peer))
+                print(f"  {t} --kv {kv} at depth: " + ", ".join(f"{k} {ours[k]:.1f}" for k in keys) +
+                      (" | ik " + ", ".join(f"{k} {peer[k]:.1f}" for k in keys) if peer else ""), flush=True)
+            has_peer = all(p for _, p in depth_runs)
+            depth_rows.append((t, kv, n, {k: median(o[k] for o, _ in depth_runs) for k in keys},
+                               {k: median(p[k] for _, p in depth_runs) for k in keys} if has_peer else None,
+                               {k: median(o[k] / p[k] for o, p in depth_runs) for k in keys} if has_peer else None))
 
     kernels = runs[0].get("kernels", "?")
     print()
@@ -200,12 +216,15 @@ def main():
 
     if depth_rows:
         print()
-        print("At depth, beside ik_llama.cpp (its -p 512 and -gp D,32), medians; ratio = median of the per-round ours/ik")
-        print(f"{'format':6} {'thr':>3} {'what':22} {'ours tok/s':>10} {'ik tok/s':>9} {'ours/ik':>8}")
-        for t, n, ours, ik, ratio in depth_rows:
-            for k in ["pp512"] + list(DEPTHS):
-                what = "512-token prompt" if k == "pp512" else f"decode after {k} tokens"
-                print(f"{t:6} {n:3d} {what:22} {ours[k]:10.2f} {ik[k]:9.2f} {ratio[k]:8.2f}")
+        print("At depth, beside ik_llama.cpp with the same KV type (-ctk/-ctv, -fa 1; its -gp D,32, and its -p 8704 "
+              "less -p 8192), medians; ratio = median of the per-round ours/ik")
+        print(f"{'format':6} {'kv':4} {'thr':>3} {'what':30} {'ours tok/s':>10} {'ik tok/s':>9} {'ours/ik':>8}")
+        for t, kv, n, ours, ik, ratio in depth_rows:
+            for k in keys:
+                what = ("512-token prompt" if k == "pp512" else "512-token prompt after 8192" if k == "pp512@8192"
+                        else f"decode after {k} tokens")
+                peer = f"{ik[k]:9.2f} {ratio[k]:8.2f}" if ik else f"{'':9} {'':8}"
+                print(f"{t:6} {kv:4} {n:3d} {what:30} {ours[k]:10.2f} {peer}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,44 @@ def peers(tool, ggufs, text, engine_name="llama.cpp"):
     return rows
 
 
+KV_CONTEXTS = (4096, 8192)
+PEER_KV = {"f16": "f16", "q8": "q8_0", "q4": "q4_0"}
+
+
+def kv_quality(engine, model, text, peers_kv):
+    """What each KV cache type loses: our --kv bf16, q8, q4 against --kv f32, and each peer's -ctk/-ctv
+    against its own f16 cache (peers_kv: [(name, llama-perplexity, GGUF, extra args)]), on the same text
+    at -c 4096 and 8192 (the second halves of each window scored)."""
+    rows = []
+    for ctx in KV_CONTEXTS:
+        base = os.path.join(CACHE, f"kv{ctx}.kl")
+        bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", "f32", "--kl-base", base])
+        for kv in ("bf16", "q8", "q4"):
+            out, _ = bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", kv, "--kl-divergence", base])
+            r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+            rows.append((ctx, f"ours --kv {kv}", r["kl_mean"], r["kl_p99"], r["top1"]))
+        os.remove(base)
+        for name, tool, gguf, extra in peers_kv:
+            base = os.path.join(CACHE, f"kv{ctx}-{name}.kld")
+            common = ["-m", gguf, "-f", text, "-c", str(ctx), "-b", "512", "-t", str(os.cpu_count() or 1), "-fa", "1", *extra]
+            bench.sh([tool, *common, "-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", base])
+            for kv in ("q8", "q4"):
+                out, err = bench.sh([tool, *common, "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv], "--kl-divergence-base", base,
+                                     "--kl-divergence"])
+                log = out + err
+                kl = float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", log).group(1))
+                p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)
+                top = float(re.search(r"Same top p:\s+([0-9.]+)", log).group(1)) / 100
+                rows.append((ctx, f"{name} -ctk/-ctv {PEER_KV[kv]}", kl, float(p99.group(1)) if p99 else float("nan"), top))
+            os.remove(base)
+    print()
+    print(f"KV cache types: KL divergence from the same engine's f32 (ours) or f16 (peers') cache, the bench model in q8 "
+          f"(Q8_0 for the peers), {os.path.basename(text)}, second halves of each window scored")
+    print(f"{'-c':>5} {'KV cache':34} {'mean KL':>10} {'99% KL':>10} {'top-1':>7}")
+    for ctx, what, kl, p99, top in rows:
+        print(f"{ctx:5d} {what:34} {kl:10.6f} {p99:10.6f} {top:7.4f}")
+
+
 def parse_ggufs(specs):
     out = {}
     for g in specs:
@@ -115,9 +153,19 @@ def main():
                     help="a GGUF for ik_llama.cpp (its own types); NAME bf16 is the base")
     ap.add_argument("--calib", default=CALIB, help="the calibration text of our importance matrix")
     ap.add_argument("--models", default="demo,bench", help="which models: demo, bench or both")
+    ap.add_argument("--kv", action="store_true", help="the KV cache types instead of the weight formats (bench model, "
+                    "q8; with --kv-gguf the peers' too)")
+    ap.add_argument("--kv-gguf", help="the Q8_0 GGUF of the bench model for the peers' KV cache runs")
+    ap.add_argument("--kv-peer-args", default="", help="extra arguments for the peers' KV runs (e.g. a rotation flag)")
     a = ap.parse_args()
     os.makedirs(CACHE, exist_ok=True)
     engine = os.path.join(ROOT, "mixtral")
+    if a.kv:
+        models = bench.ensure_models(["q8"])
+        peers_kv = [(name, tool, a.kv_gguf, a.kv_peer_args.split()) for name, tool in
+                    (("llama.cpp", a.llama_perplexity), ("ik_llama.cpp", a.ik_perplexity)) if tool and a.kv_gguf]
+        kv_quality(engine, models["q8"], TEXT, peers_kv)
+        return
     which = a.models.split(",")
     short = os.path.join(CACHE, "heldout-start.txt")
     with open(TEXT) as f:

@@ -89,7 +89,7 @@ quality: mixtral
 FUZZ_SECONDS ?= 60
 EXPORT_MUTATIONS ?= 10000
 FUZZ_CC ?= clang
-FUZZ_TARGETS = model tokenizer chat options
+FUZZ_TARGETS = model tokenizer chat options session
 FUZZ_MODEL = .cache/fuzz/tokenizer-v1.bin
 
 tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(SRC) $(HDR)

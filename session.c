@@ -29,7 +29,7 @@ static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
 
 // The model file's header and the first and last 4 KB of its weights: another
 // export (other weights, other types) of the same shapes differs there.
-static uint64_t model_hash(const Model *m) {
+uint64_t session_model_hash(const Model *m) {
     uint64_t w = m->config.weights_offset, size = m->map_size, n = size - w < 4096 ? size - w : 4096;
     uint64_t h = fnv1a(m->map, HEADER_SIZE, 0xCBF29CE484222325ULL);
     h = fnv1a(m->map + w, n, h);
@@ -43,17 +43,26 @@ static uint8_t *rows_of(uint8_t *kv, const Model *m, const State *s, int l, int 
     return kv + ((size_t)l * m->config.n_kv_heads + h) * s->kv_len * s->kv_row;
 }
 
+uint64_t session_checksum(const void *data, size_t n) { return fnv1a(data, n, 0xCBF29CE484222325ULL); }
+
 int session_resume(const char *path, const Model *m, State *s, const int *ids, int n) {
     FILE *f = fopen(path, "rb");
     if (!f) return 0; // no session yet: this run makes it
     fclose(f);
     size_t len;
     char *raw = read_file(path, &len);
+    int same = session_resume_bytes((const uint8_t *)raw, len, path, m, s, ids, n);
+    free(raw);
+    return same;
+}
+
+int session_resume_bytes(const uint8_t *raw, size_t len, const char *path, const Model *m, State *s, const int *ids,
+                         int n) {
     const Config *p = &m->config;
     SessionHeader h;
     if (len < sizeof(h) + 8 || memcmp(raw, SESSION_MAGIC, 8)) die("%s is not a session file of mixtral.c", path);
     memcpy(&h, raw, sizeof(h));
-    if (h.model != model_hash(m)) die("%s belongs to another model file (or another export of it); use another --session", path);
+    if (h.model != session_model_hash(m)) die("%s belongs to another model file (or another export of it); use another --session", path);
     if (h.kv_type != (uint32_t)s->kv_type)
         die("%s holds a KV cache of type %s, this run's is %s; use --kv %s or another --session", path,
             h.kv_type < KV_NTYPES ? kv_type_name[h.kv_type] : "?", kv_type_name[s->kv_type],
@@ -66,32 +75,35 @@ int session_resume(const char *path, const Model *m, State *s, const int *ids, i
     if (len != sizeof(h) + body + 8) die("%s is truncated or corrupt (%zu bytes, its header implies %zu)", path, len, sizeof(h) + body + 8);
     uint64_t sum;
     memcpy(&sum, raw + len - 8, 8);
-    if (sum != fnv1a(raw, len - 8, 0xCBF29CE484222325ULL)) die("%s is corrupt (its checksum does not match)", path);
-    const int32_t *tokens = (const int32_t *)(raw + sizeof(h));
+    if (sum != session_checksum(raw, len - 8)) die("%s is corrupt (its checksum does not match)", path);
+    int32_t *tokens = xcalloc(h.n ? h.n : 1, sizeof(int32_t)); // (copied: the bytes need not be aligned)
+    memcpy(tokens, raw + sizeof(h), (size_t)h.n * 4);
+    for (uint32_t i = 0; i < h.n; i++)
+        if (tokens[i] < 0 || tokens[i] >= p->vocab_size) die("%s is corrupt (token %d outside the vocabulary)", path, tokens[i]);
     int same = 0;
     while (same < (int)h.n && same < n && tokens[same] == ids[same]) same++;
     // with a window that wrapped, the ring holds the last positions only: all or nothing
     if (h.n > (uint32_t)s->kv_len && same < (int)h.n) same = 0;
     if (same > n - 1) same = n - 1;
-    if (same <= 0) { free(raw); return 0; }
-    const uint8_t *at = (const uint8_t *)raw + sizeof(h) + (size_t)h.n * 4;
+    if (same <= 0) { free(tokens); return 0; }
+    const uint8_t *at = raw + sizeof(h) + (size_t)h.n * 4;
     for (int kv = 0; kv < 2; kv++)
         for (int l = 0; l < p->n_layers; l++)
             for (int hh = 0; hh < p->n_kv_heads; hh++, at += rows * s->kv_row)
                 memcpy(rows_of(kv ? s->values : s->keys, m, s, l, hh), at, rows * s->kv_row);
     for (int i = 0; i < same; i++) s->tokens[i] = tokens[i];
-    free(raw);
+    free(tokens);
     return same;
 }
 
 void session_save(const char *path, const Model *m, const State *s, int n, const char *const *inputs, int n_inputs) {
     const Config *p = &m->config;
-    SessionHeader h = {SESSION_MAGIC, model_hash(m), (uint32_t)s->kv_type, (uint32_t)s->kv_len, (uint32_t)p->n_layers,
+    SessionHeader h = {SESSION_MAGIC, session_model_hash(m), (uint32_t)s->kv_type, (uint32_t)s->kv_len, (uint32_t)p->n_layers,
                        (uint32_t)p->n_kv_heads, (uint32_t)s->kv_row, (uint32_t)n};
     size_t rows = held_rows(s, (uint32_t)n);
     Output o;
     output_open(&o, path, inputs, n_inputs);
-    uint64_t sum = fnv1a(&h, sizeof(h), 0xCBF29CE484222325ULL);
+    uint64_t sum = session_checksum(&h, sizeof(h));
     output_write(&o, &h, sizeof(h), 1);
     sum = fnv1a(s->tokens, (size_t)n * 4, sum);
     output_write(&o, s->tokens, 4, (size_t)n);

@@ -285,7 +285,7 @@ def fuzz_corpus_replay(tmp):
     without libFuzzer (tests/fuzz/replay.c): what `make fuzz` once passed keeps passing."""
     model = tokenizer_model("mistral-v1.model")
     total = 0
-    for target in ("model", "tokenizer", "chat", "options"):
+    for target in ("model", "tokenizer", "chat", "options", "session"):
         exe = os.path.join(tmp, f"replay_{target}")
         r = run([CC, "-O1", "-g", "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
                  "-std=c11", "-D_GNU_SOURCE", "-DMIXTRAL_FUZZ", "-Wno-unused-function", "-I" + ROOT, "-o", exe,

@@ -6,6 +6,7 @@ texts, conversations and command lines. Run again after a file-format change.
 
     python3 tests/fuzz/make_seeds.py
     python3 tests/fuzz/make_seeds.py --tokenizer-model OUT.bin   (the model make fuzz tokenizes with)
+    python3 tests/fuzz/make_seeds.py --session-seeds              (only the session target's)
 """
 import json
 import os
@@ -74,7 +75,27 @@ def tokenizer_model(out):
         shutil.rmtree(tmp)
 
 
+def session_seeds():
+    """Session files (session.c's format) for the tokenizer model (dim 8, 1 layer, 1 kv head of 4) with a
+    q8 KV cache of 64 positions, as the session target reads them: whole, cut, and of another KV type."""
+    def fnv(data):
+        h = 0xCBF29CE484222325
+        for b in data:
+            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        return h
+    for name, kv_type, tokens in (("three", 2, [1, 5, 7]), ("six", 2, [1, 5, 7, 9, 11, 13]), ("f32", 0, [1, 5])):
+        row = 4 + 2 if kv_type == 2 else 16
+        body = struct.pack("<8sQ6I", b"MXSESSN1", 0, kv_type, 64, 1, 1, row, len(tokens))
+        body += struct.pack(f"<{len(tokens)}i", *tokens)
+        body += bytes((i * 37) & 255 for i in range(2 * len(tokens) * row))
+        data = body + struct.pack("<Q", fnv(body))
+        write("session", name, data)
+        write("session", name + "-cut", data[:-11])
+
+
 def main():
+    if sys.argv[1:2] == ["--session-seeds"]:
+        return session_seeds()
     if sys.argv[1:2] == ["--tokenizer-model"]:
         return tokenizer_model(sys.argv[2])
     shutil.rmtree(os.path.join(HERE, "corpus"), ignore_errors=True)
@@ -111,6 +132,7 @@ def main():
                               ["model.bin", "--perplexity", "t.txt", "-c", "128", "--kl-base", "b"],
                               ["-h"], ["model.bin", "--bench-depth", "--threads", "2", "--no-mmap"]]):
         write("options", f"args{i}", b"\0".join(a.encode() for a in args))
+    session_seeds()
 
 
 if __name__ == "__main__":

@@ -539,6 +539,20 @@ static inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p) {
 #endif
 }
 
+// A block's integer sums is (and with two chains is2) of T tokens into their
+// float sums: the weights' offset taken out (off: q8's -128 sums, q4's -8),
+// then acc += float(sum) * (dw * dx).
+static inline __attribute__((always_inline)) void block_done(int T, int two, __m512i *is, const __m512i *is2,
+                                                             int tiled, const Tile *tile, const QuantX *xt, int off,
+                                                             int b, __m512 dw, __m512 *acc) {
+    for (int t = 0; t < T; t++) {
+        int32_t o = tiled ? tile->off[b * 8 + t] : xt[t].qoff[2 * b + off];
+        float dx = tiled ? tile->scale[b * 8 + t] : xt[t].scale[b];
+        if (two) is[t] = _mm512_add_epi32(_mm512_add_epi32(is[t], is2[t]), _mm512_set1_epi32(o));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[t]);
+    }
+}
+
 // One group against T tokens (T, q4 and tiled are constants where this is
 // inlined): the tokens' activations from x, or with `tiled` from *tile.
 static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
@@ -595,11 +609,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
                 }
             }
         }
-        if (two)
-            for (int t = 0; t < T; t++)
-                is[t] = _mm512_add_epi32(_mm512_add_epi32(is[t], is2[t]), _mm512_set1_epi32(OFF(t, b)));
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(dw, _mm512_set1_ps(SCALE(t, b))), acc[t]);
+        block_done(T, two, is, is2, tiled, tile, xt, !q4, b, dw, acc);
     }
 #undef ACT
 #undef OFF
@@ -683,11 +693,7 @@ static inline __attribute__((always_inline)) void coded_group(int q3, const uint
                 }
             }
         }
-        if (two)
-            for (int t = 0; t < T; t++)
-                is[t] = _mm512_add_epi32(_mm512_add_epi32(is[t], is2[t]), _mm512_set1_epi32(OFF(t, b)));
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_mul_ps(d, _mm512_set1_ps(SCALE(t, b))), acc[t]);
+        block_done(T, two, is, is2, tiled, tile, xt, 1, b, d, acc);
     }
 #undef ACT
 #undef OFF

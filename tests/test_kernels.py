@@ -65,7 +65,7 @@ def kernels_match_reference(tmp):
 @test
 def avx512_identical_to_avx2(tmp):
     """Whole-model logits of the AVX-512 VNNI build equal the AVX2 build's bit for bit (the same
-    integer sums, the same float operations lane by lane), q8 and q4, prompts and decoding.
+    integer sums, the same float operations lane by lane), q8, q4, q3 and q2, prompts and decoding.
     Real AVX-512 where the CPU has it, else emulated (tests/avx512_emulation.h); the real
     build also always compiles."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -76,7 +76,7 @@ def avx512_identical_to_avx2(tmp):
         r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-c", "-o", os.path.join(tmp, "k.o"), os.path.join(ROOT, "kernels.c")])
         check(r.returncode == 0, f"build with {' '.join(flags)} failed:\n{r.stderr}")
     d, cfg, ids, shape = random_model(tmp, 41, 12, 7, dim=192, hidden_dim=256, layers=2, heads=4, kv_heads=2, experts=4, top_k=2)
-    models = {w: export(d, os.path.join(tmp, f"{w}.bin"), w) for w in ("q8", "q4")}
+    models = {w: export(d, os.path.join(tmp, f"{w}.bin"), w) for w in ("q8", "q4", "q3", "q2")}
     exes = {}
     for name, flags, src, _ in x86_builds():
         exe = os.path.join(tmp, "mixtral-" + name.split()[0])
@@ -96,7 +96,7 @@ def avx512_identical_to_avx2(tmp):
                     p, v = np.argwhere(a != b)[0]
                     raise Failure(f"{what}: logits differ from the AVX2 build, first at position {p} token {v}: "
                                   f"{b[p, v]!r} vs {a[p, v]!r} (max {float(np.abs(a - b).max()):.3g})")
-    return ", ".join(exes) + ": identical to AVX2, q8 and q4, prompts and decoding"
+    return ", ".join(exes) + ": identical to AVX2, q8, q4, q3 and q2, prompts and decoding"
 
 
 @test
@@ -150,17 +150,19 @@ def neon_kernels_under_qemu(tmp):
         with open(wrapper, "w") as f:
             f.write(f"#!/bin/sh\nexec {qemu} {exe} \"$@\"\n")
         os.chmod(wrapper, 0o755)
-        for wtype, tol in (("f32", TOL), ("bf16", TOL), ("q8", 0.05), ("q4", 0.05)):
+        for wtype, tol, kv in (("f32", TOL, "f32"), ("bf16", TOL, "f32"), ("q8", 0.05, "f32"), ("q4", 0.05, "f32"),
+                               ("q3", 0.05, "f32"), ("q2", 0.05, "f32"), ("q8", 0.05, "q8"), ("q8", 0.05, "q4")):
             model = os.path.join(tmp, f"{wtype}.bin")
             if not os.path.exists(model):
                 export(d, model, wtype)
-            a, ea = engine_logits(model, ids, **shape)
-            b, eb = engine_logits(model, ids, engine=wrapper, **shape)
+            a, ea = engine_logits(model, ids, extra=("--kv", kv), **shape)
+            b, eb = engine_logits(model, ids, engine=wrapper, extra=("--kv", kv), **shape)
             compare_experts(eb, ea, f"{arch} {wtype}")
             err = float(np.abs(a - b).max())
             check(err <= tol, f"{arch} {wtype}: NEON differs from this machine's build by {err:.3g} > {tol}")
             worst = max(worst, err)
-    return f"armv8-a and armv8.2-a+dotprod: kernels match the references; all formats; largest difference {worst:.2g}"
+    return (f"armv8-a and armv8.2-a+dotprod: kernels match the references; all weight formats and KV types; "
+            f"largest difference {worst:.2g}")
 
 
 @test

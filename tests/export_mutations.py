@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """
 Mutation test of export.py: a small valid checkpoint, then N mutated copies of
-it (config.json values and bytes, safetensors headers, tokenizer.model bytes),
-each exported in this process. It fails on any traceback (an exception that
+it (config.json values and bytes, safetensors headers, tokenizer.model bytes,
+the bytes of an importance matrix for it, --fit sizes), each exported in this
+process. It fails on any traceback (an exception that
 export.py's main does not turn into a one-line error), any hang (10 s), an
 error that is not one bounded line, and any exit 0 whose file mixtral refuses
 or cannot run (BOS, then one token).
@@ -63,10 +64,25 @@ def mutate_bytes(rng, data):
     return bytes(data)
 
 
-def mutate(rng, base, d):
-    """One mutated copy of the checkpoint in base, written to d; returns what was done."""
+FIT_SIZES = ["0", "1", "100K", "1M", "5M", "1G", "12Q", "-5", "1e3", "nan", "", " 2M ", "2.5M", "9" * 40]
+
+
+def mutate(rng, base, d, imatrix):
+    """One mutated copy of the checkpoint in base, written to d; returns (what was done, extra export.py
+    arguments): with an importance matrix (its bytes mutated) or a --fit size for kinds 6 and 7."""
     shutil.copytree(base, d)
-    kind = rng.randrange(6)
+    kind = rng.randrange(8)
+    if kind == 6:  # the importance matrix's bytes
+        path = os.path.join(d, "imatrix.dat")
+        open(path, "wb").write(mutate_bytes(rng, open(imatrix, "rb").read()))
+        return "imatrix bytes", ["--imatrix", path]
+    if kind == 7:
+        size = rng.choice(FIT_SIZES)
+        return f"--fit {size!r}", ["--fit", size]
+    return mutate_checkpoint(rng, d, kind), []
+
+
+def mutate_checkpoint(rng, d, kind):
     cfg_path, st_path, tok_path = (os.path.join(d, f) for f in ("config.json", "model.safetensors", "tokenizer.model"))
     if kind <= 1:  # a config value
         cfg = json.load(open(cfg_path))
@@ -97,11 +113,11 @@ def mutate(rng, base, d):
     return "tokenizer bytes"
 
 
-def export_once(d, out, wtype):
+def export_once(d, out, wtype, extra=()):
     """export.py's main in this process: (exit status, stderr)."""
     err = io.StringIO()
     argv = sys.argv
-    sys.argv = ["export.py", d, out, "--type", wtype]
+    sys.argv = ["export.py", d, out, "--type", wtype, *extra]
     signal.alarm(10)
     try:
         with contextlib.redirect_stderr(err):
@@ -128,12 +144,19 @@ def main():
         base = os.path.join(tmp, "base")
         hf.write_checkpoint(base, hf.make_config(dim=32, hidden_dim=64, layers=1, heads=2, kv_heads=1, experts=2,
                                                  top_k=1), seed=3)
+        imatrix, text = os.path.join(tmp, "base.imatrix"), os.path.join(tmp, "text.txt")
+        open(text, "w").write("The quick brown fox jumps over the lazy dog. " * 20)
+        status, err = export_once(base, os.path.join(tmp, "base.bin"), "f32")
+        r = subprocess.run([ENGINE, os.path.join(tmp, "base.bin"), "--perplexity", text, "-c", "16", "--imatrix", imatrix],
+                           capture_output=True, text=True)
+        if status != 0 or r.returncode != 0:
+            sys.exit(f"export_mutations: cannot make the base importance matrix: {err}{r.stderr}")
         for i in range(a.n):
             d, out = os.path.join(tmp, f"m{i}"), os.path.join(tmp, f"m{i}.bin")
-            what = mutate(rng, base, d)
-            wtype = rng.choice(["f32", "bf16", "q8", "q4"])
+            what, extra = mutate(rng, base, d, imatrix)
+            wtype = rng.choice(["q3", "q2"] if extra[:1] == ["--imatrix"] else ["f32", "bf16", "q8", "q4", "q3", "q2"])
             try:
-                status, err = export_once(d, out, wtype)
+                status, err = export_once(d, out, wtype, extra)
             except Hang:
                 failures.append(f"{i} {what}: hang (over 10 s)")
                 status, err = None, ""

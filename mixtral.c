@@ -1015,17 +1015,19 @@ typedef struct {
     uint32_t *mark;       // (V,) scratch: when each token was last penalised
     uint32_t stamp;
     uint64_t rng;         // xorshift64* state
-    ProbId *order;        // (V,) scratch for the filters
+    ProbId *order;        // (V,) scratch for the filters: the candidates, then a heap of them
+    ProbId *sorted;       // (V,) scratch: those a filter keeps, in order
 } Sampler;
 
 static void sampler_init(Sampler *sm, int vocab_size) {
     if (sm->repeat_last_n > 0) sm->recent = xcalloc(sm->repeat_last_n, sizeof(int));
     sm->mark = xcalloc(vocab_size, sizeof(uint32_t));
     sm->order = xcalloc(vocab_size, sizeof(ProbId));
+    sm->sorted = xcalloc(vocab_size, sizeof(ProbId));
     if (!sm->rng) sm->rng = 0x9E3779B97F4A7C15ULL; // xorshift's state must not be 0
 }
 
-static void sampler_free(Sampler *sm) { free(sm->recent); free(sm->mark); free(sm->order); }
+static void sampler_free(Sampler *sm) { free(sm->recent); free(sm->mark); free(sm->order); free(sm->sorted); }
 
 // Every token of the sequence, prompt and generated, goes through here, so that
 // the repetition penalty knows what is recent.
@@ -1051,9 +1053,31 @@ int argmax(const float *x, int n) {
     return best;
 }
 
-static int compare_prob_desc(const void *a, const void *b) {
-    const ProbId *x = a, *y = b;
-    return x->prob > y->prob ? -1 : x->prob < y->prob ? 1 : x->id - y->id;
+// Whether a comes before b in the filters' order: more likely first, ties by id.
+static inline int prob_before(ProbId a, ProbId b) { return a.prob > b.prob || (a.prob == b.prob && a.id < b.id); }
+
+// The filters' candidates in a heap, most likely at the top, so that only the
+// tokens a filter keeps are taken off it in order (a sort of all of them, as
+// qsort did, cost a fifth of a small model's token, and qsort a fresh buffer).
+static void heap_sift(ProbId *h, int n, int i) {
+    for (;;) {
+        int best = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && prob_before(h[l], h[best])) best = l;
+        if (r < n && prob_before(h[r], h[best])) best = r;
+        if (best == i) return;
+        ProbId t = h[i]; h[i] = h[best]; h[best] = t;
+        i = best;
+    }
+}
+
+static void heap_build(ProbId *h, int n) { for (int i = n / 2 - 1; i >= 0; i--) heap_sift(h, n, i); }
+
+// Takes the top of a heap of n (the next token in order) off it.
+static ProbId heap_pop(ProbId *h, int n) {
+    ProbId top = h[0];
+    h[0] = h[n - 1];
+    heap_sift(h, n - 1, 0);
+    return top;
 }
 
 // Picks the next token from logits (V,), which it overwrites.
@@ -1074,8 +1098,16 @@ static int sample(Sampler *sm, float *logits, int n) {
     // the division would give inf - inf = NaN in the softmax.
     if (sm->temperature == 0.0f || !isfinite(logits[top] / sm->temperature)) return top;
     for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
-    softmax(logits, n); // now probabilities
-    float best = logits[argmax(logits, n)];
+    // softmax(), less the calls of expf where its result is below the smallest
+    // normal float: it would be a subnormal that changes no sum (and expf's slow path)
+    float max = logits[top], sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float d = logits[i] - max;
+        logits[i] = d < -87.0f ? 0.0f : expf(d);
+        sum += logits[i];
+    }
+    for (int i = 0; i < n; i++) logits[i] /= sum; // now probabilities
+    float best = logits[top];
     // min-p's floor; and when top-p is the only other filter, a second floor:
     // a token below (1-top_p)/(n-1) of the mass can never be in the nucleus,
     // which keeps the sort short.
@@ -1092,19 +1124,33 @@ static int sample(Sampler *sm, float *logits, int n) {
     int m = 0;
     for (int i = 0; i < n; i++) if (logits[i] >= floor) sm->order[m++] = (ProbId){logits[i], i};
     if (m == 0) return argmax(logits, n); // NaN probabilities: nothing compares
-    if (sm->top_k > 0 || filtering_top_p) qsort(sm->order, m, sizeof(ProbId), compare_prob_desc);
-    if (sm->top_k > 0 && m > sm->top_k) m = sm->top_k;
-    if (mass < 0) { mass = 0; for (int i = 0; i < m; i++) mass += sm->order[i].prob; }
-    if (filtering_top_p) { // the smallest prefix whose mass exceeds top_p of what is left
-        double cut = sm->top_p * mass, acc = 0;
-        for (int i = 0; i < m; i++) {
-            acc += sm->order[i].prob;
-            if (acc > cut) { m = i + 1; mass = acc; break; }
+    ProbId *kept = sm->order; // the candidates in the filters' order, once a filter needs it
+    if (sm->top_k > 0 || filtering_top_p) {
+        heap_build(sm->order, m);
+        kept = sm->sorted;
+        int heap = m, want = sm->top_k > 0 && sm->top_k < m ? sm->top_k : m;
+        if (sm->top_k > 0 || mass < 0) { // top-k's tokens in order, then their mass
+            for (int i = 0; i < want; i++) kept[i] = heap_pop(sm->order, heap--);
+            m = want;
+            mass = 0;
+            for (int i = 0; i < m; i++) mass += kept[i].prob;
         }
+        if (filtering_top_p) { // the smallest prefix whose mass exceeds top_p of what is left
+            double cut = sm->top_p * mass, acc = 0;
+            int i = 0, taken = sm->top_k > 0 ? m : 0;
+            for (; i < m; i++) {
+                if (i >= taken) kept[i] = heap_pop(sm->order, heap--);
+                acc += kept[i].prob;
+                if (acc > cut) { m = i + 1; mass = acc; break; }
+            }
+        }
+    } else if (mass < 0) {
+        mass = 0;
+        for (int i = 0; i < m; i++) mass += kept[i].prob;
     }
     double r = random_f32(&sm->rng) * mass, cdf = 0;
-    for (int i = 0; i < m; i++) { cdf += sm->order[i].prob; if (r < cdf) return sm->order[i].id; }
-    return sm->order[m - 1].id;
+    for (int i = 0; i < m; i++) { cdf += kept[i].prob; if (r < cdf) return kept[i].id; }
+    return kept[m - 1].id;
 }
 
 // ----------------------------------------------------------------------------

@@ -1808,6 +1808,8 @@ static void print_usage(FILE *out) {
         "                        shares the page cache, runs slower (default: read it in if it fits)\n"
         "      --no-mmap         read the model into memory even if it looks too big to fit\n"
         "      --chunk N         prompt tokens processed together, each expert once per chunk (default 128)\n"
+        "      --experts-per-token N  run each token through N experts instead of the model's top-k\n"
+        "                        (fewer: faster, and less exact; make quality measures it)\n"
         "      --kv TYPE         how the KV cache holds keys and values: f32, bf16, q8 or q4 (rotated;\n"
         "                        q8 a quarter of f32's memory, q4 a seventh; default f32)\n"
         "      --info            print the model's configuration and exit\n"
@@ -1865,7 +1867,7 @@ typedef struct {
     const char *logits_path, *experts_path, *tokenize_path, *detokenize_ids;
     const char *ppl_path, *kl_out, *kl_in, *imatrix_out;
     const char *mode, *system, *chat_path, *chat_ids_path;
-    int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy, kv_type;
+    int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy, kv_type, experts_per_tok;
     LoadMode load_mode;
     uint64_t seed, mem;
     RunOptions run;
@@ -1930,6 +1932,7 @@ static int parse_options(int argc, char **argv, Options *o) {
             o->cache_policy = !strcmp(v, "usage") ? EXPERT_CACHE_USAGE : EXPERT_CACHE_LRU;
         }
         else if (!strcmp(a, "--chunk")) o->chunk = (int)parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--experts-per-token")) o->experts_per_tok = (int)parse_int(a, v, 1, 1 << 12);
         else if (!strcmp(a, "--kv")) {
             int t = 0;
             while (t < KV_NTYPES && strcmp(v, kv_type_name[t])) t++;
@@ -2016,6 +2019,11 @@ int main(int argc, char **argv) {
     }
     if (o.context == 0 && o.bench_depth) o.context = 32768 + 32; // the depths it measures
     if (o.context == 0) o.context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+    if (o.experts_per_tok) { // the router's top-k, changed for this run (the weights stay as they are)
+        if (o.experts_per_tok > p->n_experts)
+            die("--experts-per-token %d: the model has %d experts", o.experts_per_tok, p->n_experts);
+        model.config.n_experts_per_tok = o.experts_per_tok;
+    }
     if (o.kv_type == KV_Q4 && p->head_dim % 32)
         die("--kv q4 needs a head_dim that is a multiple of 32 (this model's is %d): use --kv q8", p->head_dim);
     if (o.context > p->max_seq_len)

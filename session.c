@@ -28,10 +28,12 @@ static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
 }
 
 // The model file's header and the first and last 4 KB of its weights: another
-// export (other weights, other types) of the same shapes differs there.
+// export (other weights, other types) of the same shapes differs there; and
+// the experts a token runs through.
 uint64_t session_model_hash(const Model *m) {
     uint64_t w = m->config.weights_offset, size = m->map_size, n = size - w < 4096 ? size - w : 4096;
     uint64_t h = fnv1a(m->map, HEADER_SIZE, 0xCBF29CE484222325ULL);
+    h = fnv1a(&m->config.n_experts_per_tok, sizeof(int32_t), h); // (--experts-per-token changes every key after layer 0)
     h = fnv1a(m->map + w, n, h);
     return fnv1a(m->map + size - n, n, h);
 }

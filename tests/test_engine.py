@@ -199,3 +199,21 @@ def expert_stats_and_trace(tmp):
     heads = [l.split()[1:] for l in r.stdout.splitlines() if l.startswith("token")]
     check(heads == [[f"L{i}" for i in range(8)], ["L8", "L9"]], f"trace headers for 10 layers: {heads}\n{r.stdout}")
     return f"{tokens} tokens routed, {len(trace)} traced; 10 layers in two blocks"
+
+
+@test
+def fewer_experts_per_token(tmp):
+    """--experts-per-token N runs each token through N experts: the numpy reference with
+    num_experts_per_tok = N gives the same logits and experts (N = 1 and 3 of a top-2 model of 4
+    experts); more than the model has is refused."""
+    d, cfg, ids, shape = random_model(tmp, 45, 10, 3, dim=64, hidden_dim=96, heads=4, kv_heads=2, experts=4, top_k=2)
+    model = export(d, os.path.join(tmp, "f32.bin"), "f32")
+    W = reference.load_safetensors(d)
+    worst = 0.0
+    for k in (1, 3):
+        want, want_e = reference.forward(W, dict(cfg, num_experts_per_tok=k), ids)
+        got, got_e = engine_logits(model, ids, extra=("--experts-per-token", str(k)), **dict(shape, top_k=k))
+        worst = max(worst, compare_logits(got, want, f"--experts-per-token {k}"))
+        compare_experts(got_e, want_e, f"--experts-per-token {k}")
+    expect_error([ENGINE, model, "-i", "x", "--experts-per-token", "5"], "4 experts")
+    return f"1 and 3 experts a token: max abs error {worst:.2g} against the reference"

@@ -1128,17 +1128,16 @@ static int sample(Sampler *sm, float *logits, int n) {
     if (sm->top_k > 0 || filtering_top_p) {
         heap_build(sm->order, m);
         kept = sm->sorted;
-        int heap = m, want = sm->top_k > 0 && sm->top_k < m ? sm->top_k : m;
+        int heap = m, taken = 0, want = sm->top_k > 0 && sm->top_k < m ? sm->top_k : m;
         if (sm->top_k > 0 || mass < 0) { // top-k's tokens in order, then their mass
-            for (int i = 0; i < want; i++) kept[i] = heap_pop(sm->order, heap--);
+            for (; taken < want; taken++) kept[taken] = heap_pop(sm->order, heap--);
             m = want;
             mass = 0;
             for (int i = 0; i < m; i++) mass += kept[i].prob;
         }
         if (filtering_top_p) { // the smallest prefix whose mass exceeds top_p of what is left
             double cut = sm->top_p * mass, acc = 0;
-            int i = 0, taken = sm->top_k > 0 ? m : 0;
-            for (; i < m; i++) {
+            for (int i = 0; i < m; i++) {
                 if (i >= taken) kept[i] = heap_pop(sm->order, heap--);
                 acc += kept[i].prob;
                 if (acc > cut) { m = i + 1; mass = acc; break; }
@@ -1811,7 +1810,7 @@ static void print_usage(FILE *out) {
         "      --experts-per-token N  run each token through N experts instead of the model's top-k\n"
         "                        (fewer: faster, and less exact; make quality measures it)\n"
         "      --kv TYPE         how the KV cache holds keys and values: f32, bf16, q8 or q4 (rotated;\n"
-        "                        q8 a quarter of f32's memory, q4 a seventh; default f32)\n"
+        "                        q8 a quarter of f32's memory, q4 a seventh; default q8)\n"
         "      --info            print the model's configuration and exit\n"
         "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
@@ -1880,6 +1879,7 @@ typedef struct {
 static int parse_options(int argc, char **argv, Options *o) {
     memset(o, 0, sizeof(*o));
     o->chunk = 128;
+    o->kv_type = KV_Q8;
     o->load_mode = LOAD_AUTO;
     o->run.steps = 256;
     o->sampler = (Sampler){.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};

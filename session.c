@@ -78,23 +78,24 @@ int session_resume_bytes(const uint8_t *raw, size_t len, const char *path, const
     uint64_t sum;
     memcpy(&sum, raw + len - 8, 8);
     if (sum != session_checksum(raw, len - 8)) die("%s is corrupt (its checksum does not match)", path);
-    int32_t *tokens = xcalloc(h.n ? h.n : 1, sizeof(int32_t)); // (copied: the bytes need not be aligned)
-    memcpy(tokens, raw + sizeof(h), (size_t)h.n * 4);
-    for (uint32_t i = 0; i < h.n; i++)
-        if (tokens[i] < 0 || tokens[i] >= p->vocab_size) die("%s is corrupt (token %d outside the vocabulary)", path, tokens[i]);
+    const uint8_t *tokens = raw + sizeof(h); // int32 each (read with memcpy: the bytes need not be aligned)
+    for (uint32_t i = 0; i < h.n; i++) {
+        int32_t t;
+        memcpy(&t, tokens + 4 * i, 4);
+        if (t < 0 || t >= p->vocab_size) die("%s is corrupt (token %d outside the vocabulary)", path, t);
+    }
     int same = 0;
-    while (same < (int)h.n && same < n && tokens[same] == ids[same]) same++;
+    for (int32_t t; same < (int)h.n && same < n && (memcpy(&t, tokens + 4 * same, 4), t == ids[same]);) same++;
     // with a window that wrapped, the ring holds the last positions only: all or nothing
     if (h.n > (uint32_t)s->kv_len && same < (int)h.n) same = 0;
     if (same > n - 1) same = n - 1;
-    if (same <= 0) { free(tokens); return 0; }
+    if (same <= 0) return 0;
     const uint8_t *at = raw + sizeof(h) + (size_t)h.n * 4;
     for (int kv = 0; kv < 2; kv++)
         for (int l = 0; l < p->n_layers; l++)
             for (int hh = 0; hh < p->n_kv_heads; hh++, at += rows * s->kv_row)
                 memcpy(rows_of(kv ? s->values : s->keys, m, s, l, hh), at, rows * s->kv_row);
-    for (int i = 0; i < same; i++) s->tokens[i] = tokens[i];
-    free(tokens);
+    memcpy(s->tokens, tokens, (size_t)same * 4);
     return same;
 }
 

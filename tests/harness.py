@@ -113,6 +113,8 @@ def engine_logits(model, ids, engine=ENGINE, threads=2, context=None, vocab=None
         cmd += ["--chunk", str(chunk)]
     if context:
         cmd += ["-c", str(context)]
+    if "--kv" not in extra:  # the exact KV cache: the references compute in full precision
+        cmd += ["--kv", "f32"]
     r = run(cmd)
     check(r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}")
     logits = np.fromfile(out, "<f4").reshape(len(ids), vocab)

@@ -108,7 +108,7 @@ def sessions(tmp):
                                 experts=4, top_k=2)[0], os.path.join(tmp, "other.bin"), "q8")
     cases = [([ENGINE, other, "-i", "Once", "-c", "256", "--session", sess], "another model"),
              ([ENGINE, model, "-i", "Once", "-c", "256", "--kv", "q8", "--session", sess], "type f32"),
-             ([ENGINE, model, "-i", "Once", "-c", "300", "--session", sess], "another context")]
+             ([ENGINE, model, "-i", "Once", "-c", "300", "--kv", "f32", "--session", sess], "another context")]
     for cmd, needle in cases:
         expect_error(cmd, needle)
         check(file_digest(sess) == before, f"{needle}: the session file changed")
@@ -116,6 +116,6 @@ def sessions(tmp):
     for name, data, needle in (("cut", raw[:-100], "truncated"), ("flipped", raw[:60] + bytes([raw[60] ^ 1]) + raw[61:], "corrupt")):
         bad = os.path.join(tmp, name + ".session")
         open(bad, "wb").write(data)
-        expect_error([ENGINE, model, "-i", "Once", "-c", "256", "--session", bad], needle)
+        expect_error([ENGINE, model, "-i", "Once", "-c", "256", "--kv", "f32", "--session", bad], needle)
         check(open(bad, "rb").read() == data, f"{name}: the session file changed")
     return f"{n} runs, 3 KV types and a grown conversation identical with their sessions; 5 bad sessions refused"

@@ -7,14 +7,19 @@
 
 #include "../../session.h"
 
+static State fuzz_state;
+
+static void free_state(void) { state_free(&fuzz_state, &fuzz_model.config); }
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fuzz_tokenizer(); // loads fuzz_model
-    static State s;
     static int stated;
     if (!stated) {
-        state_init(&s, &fuzz_model.config, 64, 4, KV_Q8, NULL);
+        state_init(&fuzz_state, &fuzz_model.config, 64, 4, KV_Q8, NULL);
+        atexit(free_state); // (LeakSanitizer checks at exit)
         stated = 1;
     }
+    State *s = &fuzz_state;
     uint8_t *raw = malloc(size ? size : 1);
     memcpy(raw, data, size);
     if (size >= 16) {
@@ -28,7 +33,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     static const int ids[] = {1, 5, 7, 9, 11, 13};
     if (!setjmp(die_jump)) {
-        int same = session_resume_bytes(raw, size, "fuzz", &fuzz_model, &s, ids, 6);
+        int same = session_resume_bytes(raw, size, "fuzz", &fuzz_model, s, ids, 6);
         if (same < 0 || same > 5) abort();
     }
     free(raw);

@@ -1046,9 +1046,10 @@ FIT_CHOICES = {kind: (Q2, Q3, Q4, Q8, BF16) for kind in MATRIX_KINDS}
 FIT_CHOICES["embed"] = (Q2, Q3, Q4, Q6, Q8, BF16)
 # How much a relative error of each kind moves the output: KL per unit of
 # relative error, each kind alone in q2 and the rest in bf16, on the demo model
-# (tests/../README "Choosing the types"), relative to w1's and rounded: the
-# logits take lm_head's error straight, the embedding's reaches every layer.
-SENSITIVITY = dict(embed=25.0, wq=1.0, wk=1.0, wv=1.0, wo=1.0, w1=1.0, w3=1.0, w2=1.0, lm_head=500.0)
+# (README, "2 and 3 bits"), relative to w1's and rounded: the logits take
+# lm_head's error straight, the embedding's reaches every layer, and a key's
+# error every attention score of its head.
+SENSITIVITY = dict(embed=25.0, wq=3.0, wk=10.0, wv=1.5, wo=1.0, w1=1.0, w3=1.0, w2=1.0, lm_head=500.0)
 FIT_SAMPLE_ROWS = 64
 
 

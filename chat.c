@@ -65,6 +65,17 @@ void chat_format_user(IdList *out, const Tokenizer *t, const char *system, const
     free(content);
 }
 
+const Message *chat_last_message(const Conversation *c) {
+    for (int i = c->n - 1; i >= 0; i--)
+        if (c->msgs[i].role != ROLE_SYSTEM) return &c->msgs[i];
+    return NULL;
+}
+
+int chat_open_ending(const Conversation *c) {
+    const Message *last = chat_last_message(c);
+    return last && last->role == ROLE_ASSISTANT && (c->continue_final || last->prefix);
+}
+
 const char *chat_format(IdList *out, const Tokenizer *t, int bos_id, int eos_id, const Conversation *c) {
     size_t slen = 0;
     for (int i = 0; i < c->n; i++) if (c->msgs[i].role == ROLE_SYSTEM) slen += c->msgs[i].len + 2;
@@ -94,9 +105,7 @@ const char *chat_format(IdList *out, const Tokenizer *t, int bos_id, int eos_id,
             expect = ROLE_ASSISTANT;
         } else {
             ids_push_text(out, t, msg->content, msg->len);
-            int last = 1; // a final assistant message stays open, to be continued
-            for (int j = i + 1; j < c->n; j++) last &= c->msgs[j].role == ROLE_SYSTEM;
-            if (!last) ids_push(out, eos_id);
+            if (!chat_open_ending(c) || msg != chat_last_message(c)) ids_push(out, eos_id); // a reply ends with EOS
             expect = ROLE_USER;
         }
     }
@@ -243,6 +252,15 @@ static void json_number(Json *j) {
     }
 }
 
+// A JSON true or false: 1 or 0.
+static int json_bool(Json *j) {
+    json_peek(j);
+    if (j->n - j->i >= 4 && !memcmp(j->s + j->i, "true", 4)) { j->i += 4; return 1; }
+    if (j->n - j->i >= 5 && !memcmp(j->s + j->i, "false", 5)) { j->i += 5; return 0; }
+    json_fail(j, "expected true or false");
+    return 0;
+}
+
 static void json_skip(Json *j, int depth) {
     if (depth > 64) json_fail(j, "nested too deeply");
     int c = json_peek(j);
@@ -276,13 +294,14 @@ static void escape_for_message(const char *s, size_t len, char *out, size_t cap)
 }
 
 static void parse_message(Json *j) {
-    Message msg = {-1, NULL, 0};
+    Message msg = {-1, NULL, 0, 0};
     int index = j->conv.n;
     if (json_open(j, '{', '}')) do {
         size_t flen = json_string(j);
-        int field = scratch_is(j, flen, "role") ? 1 : scratch_is(j, flen, "content") ? 2 : 0;
+        int field = scratch_is(j, flen, "role") ? 1 : scratch_is(j, flen, "content") ? 2 : scratch_is(j, flen, "prefix") ? 3 : 0;
         json_expect(j, ':');
         if (!field) { json_skip(j, 1); continue; }
+        if (field == 3) { msg.prefix = json_bool(j); continue; }
         if (json_peek(j) != '"') json_fail(j, "expected a string");
         size_t vlen = json_string(j);
         if (field == 2) {
@@ -325,9 +344,10 @@ const char *chat_parse(const char *text, size_t len, Conversation *out) {
     }
     if (json_open(j, '{', '}')) do {
         size_t klen = json_string(j);
-        int messages = scratch_is(j, klen, "messages");
+        int messages = scratch_is(j, klen, "messages"), cont = scratch_is(j, klen, "continue_final_message");
         json_expect(j, ':');
-        if (messages) {
+        if (cont) j->conv.continue_final = json_bool(j);
+        else if (messages) {
             if (j->found) json_fail(j, "a second \"messages\"");
             j->found = 1;
             if (json_open(j, '[', ']')) do parse_message(j);

@@ -1586,6 +1586,7 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
     IdList turn = {0};
     ChatTotals tot = {0};
     int pos = 0, replied = 0; // replied: an assistant reply whose EOS is not yet in the KV cache
+    int complete = 0;         // the conversation file's last answer is closed: the user speaks next
     if (conv_path) { // pick up a saved conversation
         Conversation conv;
         read_conversation(m, conv_path, &turn, &conv);
@@ -1595,8 +1596,9 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         if (turn.n > s->context) die("%s is %d tokens but the context holds %d; use a larger -c", conv_path, turn.n, s->context);
         TokenDecoder dec;
         decoder_init(&dec);
-        printf("Assistant: ");
-        if (last == ROLE_ASSISTANT) { // continue the final message: its text, then more of it
+        complete = last == ROLE_ASSISTANT && !chat_open_ending(&conv);
+        if (!complete) printf("Assistant: ");
+        if (last == ROLE_ASSISTANT && !complete) { // continue the final message: its text, then more of it
             IdList tail = {0};
             ids_push_text(&tail, &m->tokenizer, conv.msgs[last_msg].content, conv.msgs[last_msg].len);
             echo_ids(&dec, &m->tokenizer, turn.ids + turn.n - tail.n, tail.n);
@@ -1612,8 +1614,10 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         if (!opt->quiet)
             fprintf(stderr, "[%d tokens in, %.2f tok/s, in %.2f s]\n", turn.n - reused, per_second(turn.n - reused, time_s() - t0),
                     time_s() - t0);
-        chat_reply(m, s, sm, opt, &pos, &dec, &tot);
-        replied = 1;
+        if (!complete) {
+            chat_reply(m, s, sm, opt, &pos, &dec, &tot);
+            replied = 1;
+        }
         system = NULL; // it belonged to the file's first user message
     }
     for (;;) {
@@ -1621,6 +1625,11 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
         fflush(stdout);
         size_t len;
         char *line = read_line(&len);
+        if (!line && complete && !isatty(fileno(stdin)))
+            fprintf(stderr, "\nmixtral: %s is complete (its last message is the assistant's, closed with EOS): give the "
+                            "next user message on standard input, or mark that message \"prefix\": true to continue it\n",
+                    conv_path);
+        complete = 0;
         if (!line) { if (interrupted) printf("\n"); break; }
         if (!strcmp(line, "/quit")) { free(line); break; }
         if (!strcmp(line, "/reset")) {
@@ -1782,7 +1791,8 @@ static void print_usage(FILE *out) {
         "  -y, --system TEXT     chat: system prompt, placed before the first user message\n"
         "      --chat-file F     chat: continue the conversation in F, a JSON object\n"
         "                        {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}]}\n"
-        "                        (a final assistant message is continued, not closed)\n"
+        "                        (a final assistant message is closed, and the user speaks next, unless it\n"
+        "                        has \"prefix\": true or the file \"continue_final_message\": true)\n"
         "sampling, applied in this order:\n"
         "      --repeat-penalty R  recent tokens' logits divided by R (multiplied if negative); 1 = off (default)\n"
         "      --repeat-last-n N   tokens that count as recent, prompt included (default 64)\n"

@@ -100,31 +100,36 @@ KV_CONTEXTS = (4096, 8192)
 PEER_KV = {"f16": "f16", "q8": "q8_0", "q4": "q4_0"}
 
 
-def kv_quality(engine, model, text, peers_kv):
+def kv_quality(engine, model, text, peers_kv, ours=True):
     """What each KV cache type loses: our --kv bf16, q8, q4 against --kv f32, and each peer's -ctk/-ctv
     against its own f16 cache (peers_kv: [(name, llama-perplexity, GGUF, extra args)]), on the same text
     at -c 4096 and 8192 (the second halves of each window scored)."""
     rows = []
     for ctx in KV_CONTEXTS:
         base = os.path.join(CACHE, f"kv{ctx}.kl")
-        bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", "f32", "--kl-base", base])
-        for kv in ("bf16", "q8", "q4"):
-            out, _ = bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", kv, "--kl-divergence", base])
-            r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-            rows.append((ctx, f"ours --kv {kv}", r["kl_mean"], r["kl_p99"], r["top1"]))
-        os.remove(base)
+        if ours:
+            bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", "f32", "--kl-base", base])
+            for kv in ("bf16", "q8", "q4"):
+                out, _ = bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", kv, "--kl-divergence", base])
+                r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+                rows.append((ctx, f"ours --kv {kv}", r["kl_mean"], r["kl_p99"], r["top1"]))
+            os.remove(base)
         for name, tool, gguf, extra in peers_kv:
             base = os.path.join(CACHE, f"kv{ctx}-{name}.kld")
-            common = ["-m", gguf, "-f", text, "-c", str(ctx), "-b", "512", "-t", str(os.cpu_count() or 1), "-fa", "1", *extra]
+            fa = ["-fa", "1"] if name == "ik_llama.cpp" else ["-fa"]  # (flash attention: quantized V caches need it)
+            common = ["-m", gguf, "-f", text, "-c", str(ctx), "-b", "512", "-t", str(os.cpu_count() or 1), *fa, *extra]
             bench.sh([tool, *common, "-ctk", "f16", "-ctv", "f16", "--kl-divergence-base", base])
+            rotations = [[], ["-khad", "-vhad"]] if name == "ik_llama.cpp" else [[]]  # (ik_llama.cpp's Hadamard option)
             for kv in ("q8", "q4"):
-                out, err = bench.sh([tool, *common, "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv], "--kl-divergence-base", base,
-                                     "--kl-divergence"])
-                log = out + err
-                kl = float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", log).group(1))
-                p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)
-                top = float(re.search(r"Same top p:\s+([0-9.]+)", log).group(1)) / 100
-                rows.append((ctx, f"{name} -ctk/-ctv {PEER_KV[kv]}", kl, float(p99.group(1)) if p99 else float("nan"), top))
+                for rot in rotations:
+                    out, err = bench.sh([tool, *common, *rot, "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv], "--kl-divergence-base",
+                                         base, "--kl-divergence"])
+                    log = out + err
+                    kl = float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", log).group(1))
+                    p99 = re.search(r"99\.0%\s+KLD:\s+([0-9.]+)", log)
+                    top = float(re.search(r"Same top p:\s+([0-9.]+)", log).group(1)) / 100
+                    what = f"{name} -ctk/-ctv {PEER_KV[kv]}" + (" -khad -vhad" if rot else "")
+                    rows.append((ctx, what, kl, float(p99.group(1)) if p99 else float("nan"), top))
             os.remove(base)
     print()
     print(f"KV cache types: KL divergence from the same engine's f32 (ours) or f16 (peers') cache, the bench model in q8 "
@@ -156,7 +161,8 @@ def main():
     ap.add_argument("--kv", action="store_true", help="the KV cache types instead of the weight formats (bench model, "
                     "q8; with --kv-gguf the peers' too)")
     ap.add_argument("--kv-gguf", help="the Q8_0 GGUF of the bench model for the peers' KV cache runs")
-    ap.add_argument("--kv-peer-args", default="", help="extra arguments for the peers' KV runs (e.g. a rotation flag)")
+    ap.add_argument("--kv-peer-args", default="", help="extra arguments for the peers' KV runs")
+    ap.add_argument("--kv-peers-only", action="store_true", help="with --kv: only the peers (ours measured before)")
     a = ap.parse_args()
     os.makedirs(CACHE, exist_ok=True)
     engine = os.path.join(ROOT, "mixtral")
@@ -164,7 +170,7 @@ def main():
         models = bench.ensure_models(["q8"])
         peers_kv = [(name, tool, a.kv_gguf, a.kv_peer_args.split()) for name, tool in
                     (("llama.cpp", a.llama_perplexity), ("ik_llama.cpp", a.ik_perplexity)) if tool and a.kv_gguf]
-        kv_quality(engine, models["q8"], TEXT, peers_kv)
+        kv_quality(engine, models["q8"], TEXT, peers_kv, not a.kv_peers_only)
         return
     which = a.models.split(",")
     short = os.path.join(CACHE, "heldout-start.txt")

@@ -51,9 +51,10 @@ def tokenizer_hooks_and_big_prompt(tmp):
     return f"{len(blob)} bytes -> {len(got)} ids, identical; --detokenize matches"
 
 
-def mistral_common_ids(sp, conv, v3):
-    """mistral-common's instruct format, written from its rule independently of mixtral.c; a final
-    assistant message is left open (continue_final_message)."""
+def mistral_common_ids(sp, conv, v3, open_end=False):
+    """mistral-common's instruct format, written from its rule independently of mixtral.c: every
+    assistant message ends with EOS, a final one only stays open when marked "prefix": true
+    (open_end)."""
     system = "\n\n".join(c for r, c in conv if r == "system")
     ids, first = [1], True
     last = max(i for i, (r, _) in enumerate(conv) if r != "system")
@@ -64,7 +65,7 @@ def mistral_common_ids(sp, conv, v3):
             first = False
             ids += [3] + sp.encode(content) + [4] if v3 else sp.encode(f"[INST] {content} [/INST]")
         elif role == "assistant":
-            ids += sp.encode(content) + ([2] if i != last else [])
+            ids += sp.encode(content) + ([2] if i != last or not open_end else [])
     return ids
 
 
@@ -127,10 +128,44 @@ def chat_session(tmp):
 
 
 @test
+def conversation_endings(tmp):
+    """A conversation file whose last message is the assistant's is complete, its answer closed
+    with EOS, as mistral-common and apply_chat_template format it ([user "2+2?", assistant "4"]
+    ends ... 28781, 2); "prefix": true on that message or "continue_final_message": true on the file
+    leaves it open to be continued. In chat, a complete file waits for the user's next turn; with
+    nothing on standard input it says in one line how to go on, and exits 0; with a line, that turn
+    follows the EOS."""
+    import sentencepiece
+    model = tokenizer_model("mistral-v1.model")
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ROOT, "tokenizers", "mistral-v1.model"))
+    base = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    closed = mistral_common_ids(sp, [("user", "2+2?"), ("assistant", "4")], False)
+    check(closed[-2:] == [28781, 2], f"the reference itself: {closed}")
+    cases = [(base, closed), (dict(base, continue_final_message=True), closed[:-1])]
+    prefixed = {"messages": [base["messages"][0], dict(base["messages"][1], prefix=True)]}
+    cases.append((prefixed, closed[:-1]))
+    for i, (conv, want) in enumerate(cases):
+        path = os.path.join(tmp, f"e{i}.json")
+        json.dump(conv, open(path, "w"))
+        got = [int(x) for x in run([ENGINE, model, "--chat-ids-file", path]).stdout.split()]
+        check(got == want, f"{json.dumps(conv)}:\n  mixtral.c {got}\n  expected  {want}")
+    small = small_model(tmp)
+    path = os.path.join(tmp, "complete.json")
+    json.dump(base, open(path, "w"))
+    r = run([ENGINE, small, "-m", "chat", "--chat-file", path, "-n", "3", "-t", "0"], input="")
+    check(r.returncode == 0 and "Assistant: " not in r.stdout and r.stderr.count("is complete") == 1
+          and "prefix" in r.stderr, f"a complete conversation, nothing on stdin:\n{r.stdout}\n{r.stderr}")
+    r = run([ENGINE, small, "-m", "chat", "--chat-file", path, "-n", "3", "-t", "0"], input="and 3+3?\n")
+    check(r.returncode == 0 and r.stdout.count("Assistant: ") == 1 and "is complete" not in r.stderr,
+          f"a complete conversation, then a turn:\n{r.stdout}\n{r.stderr}")
+    return "closed with EOS unless prefix or continue_final_message; chat waits for the user, or says how to go on"
+
+
+@test
 def chat_details(tmp):
-    """Blank lines are not turns; a conversation file ending with the assistant's message continues
-    it (no EOS; its text printed, then more); --expert-stats after every chat reply, counting that
-    turn's tokens."""
+    """Blank lines are not turns; a conversation file ending with the assistant's message marked
+    "prefix": true continues it (no EOS; its text printed, then more); --expert-stats after every
+    chat reply, counting that turn's tokens."""
     import sentencepiece
     model = small_model(tmp)
     sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(SMALL["hf"], "tokenizer.model"))
@@ -138,8 +173,8 @@ def chat_details(tmp):
     check(r.returncode == 0 and r.stderr.count("new tokens in") == 1 and r.stdout.count("Assistant: ") == 1,
           f"blank lines sent as turns:\n{r.stdout}\n{r.stderr}")
     conv = os.path.join(tmp, "c.json")
-    json.dump({"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "Once upon"}]},
-              open(conv, "w"))
+    json.dump({"messages": [{"role": "user", "content": "Say it"},
+                            {"role": "assistant", "content": "Once upon", "prefix": True}]}, open(conv, "w"))
     ids = [int(x) for x in run([ENGINE, model, "--chat-ids-file", conv]).stdout.split()]
     want = [1] + sp.encode("[INST] Say it [/INST]") + sp.encode("Once upon")
     check(ids == want, f"final assistant message: {ids}, expected {want} (no EOS)")

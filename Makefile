@@ -112,7 +112,21 @@ fuzz: mixtral $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%) $(FUZZ_MODEL)
 	done
 	$(PYTHON) tests/export_mutations.py --n $(EXPORT_MUTATIONS)
 
+# make install [PREFIX=/usr/local]: the program as PREFIX/bin/mixtral, export.py as the command
+# PREFIX/bin/mixtral-export (it runs PYTHON on PREFIX/share/mixtral/export.py); make uninstall.
+PREFIX ?= /usr/local
+install: mixtral
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/mixtral
+	install -m 755 mixtral $(DESTDIR)$(PREFIX)/bin/mixtral
+	install -m 644 export.py $(DESTDIR)$(PREFIX)/share/mixtral/export.py
+	printf '#!/bin/sh\nexec %s %s "$$@"\n' '$(PYTHON)' '$(PREFIX)/share/mixtral/export.py' > $(DESTDIR)$(PREFIX)/bin/mixtral-export
+	chmod 755 $(DESTDIR)$(PREFIX)/bin/mixtral-export
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/mixtral $(DESTDIR)$(PREFIX)/bin/mixtral-export $(DESTDIR)$(PREFIX)/share/mixtral/export.py
+	-rmdir $(DESTDIR)$(PREFIX)/share/mixtral 2>/dev/null
+
 clean:
 	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/kernel $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
 
-.PHONY: all debug test test-cross run bench bench-kernel bench-paging quality fuzz clean
+.PHONY: all debug test test-cross run bench bench-kernel bench-paging quality fuzz install uninstall clean

@@ -303,3 +303,23 @@ def threads_beyond_the_cpus(tmp):
     r = run([ENGINE, model, "-i", "Hello", "-n", "4", "-t", "0", "--threads", str(cpus)])
     check(r.returncode == 0 and "more than" not in r.stderr, r.stderr[-400:])
     return f"--threads {cpus + 14} runs {cpus}, said once; taskset to 1 CPU runs 1"
+
+
+@test
+def install_and_uninstall(tmp):
+    """make install PREFIX=...: mixtral and mixtral-export run from any folder (the export of the demo
+    model through the installed command loads in the installed program); make uninstall removes
+    what it put there."""
+    prefix = os.path.join(tmp, "prefix")
+    r = run(["make", "-s", "-C", ROOT, "install", f"PREFIX={prefix}", f"PYTHON={PYTHON}"])
+    check(r.returncode == 0, f"make install: {r.stderr[-500:]}")
+    out = os.path.join(tmp, "demo.bin")
+    r = run([os.path.join(prefix, "bin", "mixtral-export"), os.path.join(ROOT, "demo", "model"), out, "--type", "q8"],
+            cwd="/")
+    check(r.returncode == 0, f"installed mixtral-export: {r.stderr[-500:]}")
+    r = run([os.path.join(prefix, "bin", "mixtral"), out, "-i", "And it came", "-n", "4", "-t", "0", "-q"], cwd="/")
+    check(r.returncode == 0 and r.stdout.startswith("And it came"), f"installed mixtral: {r.stderr[-500:]}")
+    r = run(["make", "-s", "-C", ROOT, "uninstall", f"PREFIX={prefix}"])
+    left = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
+    check(r.returncode == 0 and not left, f"make uninstall left {left}")
+    return "installed, run from /, uninstalled"

@@ -100,12 +100,12 @@ KV_CONTEXTS = (4096, 8192)
 PEER_KV = {"f16": "f16", "q8": "q8_0", "q4": "q4_0"}
 
 
-def kv_quality(engine, model, text, peers_kv, ours=True):
+def kv_quality(engine, model, text, peers_kv, ours=True, contexts=KV_CONTEXTS):
     """What each KV cache type loses: our --kv bf16, q8, q4 against --kv f32, and each peer's -ctk/-ctv
     against its own f16 cache (peers_kv: [(name, llama-perplexity, GGUF, extra args)]), on the same text
     at -c 4096 and 8192 (the second halves of each window scored)."""
     rows = []
-    for ctx in KV_CONTEXTS:
+    for ctx in contexts:
         base = os.path.join(CACHE, f"kv{ctx}.kl")
         if ours:
             bench.sh([engine, model, "--perplexity", text, "-c", str(ctx), "--kv", "f32", "--kl-base", base])
@@ -163,6 +163,7 @@ def main():
     ap.add_argument("--kv-gguf", help="the Q8_0 GGUF of the bench model for the peers' KV cache runs")
     ap.add_argument("--kv-peer-args", default="", help="extra arguments for the peers' KV runs")
     ap.add_argument("--kv-peers-only", action="store_true", help="with --kv: only the peers (ours measured before)")
+    ap.add_argument("--kv-contexts", default="4096,8192", help="with --kv: the contexts (-c) measured")
     a = ap.parse_args()
     os.makedirs(CACHE, exist_ok=True)
     engine = os.path.join(ROOT, "mixtral")
@@ -170,7 +171,8 @@ def main():
         models = bench.ensure_models(["q8"])
         peers_kv = [(name, tool, a.kv_gguf, a.kv_peer_args.split()) for name, tool in
                     (("llama.cpp", a.llama_perplexity), ("ik_llama.cpp", a.ik_perplexity)) if tool and a.kv_gguf]
-        kv_quality(engine, models["q8"], TEXT, peers_kv, not a.kv_peers_only)
+        kv_quality(engine, models["q8"], TEXT, peers_kv, not a.kv_peers_only,
+                   [int(c) for c in a.kv_contexts.split(",")])
         return
     which = a.models.split(",")
     short = os.path.join(CACHE, "heldout-start.txt")

@@ -1807,7 +1807,8 @@ static void print_usage(FILE *out) {
         "                        and values and runs only the rest\n"
         "output and speed:\n"
         "  -q, --quiet           print only the generated text (errors still go to stderr)\n"
-        "      --threads N       threads (default and most: the CPUs this process may run on)\n"
+        "      --threads N       threads (most: the CPUs this process may run on; default: those, or of\n"
+        "                        a hybrid CPU's, its performance cores)\n"
         "      --mem SIZE        memory for the weights and working buffers, the KV cache aside (e.g. 12G):\n"
         "                        a larger model keeps its experts in a cache that fits, read from the\n"
         "                        file as needed (default: the memory available, when the model is larger)\n"
@@ -2002,7 +2003,7 @@ int main(int argc, char **argv) {
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = o.info || o.chat_ids_path || o.tokenize_path || o.detokenize_ids;
     int cpus = pool_usable_cpus();
-    if (o.threads == 0) o.threads = cpus;
+    if (o.threads == 0) o.threads = pool_default_threads();
 #ifndef MIXTRAL_OVERSUBSCRIBE // (a test-only build: tests/test_engine.py checks that any thread count gives the same numbers)
     if (o.threads > cpus) { // more threads than CPUs only wait for each other at every round of the pool
         if (!o.run.quiet)

@@ -9,6 +9,7 @@
 #include "pool.h"
 
 #include <sched.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +56,36 @@ static void *pool_worker(void *p) {
     }
     free(wa);
     return NULL;
+}
+
+#ifndef MIXTRAL_SYSFS
+#define MIXTRAL_SYSFS "/sys" // (a test build points it at a fake tree)
+#endif
+
+int pool_default_threads(void) {
+#ifdef __linux__
+    // Hybrid x86 CPUs (performance and efficiency cores): Linux lists the
+    // performance cores' CPUs in cpu_core/cpus, e.g. "0-15". Mixtral on the
+    // efficiency cores only slows the performance cores' work down: each round
+    // of the pool waits for its slowest thread.
+    cpu_set_t set;
+    FILE *f = fopen(MIXTRAL_SYSFS "/devices/cpu_core/cpus", "r");
+    if (f && sched_getaffinity(0, sizeof(set), &set) == 0) {
+        int n = 0, a, b;
+        char sep;
+        while (fscanf(f, "%d", &a) == 1) {
+            b = a;
+            if (fscanf(f, "%c", &sep) == 1 && sep == '-') { if (fscanf(f, "%d", &b) != 1) break; if (fscanf(f, "%c", &sep) != 1) sep = 0; }
+            for (int c = a; c <= b && c < CPU_SETSIZE; c++) n += c >= 0 && CPU_ISSET(c, &set);
+            if (sep != ',') break;
+        }
+        fclose(f);
+        if (n > 0) return n;
+    } else if (f) {
+        fclose(f);
+    }
+#endif
+    return pool_usable_cpus();
 }
 
 int pool_usable_cpus(void) {

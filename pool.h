@@ -38,6 +38,10 @@ typedef struct {
 
 // The CPUs this process may run on: its affinity mask (taskset, containers).
 int pool_usable_cpus(void);
+// The threads to run by default: on a hybrid x86 CPU whose performance cores
+// Linux lists (/sys/devices/cpu_core/cpus), those of them this process may use;
+// else pool_usable_cpus().
+int pool_default_threads(void);
 // Starts n-1 workers, with every signal blocked (the caller's thread takes them). Returns 0, or -1 if memory or a thread could not be had.
 int pool_init(ThreadPool *pool, int n);
 // Runs fn(arg, tid, n) on all n threads and returns when every one has finished.

@@ -323,3 +323,34 @@ def install_and_uninstall(tmp):
     left = [os.path.join(d, f) for d, _, fs in os.walk(prefix) for f in fs]
     check(r.returncode == 0 and not left, f"make uninstall left {left}")
     return "installed, run from /, uninstalled"
+
+
+@test
+def performance_cores_by_default(tmp):
+    """On a hybrid CPU whose performance cores Linux lists (/sys/devices/cpu_core/cpus), the default
+    threads are those of them this process may use; --threads still decides; without the list, all
+    usable CPUs. Checked with a build that reads a fake sysfs tree (-DMIXTRAL_SYSFS)."""
+    sysfs = os.path.join(tmp, "sys")
+    exe = os.path.join(tmp, "mixtral-sysfs")
+    r = run([CC, "-O1", *BUILD_FLAGS, f'-DMIXTRAL_SYSFS="{sysfs}"', "-o", exe, *SOURCES, "-lm", "-lpthread"])
+    check(r.returncode == 0, r.stderr[-1000:])
+    model = small_model(tmp)
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def threads(*extra):
+        r = run([exe, model, "-i", "x", "-n", "1", *extra])
+        m = re.search(r"(\d+) threads, context", r.stderr)
+        check(r.returncode == 0 and m, r.stderr[-500:])
+        return int(m.group(1))
+
+    check(threads() == len(cpus), "no cpu_core list: not all usable CPUs")
+    os.makedirs(os.path.join(sysfs, "devices", "cpu_core"))
+    lists = {f"{cpus[0]}": 1, f"{cpus[0]}-{cpus[0]}": 1, f"{cpus[0]},100-103": 1, "200-203": len(cpus)}
+    if len(cpus) >= 2:
+        lists[f"{cpus[0]}-{cpus[1]}"] = 2 if cpus[1] == cpus[0] + 1 else 1
+    for text, want in lists.items():
+        open(os.path.join(sysfs, "devices", "cpu_core", "cpus"), "w").write(text + "\n")
+        got = threads()
+        check(got == want, f"cpu_core/cpus {text!r}: {got} threads by default, expected {want}")
+    check(threads("--threads", str(len(cpus))) == len(cpus), "--threads did not decide")
+    return f"{len(lists)} performance-core lists: default threads as listed and usable; --threads decides"

@@ -354,3 +354,30 @@ def performance_cores_by_default(tmp):
         check(got == want, f"cpu_core/cpus {text!r}: {got} threads by default, expected {want}")
     check(threads("--threads", str(len(cpus))) == len(cpus), "--threads did not decide")
     return f"{len(lists)} performance-core lists: default threads as listed and usable; --threads decides"
+
+
+@test
+def without_proc(tmp):
+    """With an empty /proc (a container without it; here a mount namespace with a tmpfs over /proc),
+    a run prints the same text as with it, and picks its defaults without it: the file mapped (no
+    memory figure to read it in by), the usable CPUs as threads, a load line; --mem less than the
+    file still gives the expert cache, with the same text."""
+    if not shutil.which("unshare") or run(["unshare", "-m", "true"]).returncode != 0:
+        raise Skip("no mount namespace here (unshare -m needs root)")
+    model = small_model(tmp)
+    size = os.path.getsize(model)
+    args = [model, "-i", "Once upon a time", "-n", "12", "-t", "0", "-c", "256", "--chunk", "4", "--threads", "2"]
+    want = run([ENGINE, *args])
+    check(want.returncode == 0, want.stderr[-300:])
+    shell = 'mount -t tmpfs tmpfs /proc && exec "$@"'
+    got = run(["unshare", "-m", "sh", "-c", shell, "sh", ENGINE, *args[:-2]])
+    cpus = len(os.sched_getaffinity(0))
+    check(got.returncode == 0 and got.stdout == want.stdout, f"without /proc: {got.stdout!r} vs {want.stdout!r}\n{got.stderr}")
+    check(f"mapped) in" in got.stderr and f"{cpus} threads" in got.stderr, f"defaults without /proc:\n{got.stderr}")
+    r = run([ENGINE, model, "--bench", "-c", "256", "--chunk", "4", "--threads", "2", "--mem", str(size - 1)])
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    mem = rep["cache_other_bytes"] + 3 * rep["cache_slot_bytes"]
+    got = run(["unshare", "-m", "sh", "-c", shell, "sh", ENGINE, *args, "--mem", str(mem), "--expert-stats"])
+    check(got.returncode == 0 and got.stdout.split("\n\nexpert usage")[0] == want.stdout.rstrip("\n")
+          and "expert cache: 3 slots" in got.stdout, f"the expert cache without /proc:\n{got.stdout}\n{got.stderr}")
+    return "same text without /proc, mapped, all CPUs; the expert cache too"

@@ -171,7 +171,11 @@ def main():
         models = bench.ensure_models(["q8"])
         peers_kv = [(name, tool, a.kv_gguf, a.kv_peer_args.split()) for name, tool in
                     (("llama.cpp", a.llama_perplexity), ("ik_llama.cpp", a.ik_perplexity)) if tool and a.kv_gguf]
-        kv_quality(engine, models["q8"], TEXT, peers_kv, not a.kv_peers_only,
+        # llama.cpp's perplexity needs twice the context in tokens: heldout.txt and the GPL-3's text
+        long_text = os.path.join(CACHE, "kv-text.txt")
+        with open(long_text, "w") as f:
+            f.write(open(TEXT).read() + "\n" + open(CALIB).read())
+        kv_quality(engine, models["q8"], long_text, peers_kv, not a.kv_peers_only,
                    [int(c) for c in a.kv_contexts.split(",")])
         return
     which = a.models.split(",")

@@ -6,7 +6,8 @@ export.py: turn a Hugging Face Mixtral folder into one mixtral.c model file.
 
 MODEL_DIR is an unmodified Hugging Face folder: config.json, model.safetensors
 (or the shards listed in model.safetensors.index.json) and tokenizer.model.
-Needs only Python's standard library and numpy. Tensors are streamed a slice
+Needs only Python's standard library and numpy (and not numpy for a bf16 or f32
+export of a bf16 or f32 checkpoint, such as the demo model's). Tensors are streamed a slice
 at a time, so peak memory stays near one slice whatever the model size.
 
 File layout (version 4, all little-endian). mixtral.c mirrors this once, in
@@ -51,7 +52,13 @@ import struct
 import sys
 import time
 
-import numpy as np
+from array import array
+import math
+
+try:  # numpy: the quantizers, GGUF and conversions need it; a bf16 or f32 Hugging Face model does not
+    import numpy as np
+except ImportError:
+    np = None
 
 MAGIC = b"MIXTRALC"
 VERSION = 4
@@ -198,7 +205,7 @@ class SafetensorsTensor:
         self.offset, self.nbytes = offset, nbytes
 
     def _raw(self, f, r0, nr):
-        cols = self.shape[-1] if len(self.shape) == 2 else max(1, int(np.prod(self.shape)))
+        cols = self.shape[-1] if len(self.shape) == 2 else max(1, math.prod(self.shape))
         esize = ST_DTYPES[self.dtype]
         raw = read_at(f, self.path, self.offset + r0 * cols * esize, nr * cols * esize)
         if len(raw) != nr * cols * esize:
@@ -383,6 +390,7 @@ class GgufTensor:
 
 def read_gguf(path):
     """(config, tokenizer pieces, flags, unk_id, {Hugging Face name: GgufTensor})."""
+    require_numpy("reading a GGUF")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         data = f.read(min(size, 64 << 20))  # the header: key-values (the vocabulary) and tensor infos
@@ -829,11 +837,11 @@ def pack_groups(q, h, wtype):
 # of 16 per row and sub-block (the Lloyd-Max levels of a normal distribution at
 # 16 scales, each 0.9 times the next), and an f16 scale per row. The same
 # tables as kernels.c's q3_levels and q2_levels.
-Q2_LEVELS = np.array([[-26, -8, 8, 26], [-29, -9, 9, 29], [-32, -10, 10, 32], [-36, -11, 11, 36],
+Q2_LEVELS = ([[-26, -8, 8, 26], [-29, -9, 9, 29], [-32, -10, 10, 32], [-36, -11, 11, 36],
                       [-40, -12, 12, 40], [-44, -13, 13, 44], [-49, -15, 15, 49], [-55, -16, 16, 55],
                       [-61, -18, 18, 61], [-67, -20, 20, 67], [-75, -22, 22, 75], [-83, -25, 25, 83],
                       [-93, -28, 28, 93], [-103, -31, 31, 103], [-114, -34, 34, 114], [-127, -38, 38, 127]])
-Q3_LEVELS = np.array([[-26, -16, -9, -3, 3, 9, 16, 26], [-29, -18, -10, -3, 3, 10, 18, 29],
+Q3_LEVELS = ([[-26, -16, -9, -3, 3, 9, 16, 26], [-29, -18, -10, -3, 3, 10, 18, 29],
                       [-32, -20, -11, -4, 4, 11, 20, 32], [-36, -22, -13, -4, 4, 13, 22, 36],
                       [-40, -25, -14, -5, 5, 14, 25, 40], [-44, -28, -16, -5, 5, 16, 28, 44],
                       [-49, -31, -17, -6, 6, 17, 31, 49], [-55, -34, -19, -6, 6, 19, 34, 55],
@@ -866,7 +874,7 @@ def quantize_coded(x, wtype, imp=None):
     scale for the top book's levels (weighted least squares, from the scale that maps its largest
     weight to the top level); the row's scale makes the largest of them the top book; then of the
     books nearest each sub-block's scale, the one with the least weighted error."""
-    levels = CODED_LEVELS[wtype].astype(np.float32)
+    levels = np.array(CODED_LEVELS[wtype], np.float32)
     sub = CODED_SUB[wtype]
     rows, cols = x.shape
     g = x.reshape(rows, cols // sub, sub).astype(np.float32)
@@ -920,6 +928,32 @@ def pack_coded(h, books, codes, wtype):
     return np.concatenate([scales, blocks.reshape(G, -1)], axis=1).tobytes()
 
 
+def require_numpy(what):
+    if np is None:
+        reject(f"{what} needs numpy, which this Python lacks (Debian: apt-get install python3-numpy; or run export.py "
+               f"with a Python that has it)")
+
+
+def write_without_numpy(out, f, t, rows, cols, step, wtype):
+    """A bf16 or f32 tensor of a safetensors checkpoint written as bf16 (bits copied) or f32, with
+    the standard library alone: what the demo model's bf16 export needs."""
+    if wtype not in (F32, BF16) or t.dtype not in ("BF16", "F32") or (wtype == BF16 and t.dtype != "BF16") \
+            or sys.byteorder != "little":
+        require_numpy(f"--type {TYPE_NAMES[wtype]} of {t.dtype} tensors")
+    for r0 in range(0, rows, step):
+        nr = min(step, rows - r0)
+        raw = t._raw(f, r0, nr)
+        if t.dtype == "BF16":
+            bits = array("H", raw)
+            if any(b & 0x7F80 == 0x7F80 for b in bits):  # exponent all ones: NaN or infinity
+                reject(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+            out.write(raw if wtype == BF16 else array("I", (b << 16 for b in bits)).tobytes())
+        else:
+            if any(b & 0x7F800000 == 0x7F800000 for b in array("I", raw)):
+                reject(f"{t.path}: tensor {t.name} holds NaN or infinite values")
+            out.write(raw)
+
+
 def write_tensor(out, files, t, shape, wtype, imp=None):
     """Streams one tensor of any source into `out` as wtype, converting a slice of rows at a time;
     imp: the importance of each input column for q3/q2's rounding (--imatrix), or None."""
@@ -933,6 +967,9 @@ def write_tensor(out, files, t, shape, wtype, imp=None):
         print(f"export.py: warning: {t.dtype} tensors of the GGUF (the first: {t.name}) are converted to "
               f"{TYPE_NAMES[wtype]} with rounding; the others carry over exactly",
               file=sys.stderr)
+
+    if np is None:
+        return write_without_numpy(out, f, t, rows, cols, step, wtype)
 
     def finite_rows(r0, nr):
         x = t.rows_f32(f, r0, nr).reshape(nr, cols)
@@ -984,6 +1021,11 @@ IMATRIX_MAGIC = b"MXIMATRX"
 
 
 def read_imatrix(path, plan):
+    require_numpy("--imatrix")
+    return _read_imatrix(path, plan)
+
+
+def _read_imatrix(path, plan):
     """{(checkpoint name, kind): importance (cols,) float32, or None where no token reached it} for the
     matrices of the plan that are multiplied (all but the embedding), in the plan's order; a file
     for another model is refused naming the first tensor that does not match."""
@@ -1067,7 +1109,7 @@ def relative_error(x, wtype, imp):
         y = (f32_to_bf16(x.ravel()).astype(np.uint32) << 16).view(np.float32).reshape(x.shape) if wtype == BF16 else x
     elif wtype in CODED:
         h, books, codes = quantize_coded(x, wtype, imp)
-        lev = CODED_LEVELS[wtype].astype(np.float32)
+        lev = np.array(CODED_LEVELS[wtype], np.float32)
         sub = CODED_SUB[wtype]
         b = np.repeat(books, sub, axis=1)
         y = lev[b, codes] * h.astype(np.float32)[:, None]
@@ -1080,6 +1122,7 @@ def relative_error(x, wtype, imp):
 
 def fit_types(plan, tensors, importance, size, start, c):
     """{kind: type} of the least estimated loss whose file fits in size bytes; prints the choice."""
+    require_numpy("--fit")
     per_path = {kind: (1 if kind in ("embed", "lm_head") else c["n_layers"]) for kind in MATRIX_KINDS}
     err, files = {}, {}
     try:

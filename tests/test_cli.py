@@ -381,3 +381,31 @@ def without_proc(tmp):
     check(got.returncode == 0 and got.stdout.split("\n\nexpert usage")[0] == want.stdout.rstrip("\n")
           and "expert cache: 3 slots" in got.stdout, f"the expert cache without /proc:\n{got.stdout}\n{got.stderr}")
     return "same text without /proc, mapped, all CPUs; the expert cache too"
+
+
+@test
+def make_run_without_numpy(tmp):
+    """make run on a fresh clone with a Python that has no numpy (the demo's bf16 export needs none):
+    it builds, exports and prints the README's sample; the bf16 file equals the one export.py
+    writes with numpy."""
+    plain = None
+    for cand in ("python3", "/usr/local/bin/python3", "/usr/bin/python3"):
+        path = shutil.which(cand)
+        if path and run([path, "-c", "import numpy"]).returncode != 0:
+            plain = path
+            break
+    if not plain:
+        raise Skip("every Python here has numpy")
+    clone = os.path.join(tmp, "clone")
+    r = run(["git", "clone", "-q", ROOT, clone])
+    if r.returncode != 0:
+        raise Skip(f"cannot clone the checkout: {r.stderr.strip()[:200]}")
+    r = run(["make", "-s", "-C", clone, "run", f"PYTHON={plain}"], timeout=900)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    sample = re.search(r"`make run` prints[^\n]*\n\n```\n(.*?)```", readme, re.S).group(1)
+    check(r.returncode == 0 and r.stdout.endswith(sample), f"make run with {plain} (no numpy): exit {r.returncode}\n"
+          f"{r.stdout[-400:]}\n{r.stderr[-800:]}")
+    with_numpy = export(os.path.join(ROOT, "demo", "model"), os.path.join(tmp, "np.bin"), "bf16")
+    check(open(with_numpy, "rb").read() == open(os.path.join(clone, ".cache", "demo-bf16.bin"), "rb").read(),
+          "the bf16 file without numpy differs from the one with it")
+    return f"make run with {plain}: the README's sample; the same file as with numpy"

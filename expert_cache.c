@@ -217,8 +217,11 @@ ExpertCache *expert_cache_open(const char *path, int fd, uint64_t file_size, con
     c->path = strdup(path);
     c->fd = fd;
     c->file_size = file_size;
-#ifdef O_DIRECT
+#if defined(O_DIRECT)
     c->direct_fd = open(path, O_RDONLY | O_DIRECT); // where it fails (tmpfs), reads go through the page cache
+#elif defined(F_NOCACHE) // macOS: the same through fcntl
+    c->direct_fd = open(path, O_RDONLY);
+    if (c->direct_fd >= 0 && fcntl(c->direct_fd, F_NOCACHE, 1) != 0) { close(c->direct_fd); c->direct_fd = -1; }
 #else
     c->direct_fd = -1;
     (void)path;

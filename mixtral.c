@@ -792,10 +792,6 @@ static void refuse_other_formats(const char *path, const uint8_t *head, uint64_t
             "holds it, its config.json and tokenizer.model: python3 export.py FOLDER model.bin --type q8", path);
 }
 
-// Memory the system could give this process now without swapping (Linux:
-// MemAvailable, which counts the page cache it can drop); 0 if unknown.
-static uint64_t available_memory(void) { return proc_number("/proc/meminfo", "MemAvailable: %llu kB") * 1024; }
-
 // Reads the whole file into anonymous memory, in 2 MB pages where the kernel
 // allows: with 4 KB pages a core streaming weights misses the TLB every 4 KB,
 // and the hardware prefetchers stop at every page boundary (measured on a

@@ -7,6 +7,7 @@
 // the CPU from the thread being waited for, so then nobody spins.
 
 #include "pool.h"
+#include "util.h"
 
 #include <sched.h>
 #include <stdio.h>
@@ -84,6 +85,9 @@ int pool_default_threads(void) {
     } else if (f) {
         fclose(f);
     }
+#elif defined(__APPLE__)
+    int perf = performance_cores();
+    if (perf > 0 && perf < pool_usable_cpus()) return perf;
 #endif
     return pool_usable_cpus();
 }

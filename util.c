@@ -10,6 +10,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef __APPLE__ // the few facts a Mac gives through sysctl and Mach instead of /proc
+#include <mach/mach.h>
+#include <sys/sysctl.h>
+#endif
+
 #ifdef MIXTRAL_FUZZ
 jmp_buf die_jump;
 #endif
@@ -97,4 +102,28 @@ uint64_t proc_number(const char *path, const char *format) {
         if (sscanf(line, format, &v) == 1) break;
     if (f) fclose(f);
     return v;
+}
+
+uint64_t available_memory(void) {
+#ifdef __APPLE__
+    // free and inactive pages (what macOS would give without swapping)
+    vm_statistics64_data_t vm;
+    mach_msg_type_number_t count = HOST_VM_INFO64_COUNT;
+    vm_size_t page = 0;
+    if (host_page_size(mach_host_self(), &page) != KERN_SUCCESS ||
+        host_statistics64(mach_host_self(), HOST_VM_INFO64, (host_info64_t)&vm, &count) != KERN_SUCCESS)
+        return 0;
+    return ((uint64_t)vm.free_count + vm.inactive_count) * page;
+#else
+    return proc_number("/proc/meminfo", "MemAvailable: %llu kB") * 1024;
+#endif
+}
+
+int performance_cores(void) {
+#ifdef __APPLE__
+    int n = 0;
+    size_t len = sizeof(n);
+    if (sysctlbyname("hw.perflevel0.logicalcpu", &n, &len, NULL, 0) == 0 && n > 0) return n; // Apple silicon
+#endif
+    return 0;
 }

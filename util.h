@@ -36,5 +36,11 @@ int stderr_is_tty(void);
 // The number on the line of a /proc file that `format` (sscanf, one %llu)
 // matches; 0 where there is none (or no /proc).
 uint64_t proc_number(const char *path, const char *format);
+// Memory the system could give this process now without swapping (Linux:
+// MemAvailable, counting the page cache it can drop; macOS: free and inactive
+// pages); 0 if unknown.
+uint64_t available_memory(void);
+// The performance cores a Mac reports (hw.perflevel0.logicalcpu); 0 elsewhere.
+int performance_cores(void);
 
 #endif

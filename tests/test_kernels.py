@@ -208,3 +208,21 @@ def builds_with_clang(tmp):
         check(err <= TOL, f"{wtype}: the clang build's logits differ from gcc's by up to {err:.3g}")
         worst = max(worst, err)
     return f"clang build: logits within {worst:.1g} of gcc's in q8 and q4"
+
+
+@cross_test
+def macos_builds(tmp):
+    """The program compiles and links for macOS on Apple silicon and on Intel (zig cc 0.11 with the
+    macOS SDK headers, installed from npm by tests/deps.sh --cross), warnings as errors: the Mac's
+    code paths (sysctl and Mach for memory and performance cores, F_NOCACHE) are compiled there."""
+    zig = os.path.join(ROOT, ".cache", "zig", "node_modules", "@ryoppippi", "zig-linux-x64", "zig")
+    if not os.path.exists(zig):
+        raise Skip("no zig: make test-cross installs it (tests/deps.sh --cross)")
+    built = []
+    for target, flags in (("aarch64-macos", ["-mcpu=apple_m1"]), ("x86_64-macos", ["-mavx2", "-mfma", "-mf16c"])):
+        exe = os.path.join(tmp, f"mixtral-{target}")
+        r = run([zig, "cc", "-target", target, "-O2", *flags, *BUILD_FLAGS, "-o", exe, *SOURCES, "-lm", "-lpthread"])
+        check(r.returncode == 0 and os.path.getsize(exe) > 0, f"{target}:\n{r.stderr[-2000:]}")
+        r = run(["file", exe]) if shutil.which("file") else None
+        built.append(target + (f" ({r.stdout.split(':', 1)[1].strip()[:40]})" if r and r.returncode == 0 else ""))
+    return "built " + ", ".join(built)

@@ -747,6 +747,39 @@ static int8_t *tile_activations(const QuantX *x, int M, int K, int q4) {
 }
 #else
 #define T_MAX 2
+
+// A group's accumulators for T tokens (two halves of 8 rows each): zero, or
+// with blocks b0.. going on from where the previous ones left the sums; and
+// the tokens' activations.
+static inline __attribute__((always_inline)) void avx2_group_start(__m256 acc[][2], QuantX *xt, const QuantX *x, int K,
+                                                                   int T, const float *out, size_t ldo, int nrows, int b0) {
+    for (int t = 0; t < T; t++) {
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        if (b0) {
+            float tmp[QROWS] = {0};
+            memcpy(tmp, out + t * ldo, nrows * sizeof(float));
+            acc[t][0] = _mm256_loadu_ps(tmp);
+            acc[t][1] = _mm256_loadu_ps(tmp + 8);
+        }
+        xt[t] = quantx_token(x, t, K);
+    }
+}
+
+// The accumulators' first nrows rows to out, token by token.
+static inline __attribute__((always_inline)) void avx2_group_end(__m256 acc[][2], int T, float *out, size_t ldo, int nrows) {
+    for (int t = 0; t < T; t++) {
+        if (nrows == QROWS) {
+            _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+            _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+        } else {
+            float tmp[QROWS];
+            _mm256_storeu_ps(tmp, acc[t][0]);
+            _mm256_storeu_ps(tmp + 8, acc[t][1]);
+            memcpy(out + t * ldo, tmp, nrows * sizeof(float));
+        }
+    }
+}
+
 // One group against T tokens, as two halves of 8 rows (AVX2 has 16 registers).
 static inline __attribute__((always_inline)) void quant_group(int q4, const uint8_t *grp, int K, const QuantX *x,
                                                               int tiled, const Tile *tile, int T, float *out, size_t ldo,
@@ -758,16 +791,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     __m256 acc[T_MAX][2];
     QuantX xt[T_MAX];
-    for (int t = 0; t < T; t++) {
-        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-        if (b0) { // blocks b0.. go on from where the previous ones left the sums
-            float tmp[QROWS] = {0};
-            memcpy(tmp, out + t * ldo, nrows * sizeof(float));
-            acc[t][0] = _mm256_loadu_ps(tmp);
-            acc[t][1] = _mm256_loadu_ps(tmp + 8);
-        }
-        xt[t] = quantx_token(x, t, K);
-    }
+    avx2_group_start(acc, xt, x, K, T, out, ldo, nrows, b0);
     for (int b = b0; b < b1; b++) {
         __m256 dw[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS))),
                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b * QROWS + 8)))};
@@ -815,17 +839,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
                 acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][h]),
                                             _mm256_mul_ps(dw[h], _mm256_set1_ps(xt[t].scale[b])), acc[t][h]);
     }
-    for (int t = 0; t < T; t++) {
-        if (nrows == QROWS) {
-            _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-            _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-        } else {
-            float tmp[QROWS];
-            _mm256_storeu_ps(tmp, acc[t][0]);
-            _mm256_storeu_ps(tmp + 8, acc[t][1]);
-            memcpy(out + t * ldo, tmp, nrows * sizeof(float));
-        }
-    }
+    avx2_group_end(acc, T, out, ldo, nrows);
 }
 
 // q3 and q2 groups against T tokens, as two halves of 8 rows: each half's
@@ -854,16 +868,7 @@ static inline __attribute__((always_inline)) void coded_group(int q3, const uint
                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16)))};
     __m256 acc[T_MAX][2];
     QuantX xt[T_MAX];
-    for (int t = 0; t < T; t++) {
-        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-        if (b0) {
-            float tmp[QROWS] = {0};
-            memcpy(tmp, out + t * ldo, nrows * sizeof(float));
-            acc[t][0] = _mm256_loadu_ps(tmp);
-            acc[t][1] = _mm256_loadu_ps(tmp + 8);
-        }
-        xt[t] = quantx_token(x, t, K);
-    }
+    avx2_group_start(acc, xt, x, K, T, out, ldo, nrows, b0);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = grp + 32 + (size_t)b * bbytes, *codes = blk + (q3 ? 8 : 16);
         if (fetch) { prefetch(blk); prefetch(blk + 64); prefetch(blk + 128); if (q3) prefetch(blk + 192); }
@@ -906,12 +911,7 @@ static inline __attribute__((always_inline)) void coded_group(int q3, const uint
                 acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][h]), _mm256_mul_ps(d[h], _mm256_set1_ps(xt[t].scale[b])),
                                             acc[t][h]);
     }
-    for (int t = 0; t < T; t++) {
-        float tmp[QROWS];
-        _mm256_storeu_ps(tmp, acc[t][0]);
-        _mm256_storeu_ps(tmp + 8, acc[t][1]);
-        memcpy(out + t * ldo, tmp, nrows * sizeof(float));
-    }
+    avx2_group_end(acc, T, out, ldo, nrows);
 }
 #endif
 

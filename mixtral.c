@@ -1998,9 +1998,9 @@ int main(int argc, char **argv) {
     Model model;
     // what only looks at the header or the tokenizer maps the file; runs read it in when it fits
     int quick = o.info || o.chat_ids_path || o.tokenize_path || o.detokenize_ids;
-    int cpus = pool_usable_cpus();
     if (o.threads == 0) o.threads = pool_default_threads();
 #ifndef MIXTRAL_OVERSUBSCRIBE // (a test-only build: tests/test_engine.py checks that any thread count gives the same numbers)
+    int cpus = pool_usable_cpus();
     if (o.threads > cpus) { // more threads than CPUs only wait for each other at every round of the pool
         if (!o.run.quiet)
             fprintf(stderr, "mixtral: --threads %d is more than the %d CPUs this process may use; running %d\n", o.threads,

@@ -232,10 +232,23 @@ void kv_store(int type, const float *x, void *row, int n) {
         }
         return;
     }
-    for (int b = 0; b < n / 32; b++, x += 32, r += 18) { // q4
+    for (int b = 0; b < n / 32; b++, x += 32, r += 18) { // q4: of a few scales, the least squared error
         float big = 0.0f;
         for (int i = 0; i < 32; i++) big = fabsf(x[i]) > fabsf(big) ? x[i] : big;
+        static const float divs[] = {1.0f, 0.96875f, 0.9375f, 0.90625f, 0.875f, 0.8125f};
         uint16_t h = f32_to_f16(big / -8.0f);
+        float best = INFINITY;
+        for (int c = 0; c < 6; c++) {
+            uint16_t hc = f32_to_f16(big / (-8.0f * divs[c]));
+            float dc = f16_to_f32(hc), ic = dc != 0 ? 1.0f / dc : 0.0f, err = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                long q = lrintf(x[i] * ic);
+                q = q > 7 ? 7 : q < -8 ? -8 : q;
+                float e = x[i] - dc * (float)q;
+                err += e * e;
+            }
+            if (err < best) { best = err; h = hc; }
+        }
         float d = f16_to_f32(h), inv = d != 0 ? 1.0f / d : 0.0f;
         memcpy(r, &h, 2);
         for (int i = 0; i < 16; i++) {

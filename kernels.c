@@ -585,7 +585,6 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
     // token t's 4 activations s of block b; its offset; its scale
 #define ACT(t, b, s) (tiled ? tile->q + ((size_t)(b) * 8 + (s)) * 32 + 4 * (t) : xt[t].q + (b) * QBLOCK + 4 * (s))
 #define OFF(t, b) (tiled ? tile->off[(b) * 8 + (t)] : xt[t].qoff[2 * (b) + !q4])
-#define SCALE(t, b) (tiled ? tile->scale[(b) * 8 + (t)] : xt[t].scale[b])
     // With 5 tokens or more their chains alone cover vpdpbusd's latency, and each
     // starts from -off * sum(x), broadcast from memory: the offset comes out at
     // no cost (computing it here cost 10% of the kernel's time); with
@@ -626,7 +625,6 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
     }
 #undef ACT
 #undef OFF
-#undef SCALE
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
 }
 
@@ -648,7 +646,7 @@ static const uint16_t odd_rows_shift[32] = { // 16-bit lane of bytes 4l+i: 4 for
 static inline __attribute__((always_inline)) void coded_group(int q3, const uint8_t *grp, int K, const QuantX *x,
                                                               int tiled, const Tile *tile, int T, float *out, size_t ldo,
                                                               int nrows, int fetch, int b0, int b1) {
-    const size_t bbytes = q3 ? 200 : 144;
+    const size_t bbytes = coded_block_bytes(q3 ? WEIGHT_Q3 : WEIGHT_Q2);
     const __mmask16 rows = (__mmask16)((1u << nrows) - 1);
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp)); // the rows' scales
     const __m512i three = _mm512_set1_epi8(3), nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
@@ -665,7 +663,6 @@ static inline __attribute__((always_inline)) void coded_group(int q3, const uint
     }
 #define ACT(t, b, s) (tiled ? tile->q + ((size_t)(b) * 8 + (s)) * 32 + 4 * (t) : xt[t].q + (b) * QBLOCK + 4 * (s))
 #define OFF(t, b) (tiled ? tile->off[(b) * 8 + (t)] : xt[t].qoff[2 * (b) + 1])
-#define SCALE(t, b) (tiled ? tile->scale[(b) * 8 + (t)] : xt[t].scale[b])
     const int two = T < 5;
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = grp + 32 + (size_t)b * bbytes;
@@ -710,7 +707,6 @@ static inline __attribute__((always_inline)) void coded_group(int q3, const uint
     }
 #undef ACT
 #undef OFF
-#undef SCALE
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * ldo, rows, acc[t]);
 }
 #endif // KERNELS_AVX512_VBMI
@@ -862,7 +858,7 @@ static inline __attribute__((always_inline)) void quant_group(int q4, const uint
 static inline __attribute__((always_inline)) void coded_group(int q3, const uint8_t *grp, int K, const QuantX *x,
                                                               int T, float *out, size_t ldo, int nrows, int fetch,
                                                               int b0, int b1) {
-    const size_t bbytes = q3 ? 200 : 144;
+    const size_t bbytes = coded_block_bytes(q3 ? WEIGHT_Q3 : WEIGHT_Q2);
     const __m256i three = _mm256_set1_epi8(3), nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i rowoff = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
@@ -1201,7 +1197,7 @@ static void neon_group(int q4, const uint8_t *grp, int K, const QuantX *x, float
 // signed levels multiply the activations.
 static void neon_coded_group(int q3, const uint8_t *grp, int K, const QuantX *x, float *out, int nrows) {
     int nb = K / QBLOCK;
-    const size_t bbytes = q3 ? 200 : 144;
+    const size_t bbytes = coded_block_bytes(q3 ? WEIGHT_Q3 : WEIGHT_Q2);
     const int8_t *lv = q3 ? &q3_levels[0][0] : &q2_levels[0][0];
     const int8x16x4_t t0 = {{vld1q_s8(lv), vld1q_s8(lv + 16), vld1q_s8(lv + 32), vld1q_s8(lv + 48)}};
     const int8x16x4_t t1 = q3 ? (int8x16x4_t){{vld1q_s8(lv + 64), vld1q_s8(lv + 80), vld1q_s8(lv + 96), vld1q_s8(lv + 112)}} : t0;
@@ -1261,26 +1257,18 @@ static void neon_coded_group(int q3, const uint8_t *grp, int K, const QuantX *x,
 
 static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     if (type == WEIGHT_Q6) { ref_gemm_quant(type, w, K, N, x, M, out, ldo); return; } // the embedding's type
-    if (weight_is_coded(type)) {
-        for (int g = 0; g * QROWS < N; g++) {
-            int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
-            for (int m = 0; m < M; m++) {
-                QuantX xm = quantx_token(x, m, K);
-                neon_coded_group(type == WEIGHT_Q3, w + (size_t)g * quant_group_bytes(type, K), K, &xm,
-                                 out + (size_t)m * ldo + g * QROWS, nrows);
-            }
-        }
-        return;
-    }
     for (int g = 0; g * QROWS < N; g++) {
         int nrows = N - g * QROWS < QROWS ? N - g * QROWS : QROWS;
+        const uint8_t *grp = w + (size_t)g * quant_group_bytes(type, K);
         for (int m = 0; m < M; m++) {
             QuantX xm = quantx_token(x, m, K);
-            neon_group(type == WEIGHT_Q4, w + (size_t)g * quant_group_bytes(type, K), K, &xm,
-                       out + (size_t)m * ldo + g * QROWS, nrows);
+            float *o = out + (size_t)m * ldo + g * QROWS;
+            if (weight_is_coded(type)) neon_coded_group(type == WEIGHT_Q3, grp, K, &xm, o, nrows);
+            else neon_group(type == WEIGHT_Q4, grp, K, &xm, o, nrows);
         }
     }
 }
+
 // The KV cache's rows: f32 and bf16 through the dot products above, q8 and q4
 // widened to f32, 4 values at a time.
 static inline float32x4_t i8x4_f32(int8x8_t v, int high) {

@@ -145,6 +145,12 @@ static int compare_double(const void *a, const void *b) {
 
 #define IMATRIX_MAGIC "MXIMATRX"
 
+// Counts a matrix's inputs: one sum for each of its columns.
+static void imatrix_track(Imatrix *im, const Matrix *M) {
+    im->cols[M->id] = M->cols;
+    im->sum[M->id] = xcalloc(M->cols, sizeof(double));
+}
+
 static Imatrix *imatrix_new(const Model *m) {
     const Config *p = &m->config;
     Imatrix *im = xcalloc(1, sizeof(Imatrix));
@@ -152,12 +158,13 @@ static Imatrix *imatrix_new(const Model *m) {
     im->cols = xcalloc(im->n, sizeof(int));
     im->sum = xcalloc(im->n, sizeof(double *));
     im->tokens = xcalloc(im->n, sizeof(uint64_t));
-    for (int id = 1; id < im->n; id++) { // (id 0, the embedding, is looked up, not multiplied)
-        int per_layer = 4 + 3 * p->n_experts, j = (id - 1) % per_layer;
-        int hidden_input = id != im->n - 1 && j >= 4 && (j - 4) % 3 == 2; // w2 reads the experts' hidden layer
-        int attn_output = id != im->n - 1 && j == 3;                         // wo reads the heads' outputs
-        im->cols[id] = hidden_input ? p->hidden_dim : attn_output ? p->n_heads * p->head_dim : p->dim;
-        im->sum[id] = xcalloc(im->cols[id], sizeof(double));
+    const Weights *w = &m->weights; // every matrix that is multiplied (not the embedding, looked up)
+    imatrix_track(im, &w->lm_head);
+    for (int l = 0; l < p->n_layers; l++) {
+        const Layer *L = &w->layers[l];
+        imatrix_track(im, &L->wq), imatrix_track(im, &L->wk), imatrix_track(im, &L->wv), imatrix_track(im, &L->wo);
+        for (int x = 0; x < p->n_experts; x++)
+            imatrix_track(im, &L->experts[x].w1), imatrix_track(im, &L->experts[x].w3), imatrix_track(im, &L->experts[x].w2);
     }
     return im;
 }

@@ -105,13 +105,25 @@ static void clear_counts(const Config *p, State *s) {
     s->counts.tokens_routed = 0;
 }
 
+// The positions a run's KV cache holds at -c context (0: the default): the
+// context, or the sliding window if shorter.
+static int kv_len_of(const Config *p, int context) {
+    if (!context) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
+    return p->sliding_window > 0 && p->sliding_window < context ? p->sliding_window : context;
+}
+
+// Its bytes, keys and values of every layer, in a KV_* type.
+static uint64_t kv_cache_bytes(const Config *p, int context, int kv_type) {
+    return 2 * (uint64_t)p->n_layers * kv_len_of(p, context) * p->n_kv_heads * kv_row_bytes(kv_type, p->head_dim);
+}
+
 void state_init(State *s, const Config *p, int context, int chunk, int kv_type, ThreadPool *pool) {
     size_t D = p->dim, H = p->hidden_dim, top_k = p->n_experts_per_tok, E = p->n_experts, C = chunk;
     size_t Q = (size_t)p->n_heads * p->head_dim, KV = (size_t)p->n_kv_heads * p->head_dim;
     memset(s, 0, sizeof(*s));
     s->kv_type = kv_type;
     s->context = context;
-    s->kv_len = p->sliding_window > 0 && p->sliding_window < context ? p->sliding_window : context;
+    s->kv_len = kv_len_of(p, context);
     s->chunk = chunk;
     s->x = xcalloc(C * D, sizeof(float));
     s->xb = xcalloc(C * D, sizeof(float));
@@ -915,12 +927,6 @@ static uint64_t working_memory(const Config *p, int chunk, int threads, int kv_l
            (uint64_t)p->vocab_size * 32 + (2u << 20);
 }
 
-// The positions a run's KV cache holds at -c context (0: the default).
-static int kv_len_of(const Config *p, int context) {
-    if (!context) context = p->max_seq_len < 4096 ? p->max_seq_len : 4096;
-    return p->sliding_window > 0 && p->sliding_window < context ? p->sliding_window : context;
-}
-
 // Opens path, checks it, and maps it or reads it in (mode). With `mem` less
 // than the file, or by default when the file is larger than the memory
 // available, the experts go to the expert cache (cache_policy) with what is
@@ -958,7 +964,7 @@ void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uin
     if (!expert_cache) { close(fd); return; }
     const Config *p = &m->config;
     int kv_len = kv_len_of(p, context);
-    uint64_t kv_bytes = 2 * (uint64_t)p->n_layers * kv_len * p->n_kv_heads * kv_row_bytes(kv_type, p->head_dim);
+    uint64_t kv_bytes = kv_cache_bytes(p, context, kv_type);
     uint64_t work = working_memory(p, chunk, pool->n, kv_len);
     uint64_t given = mem ? mem : avail - avail / 32 > kv_bytes ? avail - avail / 32 - kv_bytes : 0;
     uint64_t resident = keep_resident(m, fd, path);
@@ -2046,8 +2052,7 @@ int main(int argc, char **argv) {
     int running = !o.do_bench && !o.ppl_path && !o.ids_arg;
     if (running && !o.run.quiet) {
         double rss = resident_mb();
-        int kv_len = p->sliding_window > 0 && p->sliding_window < o.context ? p->sliding_window : o.context;
-        double kv_mb = 2.0 * p->n_layers * kv_len * p->n_kv_heads * kv_row_bytes(o.kv_type, p->head_dim) / 1e6;
+        double kv_mb = kv_cache_bytes(p, o.context, o.kv_type) / 1e6;
         fprintf(stderr, "mixtral: loaded %s (%s, %.2f GB, %s) in %.2f s, %.0f MB resident; %d threads, context %d, "
                         "KV cache %s %.0f MB\n",
                 o.model_path, weight_type_name[p->weight_type], model.map_size / 1e9,

@@ -32,14 +32,17 @@ debug: mixtral-debug
 tests/tok_batch: tests/tok_batch.c $(SRC) $(HDR)
 	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/tok_batch.c $(LIB) $(LDLIBS)
 
+tests/sample_draws: tests/sample_draws.c $(SRC) $(HDR)
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -I. -o $@ tests/sample_draws.c $(LIB) $(LDLIBS)
+
 test: WERROR = -Werror
-test: mixtral mixtral-debug tests/tok_batch
+test: mixtral mixtral-debug tests/tok_batch tests/sample_draws
 	tests/deps.sh
 	$(PYTHON) tests/run_tests.py
 
 # the NEON kernels cross-compiled for aarch64 and run under qemu (installs both with apt)
 test-cross: WERROR = -Werror
-test-cross: mixtral mixtral-debug tests/tok_batch
+test-cross: mixtral mixtral-debug tests/tok_batch tests/sample_draws
 	tests/deps.sh
 	tests/deps.sh --cross
 	$(PYTHON) tests/run_tests.py --cross
@@ -137,6 +140,6 @@ uninstall:
 	-rmdir $(DESTDIR)$(PREFIX)/share/mixtral 2>/dev/null
 
 clean:
-	rm -f mixtral mixtral-debug tests/tok_batch bench/bandwidth bench/kernel $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
+	rm -f mixtral mixtral-debug tests/tok_batch tests/sample_draws bench/bandwidth bench/kernel $(FUZZ_TARGETS:%=tests/fuzz/fuzz_%)
 
 .PHONY: all debug test test-cross run bench bench-kernel bench-paging quality fuzz install uninstall clean

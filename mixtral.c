@@ -1049,10 +1049,59 @@ static uint32_t random_u32(uint64_t *state) {
 
 static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0,1)
 
+// Sixteen floats or ints at once: the compiler's generic vectors, which it
+// turns into AVX-512, AVX2, NEON or plain code, each with the same results.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
+
+// The index of the largest of x (the first, on ties): each of 16 lanes keeps
+// the largest it sees and where, then the lanes compare.
 int argmax(const float *x, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    int best = 0, i = 0;
+    if (n >= 32) {
+        Floats16 max, v;
+        Ints16 at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, index = at;
+        memcpy(&max, x, sizeof(max));
+        for (i = 16; i + 16 <= n; i += 16) {
+            memcpy(&v, x + i, sizeof(v));
+            index += 16;
+            Ints16 more = v > max;
+            max = (Floats16)((more & (Ints16)v) | (~more & (Ints16)max));
+            at = (more & index) | (~more & at);
+        }
+        best = at[0];
+        for (int j = 1; j < 16; j++) if (max[j] > x[best] || (max[j] == x[best] && at[j] < best)) best = at[j];
+    }
+    for (; i < n; i++) if (x[i] > x[best]) best = i;
     return best;
+}
+
+// e^x for x <= 0, the same bits on every CPU: x = n ln2 + r with |r| <= ln2/2,
+// e^r by its Taylor series to r^6 (relative error under 2e-7), times 2^n
+// built in the exponent's bits. Each step a statement of its own, so that no
+// compiler fuses a multiply and an add on one CPU and not another. Below -86
+// the result would leave the normal floats: 0, which changes no sum (and NaN: 0).
+static inline float exp_nonpositive(float x) {
+    int low = !(x >= -86.0f);      // NaN too
+    x = low ? -86.0f : x;
+    float n = x * 1.44269504f;
+    n = n + 12582912.0f;           // 1.5 * 2^23: rounds n to the nearest integer
+    n = n - 12582912.0f;
+    float hi = n * 0.693145752f;   // ln 2 in two parts, the first exact in n's products
+    float lo = n * 1.42860677e-6f;
+    float r = x - hi;
+    r = r - lo;
+    float p = r * (1.0f / 720);
+    p = p + (1.0f / 120);
+    p = p * r; p = p + (1.0f / 24);
+    p = p * r; p = p + (1.0f / 6);
+    p = p * r; p = p + 0.5f;
+    p = p * r; p = p + 1.0f;
+    p = p * r; p = p + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return low ? 0.0f : p * scale;
 }
 
 // Whether a comes before b in the filters' order: more likely first, ties by id.
@@ -1082,6 +1131,24 @@ static ProbId heap_pop(ProbId *h, int n) {
     return top;
 }
 
+// How many of w (n) are at least level, and their sum (in *mass), sixteen at a time.
+static int weight_at_or_above(const float *w, int n, float level, float *mass) {
+    Floats16 sum = {0}, v;
+    Ints16 count = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        memcpy(&v, w + i, sizeof(v));
+        Ints16 in = v >= level; // -1 where it is, 0 where not
+        sum += (Floats16)(in & (Ints16)v);
+        count -= in;
+    }
+    int total = 0;
+    *mass = 0.0f;
+    for (int j = 0; j < 16; j++) { *mass += sum[j]; total += count[j]; }
+    for (; i < n; i++) if (w[i] >= level) { *mass += w[i]; total++; }
+    return total;
+}
+
 // Picks the next token from logits (V,), which it overwrites.
 static int sample(Sampler *sm, float *logits, int n) {
     if (sm->repeat_penalty != 1.0f && sm->repeat_last_n > 0) { // each recent token once
@@ -1099,32 +1166,70 @@ static int sample(Sampler *sm, float *logits, int n) {
     // leaves all the mass on the most likely token: the greedy choice, where
     // the division would give inf - inf = NaN in the softmax.
     if (sm->temperature == 0.0f || !isfinite(logits[top] / sm->temperature)) return top;
-    for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
-    // softmax(), less the calls of expf where its result is below the smallest
-    // normal float: it would be a subnormal that changes no sum (and expf's slow path)
-    float max = logits[top], sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        float d = logits[i] - max;
-        logits[i] = d < -87.0f ? 0.0f : expf(d);
-        sum += logits[i];
-    }
-    for (int i = 0; i < n; i++) logits[i] /= sum; // now probabilities
-    float best = logits[top];
-    // min-p's floor; and when top-p is the only other filter, a second floor:
-    // a token below (1-top_p)/(n-1) of the mass can never be in the nucleus,
-    // which keeps the sort short.
-    float floor = sm->min_p * best;
+    // Each token's weight e^((logit - max) / temperature): the softmax less its
+    // division by the sum, which no filter needs (each compares weights with one
+    // another or with a share of the sum). Sixteen running sums, so that the
+    // loop is vector code and its sum the same on every CPU.
+    enum { LANES = 16 };
+    float max = logits[top], inverse_t = 1.0f / sm->temperature, lane[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float w = exp_nonpositive((logits[i + j] - max) * inverse_t);
+            logits[i + j] = w;
+            lane[j] += w;
+        }
+    for (int j = 0; i < n; i++, j++) { logits[i] = exp_nonpositive((logits[i] - max) * inverse_t); lane[j] += logits[i]; }
+    float sum = 0.0f;
+    for (int j = 0; j < LANES; j++) sum += lane[j];
+    // The floor below which no filter keeps a token: min-p's (the most likely
+    // token weighs 1); top-k's, a level with k tokens at or above it; top-p's,
+    // when it is the only other filter, a level with more than top_p of the
+    // weight min-p keeps at or above it (the nucleus ends there or above). The
+    // levels are powers of 2, found by bisection, each try a pass over the weights.
+    float floor = sm->min_p;
     int filtering_top_p = sm->top_p > 0.0f && sm->top_p < 1.0f;
-    double mass = -1; // of what min-p and top-k keep, once known
-    if (filtering_top_p && sm->top_k <= 0 && n > 1) {
-        int kept = 0;
-        mass = 0;
-        for (int i = 0; i < n; i++) if (logits[i] >= floor) { mass += logits[i]; kept++; }
-        float nucleus_floor = kept > 1 ? (float)((1.0 - sm->top_p) * mass / (kept - 1)) : 0.0f;
-        if (nucleus_floor > floor) floor = nucleus_floor;
+    if (floor <= 0.0f && sm->top_k <= 0 && !filtering_top_p) {
+        // No filter: a draw from every token, first of the lanes (lane j holds
+        // the tokens j, j+16, j+32, ...), then in the lane drawn.
+        float r = random_f32(&sm->rng) * sum;
+        int j = 0;
+        for (; j < LANES - 1 && r >= lane[j]; j++) r -= lane[j];
+        int chosen = j;
+        for (int i = j; i < n; i += LANES) {
+            if (logits[i] > 0.0f) chosen = i;
+            if (r < logits[i]) break;
+            r -= logits[i];
+        }
+        return chosen;
+    }
+    float kept_mass = sum; // of what min-p keeps
+    if (floor > 0.0f) weight_at_or_above(logits, n, floor, &kept_mass);
+    double mass = filtering_top_p && sm->top_k <= 0 ? kept_mass : -1; // of what min-p and top-k keep, once known
+    if (sm->top_k > 0 || filtering_top_p) {
+        int high = 0, low = 31; // 2^-low holds (or nothing does); 2^-high does not (1 always holds)
+        while (low - high > 1) {
+            int mid = (low + high) / 2;
+            float mass_above;
+            int count_above = weight_at_or_above(logits, n, ldexpf(1.0f, -mid), &mass_above);
+            int holds = sm->top_k > 0 ? count_above >= sm->top_k : mass_above > sm->top_p * kept_mass;
+            if (holds) low = mid; else high = mid;
+        }
+        if (low < 31 && ldexpf(1.0f, -low) > floor) floor = ldexpf(1.0f, -low);
     }
     int m = 0;
-    for (int i = 0; i < n; i++) if (logits[i] >= floor) sm->order[m++] = (ProbId){logits[i], i};
+    for (int start = 0; start < n; start += 64) { // most blocks of 64 hold none
+        if (start + 64 <= n) {
+            Floats16 v[4];
+            memcpy(v, logits + start, sizeof(v));
+            Ints16 in = (v[0] >= floor) | (v[1] >= floor) | (v[2] >= floor) | (v[3] >= floor);
+            uint64_t bits[8];
+            memcpy(bits, &in, sizeof(bits));
+            if (!(bits[0] | bits[1] | bits[2] | bits[3] | bits[4] | bits[5] | bits[6] | bits[7])) continue;
+        }
+        for (int i = start; i < start + 64 && i < n; i++)
+            if (logits[i] >= floor) sm->order[m++] = (ProbId){logits[i], i};
+    }
     if (m == 0) return argmax(logits, n); // NaN probabilities: nothing compares
     ProbId *kept = sm->order; // the candidates in the filters' order, once a filter needs it
     if (sm->top_k > 0 || filtering_top_p) {
@@ -1680,14 +1785,25 @@ static void chat(Model *m, State *s, Sampler *sm, const char *system, const char
 // 8. bench
 
 // --bench: a 128-token prompt of fixed pseudo-random ids, then 64 greedy
-// tokens (EOS does not stop it). Decode speed is reported with the bytes of
+// tokens and 64 drawn with the command line's sampling (EOS does not stop it). Decode speed is reported with the bytes of
 // weights and KV cache it read, and the closing JSON line is for scripts. With
 // --bench-depth also a 512-token prompt, and decoding (32 tokens) after 1024,
 // 4096, 16384 and 32768 tokens of context, and a 512-token prompt after 8192
 // (by default with the context that needs).
-static double bench_decode(Model *m, State *s, int n, int *pos) {
+// n tokens, greedy, or drawn by sm (then *sampling: the seconds sample() took).
+static double bench_decode(Model *m, State *s, int n, int *pos, Sampler *sm, double *sampling) {
     double t0 = time_s();
-    for (int i = 0; i < n; i++) forward(m, s, argmax(s->logits, m->config.vocab_size), (*pos)++);
+    for (int i = 0; i < n; i++) {
+        int token;
+        if (sm) {
+            double t = time_s();
+            token = sample(sm, s->logits, m->config.vocab_size);
+            *sampling += time_s() - t;
+        } else {
+            token = argmax(s->logits, m->config.vocab_size);
+        }
+        forward(m, s, token, (*pos)++);
+    }
     return n / (time_s() - t0);
 }
 
@@ -1707,10 +1823,10 @@ static double bench_prompt(Model *m, State *s, int n, int *pos) {
 // page faults of a mapping included); 0 where unknown.
 static uint64_t disk_read_bytes(void) { return proc_number("/proc/self/io", "read_bytes: %llu"); }
 
-static void bench(Model *m, State *s, int threads, int depth) {
+static void bench(Model *m, State *s, Sampler *sm, int threads, int depth) {
     const Config *p = &m->config;
     enum { PROMPT = 128, DECODE = 64, DEPTH_DECODE = 32 };
-    if (s->context < PROMPT + DECODE) die("--bench needs a context of at least %d tokens (-c)", PROMPT + DECODE);
+    if (s->context < PROMPT + 2 * DECODE) die("--bench needs a context of at least %d tokens (-c)", PROMPT + 2 * DECODE);
     // Warm-up, as llama-bench has one: touch every page of the file once, so
     // that the timings measure the engine rather than the kernel mapping the
     // weights into this process on their first use.
@@ -1721,7 +1837,7 @@ static void bench(Model *m, State *s, int threads, int depth) {
     ExpertCacheReport c0 = {0}, c1 = {0};
     if (m->expert_cache) c0 = expert_cache_report(m->expert_cache);
     uint64_t bytes0 = s->counts.memory_bytes, io0 = disk_read_bytes();
-    double decode = bench_decode(m, s, DECODE, &pos);
+    double decode = bench_decode(m, s, DECODE, &pos, NULL, NULL);
     if (m->expert_cache) c1 = expert_cache_report(m->expert_cache);
     double io_per_token = (double)(disk_read_bytes() - io0) / DECODE; // from the disk, however the weights came
     double expert_reads_per_token = (double)(c1.file_bytes - c0.file_bytes) / DECODE;
@@ -1731,6 +1847,15 @@ static void bench(Model *m, State *s, int threads, int depth) {
             prefill, decode, bytes / 1e6, bytes * decode / 1e9);
     char extra[768] = "";
     int o = 0;
+    if (sm->temperature > 0) { // what sampling adds to a token
+        double sampling = 0, sampled = bench_decode(m, s, DECODE, &pos, sm, &sampling);
+        double share = sampling / DECODE * decode;
+        fprintf(stderr, "sampled decode (-t %g -p %g --top-k %d --min-p %g): %.2f tok/s; sampling %.1f us a token, "
+                        "%.1f%% of a greedy token\n", sm->temperature, sm->top_p, sm->top_k, sm->min_p, sampled,
+                sampling / DECODE * 1e6, 100 * share);
+        o += snprintf(extra + o, sizeof(extra) - o, ", \"sampled_decode_tok_s\": %.3f, \"sample_us\": %.2f, "
+                      "\"sample_share\": %.4f", sampled, sampling / DECODE * 1e6, share);
+    }
     if (depth) { // one sequence that grows: a 512-token prompt first, then to each depth and decode there
         pos = 0;
         double pp512 = bench_prompt(m, s, 512, &pos);
@@ -1750,7 +1875,7 @@ static void bench(Model *m, State *s, int threads, int depth) {
                 o += snprintf(extra + o, sizeof(extra) - o, ", \"pp512_at_%d_tok_s\": %.3f", d, r);
                 continue;
             }
-            double r = bench_decode(m, s, DEPTH_DECODE, &pos);
+            double r = bench_decode(m, s, DEPTH_DECODE, &pos, NULL, NULL);
             fprintf(stderr, "decoding after %d tokens: %.2f tok/s\n", d, r);
             o += snprintf(extra + o, sizeof(extra) - o, ", \"decode_at_%d_tok_s\": %.3f", d, r);
         }
@@ -2063,8 +2188,10 @@ int main(int argc, char **argv) {
 
     state_init(&state, p, o.context, o.chunk, o.kv_type, &pool);
     state.expert_cache = model.expert_cache;
+    o.sampler.rng = o.seed;
+    sampler_init(&o.sampler, p->vocab_size);
     if (o.do_bench) {
-        bench(&model, &state, o.threads, o.bench_depth);
+        bench(&model, &state, &o.sampler, o.threads, o.bench_depth);
     } else if (o.ppl_path) {
         eval_perplexity(&model, &state, o.model_path, o.ppl_path, o.kl_out, o.kl_in, o.imatrix_out);
     } else if (o.ids_arg) {
@@ -2074,13 +2201,11 @@ int main(int argc, char **argv) {
         eval_dump_logits(&model, &state, o.model_path, ids.ids, ids.n, o.logits_path, o.experts_path);
         free(ids.ids);
     } else {
-        o.sampler.rng = o.seed;
-        sampler_init(&o.sampler, p->vocab_size);
         catch_interrupts(1);
         if (o.chatting) chat(&model, &state, &o.sampler, o.system, o.chat_path, &o.run);
         else status = generate(&model, &state, &o.sampler, o.prompt ? o.prompt : "", prompt_len, &o.run);
-        sampler_free(&o.sampler);
     }
+    sampler_free(&o.sampler);
     state_free(&state, p);
 done:
     free(prompt_text);

@@ -409,3 +409,92 @@ def make_run_without_numpy(tmp):
     check(open(with_numpy, "rb").read() == open(os.path.join(clone, ".cache", "demo-bf16.bin"), "rb").read(),
           "the bf16 file without numpy differs from the one with it")
     return f"make run with {plain}: the README's sample; the same file as with numpy"
+
+
+def filtered_distribution(logits, temperature, top_k, min_p, top_p):
+    """The distribution the sampler options define, written from the help text with numpy in float64:
+    softmax at the temperature, then top-k, min-p and top-p in that order, each on what the one
+    before kept (ties by id), renormalised. Also how close the nearest filter boundary is, relative
+    to the quantity it compares (a draw there may go either way in float32)."""
+    p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    keep, margin = order, 1.0
+    if top_k > 0:
+        keep = keep[:top_k]
+        if top_k < len(order):
+            margin = min(margin, (p[order[top_k - 1]] - p[order[top_k]]) / p[order[top_k - 1]])
+    if min_p > 0:
+        floor = min_p * p[order[0]]
+        margin = min([margin] + [abs(p[i] - floor) / floor for i in keep])
+        keep = [i for i in keep if p[i] >= floor]
+    if 0 < top_p < 1:
+        mass = sum(p[i] for i in keep)
+        cum, out = 0.0, []
+        for i in keep:
+            margin = min(margin, abs(cum - top_p * mass) / mass)
+            out.append(i)
+            cum += p[i]
+            if cum > top_p * mass:
+                break
+        margin = min(margin, abs(cum - top_p * mass) / mass)
+        keep = out
+    q = np.zeros_like(p)
+    q[keep] = p[keep]
+    return q / q.sum(), margin
+
+
+@test
+def sampler_draws_the_filtered_distribution(tmp):
+    """tests/sample_draws (mixtral.c's sampler) draws from logits many times; the counts must be those of
+    the distribution the options define (filtered_distribution, numpy): never a token a filter drops,
+    and each kept token within 6 standard deviations of its share (and 4 draws). Vocabularies of 1,000 and 32,000
+    tokens, flat and peaked, every filter alone and together. The same counts from the portable build
+    and the AVX2 build, 1,000 tokens (the sampler's vector code gives the same bits everywhere)."""
+    exe = os.path.join(ROOT, "tests", "sample_draws")
+    check(os.path.exists(exe), f"{exe} is missing; make test builds it")
+    builds = {"native": exe}
+    others = [f for f in SOURCES if not f.endswith("mixtral.c")]
+    for name, flags in (("portable", []), ("avx2", AVX2)):
+        if name == "avx2" and not (platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags()):
+            continue
+        b = os.path.join(tmp, "sample_draws-" + name)
+        r = run([CC, "-O2", *flags, *BUILD_FLAGS, "-Wno-unused-function", "-I" + ROOT, "-o", b,
+                 os.path.join(HERE, "sample_draws.c"), *others, "-lm", "-lpthread"])
+        check(r.returncode == 0, f"sample_draws build {name} failed:\n{r.stderr}")
+        builds[name] = b
+    settings = [(1.0, 0, 0.0, 1.0), (0.8, 0, 0.0, 0.9), (1.0, 40, 0.0, 1.0), (1.3, 0, 0.05, 1.0),
+                (0.7, 0, 0.0, 0.5), (1.0, 5, 0.02, 0.8), (2.0, 100, 0.0, 0.95)]
+    rng = np.random.default_rng(11)
+    done = 0
+    for vocab, scale, draws in ((1000, 1.5, 50000), (1000, 4.0, 100000), (32000, 3.0, 5000)):
+        for temperature, top_k, min_p, top_p in settings:
+            for _ in range(20):  # logits whose filter boundaries are not on a knife's edge
+                logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+                want, margin = filtered_distribution(logits, temperature, top_k, min_p, top_p)
+                if margin > 1e-5:
+                    break
+            path = os.path.join(tmp, "logits.f32")
+            logits.tofile(path)
+            args = [path, str(draws), str(temperature), str(top_k), str(min_p), str(top_p), "7"]
+            what = f"vocab {vocab} scale {scale}: -t {temperature} --top-k {top_k} --min-p {min_p} -p {top_p}"
+            counts = {}
+            for name, b in builds.items():
+                if name != "native" and vocab > 1000:  # (the portable build's sampler is slow)
+                    continue
+                r = run([b] + args)
+                check(r.returncode == 0, f"{what}: sample_draws ({name}) failed:\n{r.stderr}")
+                counts[name] = np.array([int(x) for x in r.stdout.split()])
+            got = counts["native"]
+            for name, c in counts.items():
+                check(np.array_equal(c, got), f"{what}: the {name} build drew other tokens than the native build")
+            dropped = np.nonzero((want == 0) & (got > 0))[0]
+            check(len(dropped) == 0, f"{what}: drew tokens the filters drop, first {dropped[:5].tolist()} "
+                                     f"({got[dropped[:5]].tolist()} times)")
+            # 6 standard deviations, and a few draws more for the many tokens expected less than once
+            expected = want * draws
+            bad = np.nonzero(np.abs(got - expected) > 6 * np.sqrt(expected * (1 - want)) + 4)[0]
+            check(len(bad) == 0, f"{what}: frequencies off, first token {bad[:1].tolist()}: drawn "
+                                 f"{got[bad[:1]].tolist()} times, expected {expected[bad[:1]].tolist()}")
+            done += 1
+    return f"{done} vocabularies x settings; builds {', '.join(builds)} draw the same tokens"

@@ -25,6 +25,9 @@
 #if defined(__AVX512VBMI__)
 #define KERNELS_AVX512_VBMI // vpermb, vpermi2b: the q3 and q2 kernels (else their portable reference)
 #endif
+#if defined(__AVX512BF16__)
+#define KERNELS_AVX512_BF16 // vdpbf16ps: bf16 products with bf16 activations (else their reference)
+#endif
 #endif
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
@@ -69,6 +72,28 @@ void ref_gemm_bf16_with(float (*dot)(const uint16_t *, const float *, int), cons
 
 void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo) {
     ref_gemm_bf16_with(ref_dot_bf16, w, K, N, x, M, out, ldo);
+}
+
+// bf16 weights times bf16 activations, summed in f32: the products are exact
+// (8-bit by 8-bit significands), the sums in pairs as vdpbf16ps takes them.
+float ref_dot_bf16x(const uint16_t *w, const uint16_t *x, int n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += bf16_to_f32(w[i]) * bf16_to_f32(x[i]); s1 += bf16_to_f32(w[i + 1]) * bf16_to_f32(x[i + 1]);
+        s2 += bf16_to_f32(w[i + 2]) * bf16_to_f32(x[i + 2]); s3 += bf16_to_f32(w[i + 3]) * bf16_to_f32(x[i + 3]);
+    }
+    for (; i < n; i++) s0 += bf16_to_f32(w[i]) * bf16_to_f32(x[i]);
+    return (s0 + s1) + (s2 + s3);
+}
+
+void ref_gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = ref_dot_bf16x(w + (size_t)n * K, x + (size_t)m * K, K);
+}
+
+void to_bf16(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(x[i]);
 }
 
 const int8_t q2_levels[16][4] = {
@@ -1101,6 +1126,59 @@ static void avx512_gemm_bf16(const uint16_t *w, int K, int N, const float *x, in
 }
 #endif
 
+#ifdef KERNELS_AVX512_BF16
+// bf16 products with bf16 activations (--bf16-activations): vdpbf16ps, 32
+// weights of a row and 32 activations of a token a step (pairs of neighbours
+// in each f32 lane, which row-major rows give as they are: no conversion, no
+// regrouping), in tiles of up to 4 rows x 4 tokens as avx512_gemm_bf16's, and
+// with its spans of K for prompts. The last K % 32 terms are added in order.
+static inline __attribute__((always_inline)) void bf16x_tile(const uint16_t *w, int K, int R, const uint16_t *x, int T,
+                                                             int k0, int k1, __m512 *acc, int first) {
+    __m512 a[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) a[r][t] = first ? _mm512_setzero_ps() : acc[r * 4 + t];
+    for (int k = k0; k < k1; k += 32) {
+        __m512bh wv[4];
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + (size_t)r * K + k);
+        for (int t = 0; t < T; t++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (size_t)t * K + k);
+            for (int r = 0; r < R; r++) a[r][t] = _mm512_dpbf16_ps(a[r][t], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r * 4 + t] = a[r][t];
+}
+
+static inline float bf16x_finish(__m512 acc, const uint16_t *w, const uint16_t *x, int K32, int K) {
+    float sum = K32 ? _mm512_reduce_add_ps(acc) : 0.0f;
+    for (int k = K32; k < K; k++) sum += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+    return sum;
+}
+
+static void avx512_gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    int K32 = K / 32 * 32, one_pass = M <= 4;
+    __m512 *accs = aligned_alloc(64, sizeof(__m512) * 16 * ((M + 3) / 4)); // 16 per 4 tokens
+    for (int r0 = 0; r0 < N; r0 += 4) {
+        int R = N - r0 < 4 ? N - r0 : 4;
+        const uint16_t *wr = w + (size_t)r0 * K;
+        for (int k0 = 0; k0 < K32; k0 += one_pass ? K32 : BF16_SPAN) {
+            int k1 = one_pass || k0 + BF16_SPAN > K32 ? K32 : k0 + BF16_SPAN;
+            for (int t0 = 0; t0 < M; t0 += 4) {
+                int T = M - t0 < 4 ? M - t0 : 4;
+#define RUN(R_, T_) bf16x_tile(wr, K, R_, x + (size_t)t0 * K, T_, k0, k1, accs + 16 * (t0 / 4), k0 == 0)
+                BF16_TILES(R, T, RUN)
+#undef RUN
+            }
+        }
+        for (int t = 0; t < M; t++)
+            for (int r = 0; r < R; r++)
+                out[(size_t)t * ldo + r0 + r] = bf16x_finish(K32 ? accs[16 * (t / 4) + r * 4 + t % 4] : _mm512_setzero_ps(),
+                                                             wr + (size_t)r * K, x + (size_t)t * K, K32, K);
+    }
+    free(accs);
+}
+#endif
+
 #endif // KERNELS_AVX2
 
 // ----------------------------------------------------------------------------
@@ -1352,6 +1430,15 @@ void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *ou
     ref_gemm_bf16_with(dot_bf16, w, K, N, x, M, out, ldo);
 }
 #endif
+#if defined(KERNELS_AVX512_BF16)
+void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    avx512_gemm_bf16x(w, K, N, x, M, out, ldo);
+}
+#else
+void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16x(w, K, N, x, M, out, ldo);
+}
+#endif
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { avx2_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
 float kv_dot(int type, const float *q, const void *row, int n) { return avx2_kv_dot(type, q, row, n); }
@@ -1367,6 +1454,9 @@ void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *ou
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     neon_gemm_quant(type, w, K, N, x, M, out, ldo);
 }
+void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16x(w, K, N, x, M, out, ldo);
+}
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
 float kv_dot(int type, const float *q, const void *row, int n) { return neon_kv_dot(type, q, row, n); }
@@ -1381,6 +1471,9 @@ void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *ou
 }
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo) {
     ref_gemm_quant(type, w, K, N, x, M, out, ldo);
+}
+void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo) {
+    ref_gemm_bf16x(w, K, N, x, M, out, ldo);
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }

@@ -8,6 +8,10 @@
 //   dot_bf16(w, x, n)       = sum_i bf16(w[i]) x[i]
 //   gemm_bf16(W, K, N, x, M, out, ldo): out (M,N) = x (M,K) @ W (N,K)^T for bf16 W and f32 x,
 //       each output as dot_bf16 computes it, or (AVX-512) in a tile of 4 rows x 4 tokens
+//   gemm_bf16x(W, K, N, xb, M, out, ldo): the same with bf16 activations too (--bf16-activations):
+//       out[m ldo + n] = sum_k bf16(W[n][k]) bf16(xb[m][k]), the exact products summed in f32 in
+//       an order of the kernel's (AVX512-BF16: vdpbf16ps, 32 at a time)
+//   to_bf16(x, xb, n)       : xb[i] = x[i] rounded to the nearest bf16, ties to even (NaN stays NaN)
 //   gemm_quant(type, W, K, N, x, M, out, ldo): a small GEMM, out (M,N) = x (M,K) @ W (N,K)^T:
 //       out[m ldo + n] = sum_b dw[n][b] dx[m][b] sum_{j in block b} qw[n][j] qx[m][j]
 //       for q8, q6 or q4 weights W and int8 activations x, blocks of QBLOCK = 32
@@ -148,6 +152,13 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
+// Float to bf16, rounded to nearest, ties to even; NaN stays a (quiet) NaN.
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(v.u >> 16 | 0x40);
+    return (uint16_t)((v.u + 0x7FFFu + (v.u >> 16 & 1)) >> 16);
+}
+
 // IEEE half to float, exactly (normals, subnormals, zeros, infinities, NaN).
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 31, man = h & 1023;
@@ -190,6 +201,8 @@ float dot_f32(const float *a, const float *b, int n);
 float dot_bf16(const uint16_t *w, const float *x, int n);
 void gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, int M, float *out, size_t ldo);
 void gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo);
+void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo);
+void to_bf16(const float *x, uint16_t *out, int64_t n);
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void swiglu(float *h, const float *h2, int64_t n);
 void dequant_row(int type, const void *w, int K, int n, float *out);
@@ -205,6 +218,8 @@ void ref_gemm_quant(int type, const uint8_t *w, int K, int N, const QuantX *x, i
 void ref_gemm_bf16(const uint16_t *w, int K, int N, const float *x, int M, float *out, size_t ldo);
 void ref_gemm_bf16_with(float (*dot)(const uint16_t *, const float *, int), const uint16_t *w, int K, int N,
                         const float *x, int M, float *out, size_t ldo);
+float ref_dot_bf16x(const uint16_t *w, const uint16_t *x, int n);
+void ref_gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float *out, size_t ldo);
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
 float ref_kv_dot(int type, const float *q, const void *row, int n);

@@ -117,7 +117,7 @@ static uint64_t kv_cache_bytes(const Config *p, int context, int kv_type) {
     return 2 * (uint64_t)p->n_layers * kv_len_of(p, context) * p->n_kv_heads * kv_row_bytes(kv_type, p->head_dim);
 }
 
-void state_init(State *s, const Config *p, int context, int chunk, int kv_type, ThreadPool *pool) {
+void state_init(State *s, const Config *p, int context, int chunk, int kv_type, int bf16_activations, ThreadPool *pool) {
     size_t D = p->dim, H = p->hidden_dim, top_k = p->n_experts_per_tok, E = p->n_experts, C = chunk;
     size_t Q = (size_t)p->n_heads * p->head_dim, KV = (size_t)p->n_kv_heads * p->head_dim;
     memset(s, 0, sizeof(*s));
@@ -152,14 +152,18 @@ void state_init(State *s, const Config *p, int context, int chunk, int kv_type, 
     s->counts.expert_count = xcalloc((size_t)p->n_layers * E, sizeof(uint64_t));
     s->counts.router_entropy = xcalloc(p->n_layers, sizeof(double));
     s->xq = xcalloc(E, sizeof(QuantInput));
-    if (p->block_size) { // q8/q6/q4 weights: room for C tokens (an expert's most) of the widest input
-        size_t widest = D > H ? D : H;
-        widest = widest > Q ? widest : Q;
-        for (size_t e = 0; e < E; e++) {
+    size_t widest = D > H ? D : H; // room for C tokens (an expert's most) of the widest input
+    widest = widest > Q ? widest : Q;
+    int bf16_matrices = 0;
+    for (int kind = 0; kind < N_KINDS; kind++) bf16_matrices |= p->matrix_type[kind] == WEIGHT_BF16;
+    s->bf16_activations = bf16_activations && bf16_matrices;
+    for (size_t e = 0; e < E; e++) {
+        if (p->block_size) { // q8/q6/q4 weights
             s->xq[e].qx.q = xcalloc(C * widest, 1);
             s->xq[e].qx.scale = xcalloc(C * widest / QBLOCK, sizeof(float));
             s->xq[e].qx.qoff = xcalloc(2 * C * widest / QBLOCK, sizeof(int32_t));
         }
+        if (s->bf16_activations) s->xq[e].bf16 = xcalloc(C * widest, sizeof(uint16_t));
     }
     // modeling_mixtral.py: MixtralRotaryEmbedding, inv_freq = 1 / theta^(2i/head_dim), in fp32
     s->rope_inv_freq = xcalloc(p->head_dim / 2, sizeof(float));
@@ -172,7 +176,9 @@ void state_free(State *s, const Config *p) {
     float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att_out, s->att, s->moe_in, s->hb, s->hb2,
                      s->moe_out, s->pair_weight, s->router, s->logits, s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
-    for (int e = 0; e < p->n_experts; e++) { free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qoff); }
+    for (int e = 0; e < p->n_experts; e++) {
+        free(s->xq[e].qx.q); free(s->xq[e].qx.scale); free(s->xq[e].qx.qoff); free(s->xq[e].bf16);
+    }
     free(s->xq);
     free(s->keys);
     free(s->values);
@@ -556,7 +562,8 @@ static void gemm_rows(const Gemm *g, int r0, int r1) {
         return;
     }
     if (W->type == WEIGHT_BF16) {
-        gemm_bf16((const uint16_t *)w + (size_t)r0 * K, K, r1 - r0, g->x, g->M, g->out + r0, N);
+        if (g->xq) gemm_bf16x((const uint16_t *)w + (size_t)r0 * K, K, r1 - r0, g->xq->bf16, g->M, g->out + r0, N);
+        else gemm_bf16((const uint16_t *)w + (size_t)r0 * K, K, r1 - r0, g->x, g->M, g->out + r0, N);
         return;
     }
     size_t row_bytes = (size_t)K * 4;
@@ -625,7 +632,10 @@ static void quantize_job(void *arg, int tid, int nthreads) {
     int64_t lo = j->total * tid / nthreads, hi = j->total * (tid + 1) / nthreads, base = 0;
     for (int i = 0; i < j->n; base += j->xq[i++].blocks) {
         int64_t b0 = lo > base ? lo - base : 0, b1 = hi - base < j->xq[i].blocks ? hi - base : j->xq[i].blocks;
-        if (b0 < b1) quantize_blocks(&j->xq[i].qx, j->xq[i].x, b0, b1);
+        if (b0 >= b1) continue;
+        if (j->xq[i].int8) quantize_blocks(&j->xq[i].qx, j->xq[i].x, b0, b1);
+        int64_t end = b1 * QBLOCK < j->xq[i].values ? b1 * QBLOCK : j->xq[i].values;
+        if (j->xq[i].to_bf16) to_bf16(j->xq[i].x + b0 * QBLOCK, j->xq[i].bf16 + b0 * QBLOCK, end - b0 * QBLOCK);
     }
 }
 
@@ -641,14 +651,21 @@ static void matmul(State *s, Gemm *g, int n) {
         if (g[i].M > tokens) tokens = g[i].M;
         count_memory(s, W->bytes);
         count_activations(s, W, g[i].x, g[i].M);
-        if (!weight_is_quant(W->type)) continue;
+        int int8 = weight_is_quant(W->type), to_bf16 = W->type == WEIGHT_BF16 && s->bf16_activations;
+        g[i].xq = NULL;
+        if (!int8 && !to_bf16) continue;
         if (qj.n == 0 || s->xq[qj.n - 1].x != g[i].x) {
-            QuantInput *xq = &s->xq[qj.n++];
-            xq->x = g[i].x;
-            xq->blocks = (int64_t)g[i].M * W->cols / QBLOCK;
-            qj.total += xq->blocks;
+            QuantInput *in = &s->xq[qj.n++];
+            in->x = g[i].x;
+            in->values = (int64_t)g[i].M * W->cols;
+            in->blocks = (in->values + QBLOCK - 1) / QBLOCK;
+            in->int8 = in->to_bf16 = 0;
+            qj.total += in->blocks;
         }
-        g[i].xq = &s->xq[qj.n - 1];
+        QuantInput *xq = &s->xq[qj.n - 1];
+        xq->int8 |= int8;
+        xq->to_bf16 |= to_bf16;
+        g[i].xq = xq;
     }
     if (qj.total) pool_run(s->pool, quantize_job, &qj);
     MatmulJob job = {g, n, work, tokens == 1, 8 * s->pool->n, 0, s->pool};
@@ -1949,6 +1966,8 @@ static void print_usage(FILE *out) {
         "                        (fewer: faster, and less exact; make quality measures it)\n"
         "      --kv TYPE         how the KV cache holds keys and values: f32, bf16, q8 or q4 (rotated;\n"
         "                        q8 a quarter of f32's memory, q4 a seventh; default q8)\n"
+        "      --bf16-activations  bf16 weights multiply activations rounded to bf16 (AVX512-BF16's\n"
+        "                        vdpbf16ps: faster prompts, not exact; make quality measures it)\n"
         "      --info            print the model's configuration and exit\n"
         "      --expert-stats    after each reply, print per-layer expert usage and routing entropy\n"
         "      --trace-experts   after each reply, print each token's experts and weights per layer\n"
@@ -2005,6 +2024,7 @@ typedef struct {
     const char *ppl_path, *kl_out, *kl_in, *imatrix_out;
     const char *mode, *system, *chat_path, *chat_ids_path;
     int context, threads, info, do_bench, bench_depth, chunk, seeded, chatting, cache_policy, kv_type, experts_per_tok;
+    int bf16_activations;
     LoadMode load_mode;
     uint64_t seed, mem;
     RunOptions run;
@@ -2040,6 +2060,7 @@ static int parse_options(int argc, char **argv, Options *o) {
         if (!strcmp(a, "--trace-experts")) { o->run.trace = 1; continue; }
         if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { o->run.quiet = 1; continue; }
         if (!strcmp(a, "--mmap")) { o->load_mode = LOAD_MMAP; continue; }
+        if (!strcmp(a, "--bf16-activations")) { o->bf16_activations = 1; continue; }
         if (!strcmp(a, "--no-mmap")) { o->load_mode = LOAD_READ; continue; }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { print_usage(stdout); return 1; }
         if (i + 1 >= argc) { print_usage(stderr); die("%s needs a value", a); }
@@ -2186,7 +2207,7 @@ int main(int argc, char **argv) {
         if (!o.seeded && o.sampler.temperature > 0) fprintf(stderr, "mixtral: seed %llu (-s repeats this run)\n", (unsigned long long)o.seed);
     }
 
-    state_init(&state, p, o.context, o.chunk, o.kv_type, &pool);
+    state_init(&state, p, o.context, o.chunk, o.kv_type, o.bf16_activations, &pool);
     state.expert_cache = model.expert_cache;
     o.sampler.rng = o.seed;
     sampler_init(&o.sampler, p->vocab_size);

@@ -127,12 +127,16 @@ typedef enum { LOAD_AUTO, LOAD_MMAP, LOAD_READ } LoadMode;
 // The state of a run
 
 // The input of a batch's products quantized for q8/q6/q4 weights (kernels.h's
-// QuantX), with the f32 input it was made from, so that products sharing an
-// input (wq, wk, wv; an expert's w1 and w3) quantize it once.
+// QuantX), or rounded to bf16 for bf16 weights with --bf16-activations, with
+// the f32 input it was made from, so that products sharing an input (wq, wk,
+// wv; an expert's w1 and w3) quantize it once.
 typedef struct {
     QuantX qx;        // (M, K) int8 blocks, their scales and sums
+    uint16_t *bf16;   // (M, K) the input rounded to bf16 (--bf16-activations), or NULL
     const float *x;   // (M, K) what was quantized
-    int64_t blocks;   // M * K / QBLOCK
+    int64_t values;   // M * K
+    int64_t blocks;   // M * K / QBLOCK, rounded up
+    int int8, to_bf16; // which of the two its products need
 } QuantInput;
 
 // --imatrix: for every matrix (by Matrix.id), the sum over the tokens of the
@@ -184,6 +188,7 @@ typedef struct {
     int *chosen;       // (C, n_layers, top_k) experts picked for each token of the last chunk
     float *chosen_w;   // (C, n_layers, top_k) their routing weights
     QuantInput *xq;    // (n_experts,) a batch's inputs quantized for q8/q6/q4 weights, C rows each
+    int bf16_activations; // --bf16-activations: bf16 weights multiply activations rounded to bf16
     ThreadPool *pool;
     ExpertCache *expert_cache; // the model's, or NULL
     Counters counts;
@@ -195,7 +200,7 @@ typedef struct {
 void model_load(Model *m, const char *path, LoadMode mode, ThreadPool *pool, uint64_t mem, int context, int chunk,
                 int kv_type, int cache_policy);
 void model_free(Model *m);
-void state_init(State *s, const Config *p, int context, int chunk, int kv_type, ThreadPool *pool);
+void state_init(State *s, const Config *p, int context, int chunk, int kv_type, int bf16_activations, ThreadPool *pool);
 void state_free(State *s, const Config *p);
 // Runs n tokens at positions pos0.. through the model; the logits (n, V) with
 // all_logits, else (1, V) of the last token.

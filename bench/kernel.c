@@ -6,6 +6,9 @@
 //   in cache   gemm_quant, 32 tokens, 256 rows of K = 4096: weights in L2
 //   streaming  gemm_quant, 32 tokens, a 14336 x 4096 matrix (62 MB in q8):
 //              the weights come from memory, as in a prompt's expert products
+//   bf16       the same two for bf16 weights: gemm_bf16 (f32 activations) and
+//              gemm_bf16x (bf16 activations, --bf16-activations), beside
+//              vdpbf16ps alone (AVX512-BF16 builds only)
 //
 // G multiply-adds per second, best of several repetitions.
 #include "../kernels.h"
@@ -43,6 +46,48 @@ static double peak(void) {
 #endif
 }
 
+static double peak_bf16(void) {
+#if defined(__AVX512BF16__)
+    __m512 acc[12];
+    __m512bh w = (__m512bh)_mm512_set1_epi16(0x3f80), x = (__m512bh)_mm512_set1_epi16(0x3f00);
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+    long n = 50000000;
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+        for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], w, x);
+        __asm__ volatile("" : "+v"(w), "+v"(x));
+    }
+    double t = now() - t0;
+    float sink = 0;
+    for (int j = 0; j < 12; j++) sink += _mm512_reduce_add_ps(acc[j]);
+    if (sink == 42) puts("");
+    return n * 12.0 * 32 / t / 1e9;
+#else
+    return 0;
+#endif
+}
+
+// bf16 weights, f32 activations (bf16_activations 0) or bf16 ones (1).
+static double product_bf16(int bf16_activations, int M, int N, int K, int reps) {
+    uint16_t *w = malloc(sizeof(uint16_t) * N * K), *xb = malloc(sizeof(uint16_t) * M * K);
+    float *x = malloc(sizeof(float) * M * K), *out = malloc(sizeof(float) * M * N);
+    if (!w || !xb || !x || !out) { fprintf(stderr, "bench/kernel: out of memory\n"); exit(1); }
+    srand(1);
+    for (size_t i = 0; i < (size_t)N * K; i++) w[i] = f32_to_bf16((float)rand() / RAND_MAX - 0.5f);
+    for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)rand() / RAND_MAX - 0.5f;
+    to_bf16(x, xb, (int64_t)M * K);
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        if (bf16_activations) gemm_bf16x(w, K, N, xb, M, out, N);
+        else gemm_bf16(w, K, N, x, M, out, N);
+        double t = now() - t0;
+        if (t < best) best = t;
+    }
+    free(w), free(xb), free(x), free(out);
+    return (double)M * N * K / best / 1e9;
+}
+
 static double product(int type, int M, int N, int K, int reps) {
     size_t gbytes = quant_group_bytes(type, K), groups = (size_t)(N + QROWS - 1) / QROWS;
     uint8_t *w = malloc(gbytes * groups);
@@ -77,6 +122,16 @@ int main(void) {
         if (p > 0) printf(" (%3.0f%% of peak)", 100 * c / p);
         printf(", streaming %7.1f", s);
         if (p > 0) printf(" (%3.0f%%)", 100 * s / p);
+        printf("\n");
+    }
+    double pb = peak_bf16();
+    if (pb > 0) printf("  peak (vdpbf16ps alone)    %7.1f\n", pb);
+    for (int act = 0; act < 2; act++) {
+        double c = product_bf16(act, 32, 256, 4096, 100), s = product_bf16(act, 32, 14336, 4096, 3);
+        printf("  bf16, %s activations, 32 tokens: in cache %7.1f", act ? "bf16" : "f32", c);
+        if (pb > 0) printf(" (%3.0f%% of vdpbf16ps)", 100 * c / pb);
+        printf(", streaming %7.1f", s);
+        if (pb > 0) printf(" (%3.0f%%)", 100 * s / pb);
         printf("\n");
     }
     return 0;

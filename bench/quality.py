@@ -12,7 +12,8 @@ Each format runs `mixtral --perplexity TEXT -c 128` with --kl-divergence
 against the bf16 file's --kl-base. Positions scored: the second half of each
 window, as llama.cpp's perplexity tool scores them.
 
-Our formats: q8, q4, q3 and q2, the last two with an importance matrix our
+Our formats: bf16 with --bf16-activations (activations rounded to bf16 for
+vdpbf16ps), q8, q4, q3 and q2, the last two with an importance matrix our
 engine makes from a calibration text (--calib, another text than the scored
 one: by default the GPL-3's text, /usr/share/common-licenses/GPL-3).
 
@@ -65,9 +66,10 @@ def ours(models, text, engine):
         ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
         rows.append((name, "bf16 (base)", os.path.getsize(files["bf16"]), 0.0, 0.0, 1.0, ppl))
         for fmt in [f for f in files if f != "bf16"]:
-            out, _ = bench.sh([engine, files[fmt], "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base])
+            path, extra = files[fmt] if isinstance(files[fmt], tuple) else (files[fmt], [])
+            out, _ = bench.sh([engine, path, "--perplexity", text[name], "-c", str(CTX), "--kl-divergence", base, *extra])
             r = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-            rows.append((name, fmt, os.path.getsize(files[fmt]), r["kl_mean"], r["kl_p99"], r["top1"], r["perplexity"]))
+            rows.append((name, fmt, os.path.getsize(path), r["kl_mean"], r["kl_p99"], r["top1"], r["perplexity"]))
         os.remove(base)
     return rows
 
@@ -191,6 +193,7 @@ def main():
         models["demo"] = {t: export(sources["demo"], os.path.join(CACHE, f"demo-{t}.bin"), t) for t in ("bf16", "q8", "q4")}
     ggufs, ik_ggufs = parse_ggufs(a.gguf), parse_ggufs(a.ik_gguf)
     for name, files in models.items():
+        files["bf16 --bf16-activations"] = (files["bf16"], ["--bf16-activations"])
         imatrix = importance(engine, files["bf16"], a.calib, os.path.join(CACHE, f"{name}.imatrix"))
         with_im = ("--imatrix", imatrix)
         for t in ("q3", "q2"):

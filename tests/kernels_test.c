@@ -172,6 +172,59 @@ static void test_gemm_bf16(void) {
             }
 }
 
+// to_bf16 against the rule (the nearest bf16, ties to even: the bf16 below or above whose
+// distance is smaller, in double), and gemm_bf16x (bf16 activations) against its reference with
+// the same shapes as gemm_bf16; one token at a time equals the tile bit for bit.
+static void test_bf16_activations(void) {
+    for (int i = 0; i < 20000; i++) {
+        union { float f; uint32_t u; } v;
+        v.u = (uint32_t)irange(0, 0x7FFFFFFF) << 1 | (uint32_t)irange(0, 1);
+        if (i < 4) v.u = (uint32_t[]){0x3F808000u, 0x3F818000u, 0x7F7FFFFFu, 0x80000000u}[i]; // ties, overflow, -0
+        if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) continue; // NaN: below
+        uint16_t got = f32_to_bf16(v.f), down = (uint16_t)(v.u >> 16), up = (uint16_t)(down + 1);
+        // (above the largest bf16, "up" is infinity, which IEEE rounding places at 2^128)
+        double up_value = (up & 0x7FFF) == 0x7F80 ? copysign(ldexp(1.0, 128), v.f) : bf16_to_f32(up);
+        double d_down = fabs((double)bf16_to_f32(down) - v.f), d_up = fabs(up_value - v.f);
+        if ((down & 0x7F80) == 0x7F80) { expect("to_bf16 of inf", i, bf16_to_f32(got), v.f, -1); continue; }
+        uint16_t want = d_down < d_up || (d_down == d_up && !(down & 1)) ? down : up;
+        if (got != want) expect("to_bf16 rounds to nearest even", (int)i, bf16_to_f32(got), bf16_to_f32(want), -1);
+        checks++;
+    }
+    float nan = NAN;
+    uint16_t hn = f32_to_bf16(nan);
+    expect("to_bf16 of NaN is NaN", 0, isnan(bf16_to_f32(hn)) ? 1.0f : 0.0f, 1.0f, -1);
+    static const int Ks[] = {1, 15, 32, 33, 100, 1024, 2500}, Ns[] = {1, 3, 4, 5, 9}, Ms[] = {1, 2, 4, 5, 9};
+    for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
+        for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++)
+            for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++) {
+                int K = Ks[ki], N = Ns[ni], M = Ms[mi];
+                size_t ldo = (size_t)N + 2;
+                uint16_t *w = malloc((size_t)N * K * sizeof(uint16_t)), *xb = malloc((size_t)M * K * sizeof(uint16_t));
+                float *x = malloc((size_t)M * K * sizeof(float));
+                for (size_t i = 0; i < (size_t)N * K; i++) w[i] = f32_to_bf16(uniform(-1, 1));
+                for (size_t i = 0; i < (size_t)M * K; i++) x[i] = uniform(-1, 1);
+                to_bf16(x, xb, (int64_t)M * K);
+                float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
+                gemm_bf16x(w, K, N, xb, M, got, ldo);
+                ref_gemm_bf16x(w, K, N, xb, M, want, ldo);
+                char what[64];
+                snprintf(what, sizeof(what), "gemm_bf16x K=%d N=%d M=%d", K, N, M);
+                for (int m = 0; m < M; m++) {
+                    for (int r = 0; r < N; r++) {
+                        double abs_sum = 0;
+                        for (int k = 0; k < K; k++)
+                            abs_sum += fabs((double)bf16_to_f32(w[(size_t)r * K + k]) * bf16_to_f32(xb[(size_t)m * K + k]));
+                        expect(what, r, got[m * ldo + r], want[m * ldo + r], tolerance(K, abs_sum));
+                        float one;
+                        gemm_bf16x(w + (size_t)r * K, K, 1, xb + (size_t)m * K, 1, &one, 1);
+                        expect("gemm_bf16x one row, one token vs the tile", r, one, got[m * ldo + r], -1);
+                    }
+                    for (size_t r = N; r < ldo; r++) expect("gemm_bf16x writes past N", (int)r, got[m * ldo + r], 0.0f, -1);
+                }
+                free(w); free(xb); free(x); free(got); free(want);
+            }
+}
+
 // gemm_quant against its reference: rows that are not whole groups, one and many tokens, K long
 // enough to be cut into spans (x86_gemm_quant) with tokens for several passes.
 static void test_gemm_quant(void) {
@@ -316,6 +369,7 @@ int main(int argc, char **argv) {
     test_dot_float();
     test_gemm_quant();
     test_gemm_bf16();
+    test_bf16_activations();
     test_quantize();
     test_swiglu();
     test_kv();

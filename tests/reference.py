@@ -63,11 +63,14 @@ def rope(x, pos, theta):
     return x * cos + rot * sin
 
 
-def forward(W, c, ids, bf16=False, inputs=None):
+def forward(W, c, ids, bf16=False, inputs=None, bf16_activations=False):
     """Returns logits (T, vocab) and the chosen experts (T, layers, top_k), sorted per token.
     inputs: a dict that gets, for every matrix, [sum over the tokens it multiplies of each input
-    column's square, how many tokens] added (the importance matrix's numbers)."""
+    column's square, how many tokens] added (the importance matrix's numbers).
+    bf16_activations: every input of a weight matrix (not the router's) rounded to bf16 first,
+    as mixtral --bf16-activations does (in float32, then to the nearest bf16)."""
     g = (lambda n: round_bf16(W[n])) if bf16 else (lambda n: W[n])
+    a16 = (lambda h: round_bf16(h)) if bf16_activations else (lambda h: h)
 
     def seen(name, h):
         if inputs is not None:
@@ -92,9 +95,9 @@ def forward(W, c, ids, bf16=False, inputs=None):
         h = rmsnorm(x, W[p + "input_layernorm.weight"], eps)
         for m in ("q_proj", "k_proj", "v_proj"):
             seen(p + f"self_attn.{m}.weight", h)
-        q = (h @ g(p + "self_attn.q_proj.weight").T).reshape(T, nh, hd)
-        k = (h @ g(p + "self_attn.k_proj.weight").T).reshape(T, nkv, hd)
-        v = (h @ g(p + "self_attn.v_proj.weight").T).reshape(T, nkv, hd)
+        q = (a16(h) @ g(p + "self_attn.q_proj.weight").T).reshape(T, nh, hd)
+        k = (a16(h) @ g(p + "self_attn.k_proj.weight").T).reshape(T, nkv, hd)
+        v = (a16(h) @ g(p + "self_attn.v_proj.weight").T).reshape(T, nkv, hd)
         q, k = rope(q, pos, theta), rope(k, pos, theta)
         k = np.repeat(k, nh // nkv, axis=1)        # repeat_kv
         v = np.repeat(v, nh // nkv, axis=1)
@@ -104,7 +107,7 @@ def forward(W, c, ids, bf16=False, inputs=None):
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("hpt,thd->phd", s, v).reshape(T, nh * hd)
         seen(p + "self_attn.o_proj.weight", o)
-        x = x + o @ g(p + "self_attn.o_proj.weight").T
+        x = x + a16(o) @ g(p + "self_attn.o_proj.weight").T
 
         h = rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         logits = h @ W[p + "block_sparse_moe.gate.weight"].T   # router stays full precision
@@ -117,17 +120,17 @@ def forward(W, c, ids, bf16=False, inputs=None):
             chosen[t, l] = np.sort(top)
             for e, wgt in zip(top, wts):
                 pe = p + f"block_sparse_moe.experts.{e}."
-                a = h[t] @ g(pe + "w1.weight").T
-                b = h[t] @ g(pe + "w3.weight").T
+                a = a16(h[t]) @ g(pe + "w1.weight").T
+                b = a16(h[t]) @ g(pe + "w3.weight").T
                 seen(pe + "w1.weight", h[t])
                 seen(pe + "w3.weight", h[t])
                 seen(pe + "w2.weight", a / (1 + np.exp(-a)) * b)
-                out[t] += wgt * ((a / (1 + np.exp(-a)) * b) @ g(pe + "w2.weight").T)
+                out[t] += wgt * (a16(a / (1 + np.exp(-a)) * b) @ g(pe + "w2.weight").T)
         x = x + out
     x = rmsnorm(x, W["model.norm.weight"], eps)
     seen("lm_head.weight", x)
     head = "model.embed_tokens.weight" if c.get("tie_word_embeddings") else "lm_head.weight"
-    return x @ g(head).T, chosen
+    return a16(x) @ g(head).T, chosen
 
 
 def main():

@@ -217,3 +217,32 @@ def fewer_experts_per_token(tmp):
         compare_experts(got_e, want_e, f"--experts-per-token {k}")
     expect_error([ENGINE, model, "-i", "x", "--experts-per-token", "5"], "4 experts")
     return f"1 and 3 experts a token: max abs error {worst:.2g} against the reference"
+
+
+@test
+def bf16_activations(tmp):
+    """--bf16-activations (bf16 weights times activations rounded to bf16, vdpbf16ps where the CPU
+    has it) against the reference with the same rounding (reference.forward(bf16_activations=True)):
+    most positions within 1e-3 (a value at a bf16 midpoint may round either way), and far closer
+    than to the exact reference, so that the option does what it says; prompts and token by token,
+    and the portable build's kernels too."""
+    d, cfg, ids, shape = random_model(tmp, 5, 16, 3, dim=128, hidden_dim=192, heads=4, kv_heads=2, experts=4, top_k=2)
+    model = export(d, os.path.join(tmp, "model.bin"), "bf16")
+    W = reference.load_safetensors(d)
+    exact, _ = reference.forward(W, cfg, ids, bf16=True)
+    want, want_e = reference.forward(W, cfg, ids, bf16=True, bf16_activations=True)
+    worst = []
+    for engine, chunk in ((ENGINE, None), (ENGINE, 1), (DEBUG_ENGINE, None)):  # (the portable kernels)
+        got, got_e = engine_logits(model, ids, engine=engine, chunk=chunk, extra=("--bf16-activations",), **shape)
+        compare_experts(got_e, want_e, f"--bf16-activations chunk {chunk}")
+        # per position: a value within float32's error of a bf16 midpoint rounds either way in the two
+        # computations, and moves that position's logits by about 1e-2, so most positions, not all
+        err, off = np.abs(got - want).max(1), np.abs(got - exact).max(1)
+        close = np.mean(err < 1e-3)
+        check(close >= 0.75 and np.median(err) < np.median(off) / 20,
+              f"--bf16-activations chunk {chunk}: {close:.0%} of positions within 1e-3 of the reference that rounds "
+              f"activations; median error {np.median(err):.3g}, from the exact reference {np.median(off):.3g}; "
+              f"per position {np.round(err, 4).tolist()}")
+        worst.append(close)
+    return (f"{min(worst):.0%} of positions within 1e-3 of the reference (median distance from the exact one "
+            f"{np.median(off):.2g})")

@@ -28,7 +28,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (small_enough(p)) {
             pool_init(&pool, 1);
             pooled = 1;
-            state_init(&s, p, 8, 4, KV_Q8, &pool); // (the quantized KV cache: NaN and huge values too)
+            state_init(&s, p, 8, 4, KV_Q8, 0, &pool); // (the quantized KV cache: NaN and huge values too)
             stated = 1;
             int ids[2] = {p->bos_id, p->eos_id};
             forward_chunk(&m, &s, ids, 2, 0, 0);

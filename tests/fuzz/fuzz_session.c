@@ -15,7 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fuzz_tokenizer(); // loads fuzz_model
     static int stated;
     if (!stated) {
-        state_init(&fuzz_state, &fuzz_model.config, 64, 4, KV_Q8, NULL);
+        state_init(&fuzz_state, &fuzz_model.config, 64, 4, KV_Q8, 0, NULL);
         atexit(free_state); // (LeakSanitizer checks at exit)
         stated = 1;
     }

@@ -634,8 +634,10 @@ static void quantize_job(void *arg, int tid, int nthreads) {
         int64_t b0 = lo > base ? lo - base : 0, b1 = hi - base < j->xq[i].blocks ? hi - base : j->xq[i].blocks;
         if (b0 >= b1) continue;
         if (j->xq[i].int8) quantize_blocks(&j->xq[i].qx, j->xq[i].x, b0, b1);
-        int64_t end = b1 * QBLOCK < j->xq[i].values ? b1 * QBLOCK : j->xq[i].values;
-        if (j->xq[i].to_bf16) to_bf16(j->xq[i].x + b0 * QBLOCK, j->xq[i].bf16 + b0 * QBLOCK, end - b0 * QBLOCK);
+        if (j->xq[i].to_bf16) { // (the last block may be short)
+            int64_t end = b1 * QBLOCK < j->xq[i].values ? b1 * QBLOCK : j->xq[i].values;
+            to_bf16(j->xq[i].x + b0 * QBLOCK, j->xq[i].bf16 + b0 * QBLOCK, end - b0 * QBLOCK);
+        }
     }
 }
 
@@ -1204,6 +1206,7 @@ static int sample(Sampler *sm, float *logits, int n) {
     // when it is the only other filter, a level with more than top_p of the
     // weight min-p keeps at or above it (the nucleus ends there or above). The
     // levels are powers of 2, found by bisection, each try a pass over the weights.
+    // No floor is above 1, the most likely token's weight: it is always kept.
     float floor = sm->min_p;
     int filtering_top_p = sm->top_p > 0.0f && sm->top_p < 1.0f;
     if (floor <= 0.0f && sm->top_k <= 0 && !filtering_top_p) {
@@ -1220,16 +1223,19 @@ static int sample(Sampler *sm, float *logits, int n) {
         }
         return chosen;
     }
-    float kept_mass = sum; // of what min-p keeps
-    if (floor > 0.0f) weight_at_or_above(logits, n, floor, &kept_mass);
-    double mass = filtering_top_p && sm->top_k <= 0 ? kept_mass : -1; // of what min-p and top-k keep, once known
+    double mass = -1; // of what min-p and top-k keep, once known: top-p's whole, when it follows min-p only
+    if (filtering_top_p && sm->top_k <= 0) {
+        float kept_mass = sum;
+        if (floor > 0.0f) weight_at_or_above(logits, n, floor, &kept_mass);
+        mass = kept_mass;
+    }
     if (sm->top_k > 0 || filtering_top_p) {
         int high = 0, low = 31; // 2^-low holds (or nothing does); 2^-high does not (1 always holds)
         while (low - high > 1) {
             int mid = (low + high) / 2;
             float mass_above;
             int count_above = weight_at_or_above(logits, n, ldexpf(1.0f, -mid), &mass_above);
-            int holds = sm->top_k > 0 ? count_above >= sm->top_k : mass_above > sm->top_p * kept_mass;
+            int holds = sm->top_k > 0 ? count_above >= sm->top_k : mass_above > sm->top_p * (float)mass;
             if (holds) low = mid; else high = mid;
         }
         if (low < 31 && ldexpf(1.0f, -low) > floor) floor = ldexpf(1.0f, -low);
@@ -1247,7 +1253,6 @@ static int sample(Sampler *sm, float *logits, int n) {
         for (int i = start; i < start + 64 && i < n; i++)
             if (logits[i] >= floor) sm->order[m++] = (ProbId){logits[i], i};
     }
-    if (m == 0) return argmax(logits, n); // NaN probabilities: nothing compares
     ProbId *kept = sm->order; // the candidates in the filters' order, once a filter needs it
     if (sm->top_k > 0 || filtering_top_p) {
         heap_build(sm->order, m);

@@ -135,47 +135,56 @@ static void test_dot_float(void) {
         }
 }
 
-// gemm_bf16 against its reference (one dot product at a time): rows and tokens that are not whole
-// tiles, K with a tail after the last 16 and long enough for spans; and one token at a time gives
-// the same results as many, bit for bit.
-static void test_gemm_bf16(void) {
-    static const int Ks[] = {1, 15, 16, 33, 100, 1024, 2500}, Ns[] = {1, 3, 4, 5, 9}, Ms[] = {1, 2, 4, 5, 9};
+// gemm_bf16 (f32 activations) and gemm_bf16x (bf16 activations, --bf16-activations) against their
+// references (one dot product at a time): rows and tokens that are not whole tiles, K with a tail
+// after the last 16 or 32 and long enough for spans; and one token at a time gives the same
+// results as many, bit for bit.
+static void test_gemm_bf16(int bf16_activations) {
+    static const int Ks[] = {1, 15, 16, 32, 33, 100, 1024, 2500}, Ns[] = {1, 3, 4, 5, 9}, Ms[] = {1, 2, 4, 5, 9};
+    const char *name = bf16_activations ? "gemm_bf16x" : "gemm_bf16";
     for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
         for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++)
             for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++) {
                 int K = Ks[ki], N = Ns[ni], M = Ms[mi];
                 size_t ldo = (size_t)N + 2;
-                uint16_t *w = malloc((size_t)N * K * sizeof(uint16_t));
+                uint16_t *w = malloc((size_t)N * K * sizeof(uint16_t)), *xb = malloc((size_t)M * K * sizeof(uint16_t));
                 float *x = malloc((size_t)M * K * sizeof(float));
-                for (size_t i = 0; i < (size_t)N * K; i++) {
-                    union { float f; uint32_t u; } v = {uniform(-1, 1)};
-                    w[i] = (uint16_t)(v.u >> 16);
-                }
+                for (size_t i = 0; i < (size_t)N * K; i++) w[i] = f32_to_bf16(uniform(-1, 1));
                 for (size_t i = 0; i < (size_t)M * K; i++) x[i] = uniform(-1, 1);
+                to_bf16(x, xb, (int64_t)M * K);
+                if (bf16_activations) // the activations the products see
+                    for (size_t i = 0; i < (size_t)M * K; i++) x[i] = bf16_to_f32(xb[i]);
                 float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
-                gemm_bf16(w, K, N, x, M, got, ldo);
-                ref_gemm_bf16(w, K, N, x, M, want, ldo);
-                char what[64];
-                snprintf(what, sizeof(what), "gemm_bf16 K=%d N=%d M=%d", K, N, M);
+                if (bf16_activations) {
+                    gemm_bf16x(w, K, N, xb, M, got, ldo);
+                    ref_gemm_bf16x(w, K, N, xb, M, want, ldo);
+                } else {
+                    gemm_bf16(w, K, N, x, M, got, ldo);
+                    ref_gemm_bf16(w, K, N, x, M, want, ldo);
+                }
+                char what[64], one_what[64], past[64];
+                snprintf(what, sizeof(what), "%s K=%d N=%d M=%d", name, K, N, M);
+                snprintf(one_what, sizeof(one_what), "%s one row, one token vs the tile", name);
+                snprintf(past, sizeof(past), "%s writes past N", name);
                 for (int m = 0; m < M; m++) {
                     for (int r = 0; r < N; r++) {
                         double abs_sum = 0;
                         for (int k = 0; k < K; k++) abs_sum += fabs((double)bf16_to_f32(w[(size_t)r * K + k]) * x[(size_t)m * K + k]);
                         expect(what, r, got[m * ldo + r], want[m * ldo + r], tolerance(K, abs_sum));
                         float one;
-                        gemm_bf16(w + (size_t)r * K, K, 1, x + (size_t)m * K, 1, &one, 1);
-                        expect("gemm_bf16 one row, one token vs the tile", r, one, got[m * ldo + r], -1);
+                        if (bf16_activations) gemm_bf16x(w + (size_t)r * K, K, 1, xb + (size_t)m * K, 1, &one, 1);
+                        else gemm_bf16(w + (size_t)r * K, K, 1, x + (size_t)m * K, 1, &one, 1);
+                        expect(one_what, r, one, got[m * ldo + r], -1);
                     }
-                    for (size_t r = N; r < ldo; r++) expect("gemm_bf16 writes past N", (int)r, got[m * ldo + r], 0.0f, -1);
+                    for (size_t r = N; r < ldo; r++) expect(past, (int)r, got[m * ldo + r], 0.0f, -1);
                 }
-                free(w); free(x); free(got); free(want);
+                free(w); free(xb); free(x); free(got); free(want);
             }
 }
 
-// to_bf16 against the rule (the nearest bf16, ties to even: the bf16 below or above whose
-// distance is smaller, in double), and gemm_bf16x (bf16 activations) against its reference with
-// the same shapes as gemm_bf16; one token at a time equals the tile bit for bit.
-static void test_bf16_activations(void) {
+// to_bf16 against the rule: the nearest bf16, ties to even (the bf16 below or above whose
+// distance is smaller, in double); infinities and NaN kept.
+static void test_to_bf16(void) {
     for (int i = 0; i < 20000; i++) {
         union { float f; uint32_t u; } v;
         v.u = (uint32_t)irange(0, 0x7FFFFFFF) << 1 | (uint32_t)irange(0, 1);
@@ -193,36 +202,6 @@ static void test_bf16_activations(void) {
     float nan = NAN;
     uint16_t hn = f32_to_bf16(nan);
     expect("to_bf16 of NaN is NaN", 0, isnan(bf16_to_f32(hn)) ? 1.0f : 0.0f, 1.0f, -1);
-    static const int Ks[] = {1, 15, 32, 33, 100, 1024, 2500}, Ns[] = {1, 3, 4, 5, 9}, Ms[] = {1, 2, 4, 5, 9};
-    for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
-        for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++)
-            for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++) {
-                int K = Ks[ki], N = Ns[ni], M = Ms[mi];
-                size_t ldo = (size_t)N + 2;
-                uint16_t *w = malloc((size_t)N * K * sizeof(uint16_t)), *xb = malloc((size_t)M * K * sizeof(uint16_t));
-                float *x = malloc((size_t)M * K * sizeof(float));
-                for (size_t i = 0; i < (size_t)N * K; i++) w[i] = f32_to_bf16(uniform(-1, 1));
-                for (size_t i = 0; i < (size_t)M * K; i++) x[i] = uniform(-1, 1);
-                to_bf16(x, xb, (int64_t)M * K);
-                float *got = calloc((size_t)M * ldo, sizeof(float)), *want = calloc((size_t)M * ldo, sizeof(float));
-                gemm_bf16x(w, K, N, xb, M, got, ldo);
-                ref_gemm_bf16x(w, K, N, xb, M, want, ldo);
-                char what[64];
-                snprintf(what, sizeof(what), "gemm_bf16x K=%d N=%d M=%d", K, N, M);
-                for (int m = 0; m < M; m++) {
-                    for (int r = 0; r < N; r++) {
-                        double abs_sum = 0;
-                        for (int k = 0; k < K; k++)
-                            abs_sum += fabs((double)bf16_to_f32(w[(size_t)r * K + k]) * bf16_to_f32(xb[(size_t)m * K + k]));
-                        expect(what, r, got[m * ldo + r], want[m * ldo + r], tolerance(K, abs_sum));
-                        float one;
-                        gemm_bf16x(w + (size_t)r * K, K, 1, xb + (size_t)m * K, 1, &one, 1);
-                        expect("gemm_bf16x one row, one token vs the tile", r, one, got[m * ldo + r], -1);
-                    }
-                    for (size_t r = N; r < ldo; r++) expect("gemm_bf16x writes past N", (int)r, got[m * ldo + r], 0.0f, -1);
-                }
-                free(w); free(xb); free(x); free(got); free(want);
-            }
 }
 
 // gemm_quant against its reference: rows that are not whole groups, one and many tokens, K long
@@ -368,8 +347,9 @@ int main(int argc, char **argv) {
     rng_state = seed * 0x9E3779B97F4A7C15ULL + 1;
     test_dot_float();
     test_gemm_quant();
-    test_gemm_bf16();
-    test_bf16_activations();
+    test_to_bf16();
+    test_gemm_bf16(0);
+    test_gemm_bf16(1);
     test_quantize();
     test_swiglu();
     test_kv();

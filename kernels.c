@@ -311,6 +311,19 @@ void ref_kv_axpy(int type, float a, const void *row, float *out, int n) {
     for (int i = 0; i < n; i++) out[i] += a * kv_value(type, row, i);
 }
 
+void ref_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
+                   float *att, size_t ld) {
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < g; r++)
+            att[(size_t)r * ld + t] = ref_kv_dot(type, q + (size_t)r * hd, (const uint8_t *)rows + (size_t)t * stride, hd) * scale;
+}
+
+void ref_kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < g; r++)
+            ref_kv_axpy(type, att[(size_t)r * ld + t], (const uint8_t *)rows + (size_t)t * stride, out + (size_t)r * hd, hd);
+}
+
 void kv_rotate(float *x, int n) {
     int m = n & -n; // the largest power of two dividing n
     if (m < 2) return;
@@ -353,79 +366,234 @@ static float avx2_dot_f32(const float *w, const float *x, int n) {
     return s;
 }
 
-// The KV cache's q8 and q4 rows (kv_dot, kv_axpy): 8 values at a time widened
-// to f32; bf16 and f32 rows through the dot products above and below.
-static inline __m256 i8x8_ps(const void *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
+// The KV cache's attention kernels (kv_scores, kv_mix) for a group of queries
+// that share a kv head: each row is decoded to f32 once (kv16_ps with AVX-512,
+// 16 values at a time; kv8_ps with AVX2) and used by every query of the group
+// while it is in registers. A tile of scores, 4 rows x 4 queries (AVX2: 2 x 4),
+// is summed across lanes at once (sum16_ps, sum8_ps): no dot product pays for a
+// horizontal sum of its own.
+// kv_mix takes rows in blocks of KV_MIX_BLOCK (8 KB of q8 rows of 128 values,
+// which stay in L1 while the passes over a head's dimensions read them again),
+// 32 dimensions (AVX2: 16) of 4 queries a pass: out += a v, a multiply-add a
+// row, rows in order.
+enum { KV_MIX_BLOCK = 64 };
 
-// q4: a block's 32 values as 4 vectors of 8 (value 2i in the low nibble of byte i).
-static inline void q4_block_ps(const uint8_t *b, __m256 v[4]) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)b), low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, low), eight), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low), eight);
-    __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi); // values 0..15, 16..31 in order
-    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
-    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
-    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
-}
-
-static float avx2_dot_bf16(const uint16_t *w, const float *x, int n);
-
-static float avx2_kv_dot(int type, const float *q, const void *row, int n) {
-    const uint8_t *r = row;
-    if (type == KV_F32) return avx2_dot_f32((const float *)row, q, n);
-    if (type == KV_BF16) return avx2_dot_bf16((const uint16_t *)row, q, n);
+#ifdef KERNELS_AVX512
+// 16 values of a row from value i (a multiple of 16) on, as f32: exactly the
+// values kv_value gives (d q is exact in f32: an f16 times a small integer).
+static inline __m512 kv16_ps(int type, const uint8_t *row, int i) {
+    if (type == KV_F32) return _mm512_loadu_ps((const float *)row + i);
+    if (type == KV_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * i))), 16));
     uint16_t h;
+    __m128i q;
     if (type == KV_Q8) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 16 <= n; i += 16) {
-            a0 = _mm256_fmadd_ps(i8x8_ps(r + 2 + i), _mm256_loadu_ps(q + i), a0);
-            a1 = _mm256_fmadd_ps(i8x8_ps(r + 2 + i + 8), _mm256_loadu_ps(q + i + 8), a1);
-        }
-        float s = hsum_ps(_mm256_add_ps(a0, a1));
-        for (; i < n; i++) s += (float)(int8_t)r[2 + i] * q[i];
-        memcpy(&h, r, 2);
-        return s * f16_to_f32(h);
+        memcpy(&h, row, 2);
+        q = _mm_loadu_si128((const __m128i *)(row + 2 + i));
+    } else { // q4: half a block, 8 bytes
+        const uint8_t *b = row + (size_t)(i / 32) * 18;
+        memcpy(&h, b, 2);
+        __m128i r = _mm_loadl_epi64((const __m128i *)(b + 2 + i % 32 / 2)), low = _mm_set1_epi8(15);
+        q = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low)), _mm_set1_epi8(8));
     }
-    float s = 0.0f; // q4: per block, then scaled
-    for (int b = 0; b < n / 32; b++, r += 18, q += 32) {
-        __m256 v[4];
-        q4_block_ps(r + 2, v);
-        __m256 a = _mm256_mul_ps(v[0], _mm256_loadu_ps(q));
-        a = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(q + 8), a);
-        a = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(q + 16), a);
-        a = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(q + 24), a);
-        memcpy(&h, r, 2);
-        s += hsum_ps(a) * f16_to_f32(h);
-    }
-    return s;
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(_cvtsh_ss(h)));
 }
 
-static void avx2_kv_axpy(int type, float a, const void *row, float *out, int n) {
-    const uint8_t *r = row;
-    int i = 0;
-    if (type == KV_Q4) {
-        for (int b = 0; b < n / 32; b++, r += 18, out += 32) {
-            uint16_t h;
-            memcpy(&h, r, 2);
-            __m256 v[4], s = _mm256_set1_ps(a * f16_to_f32(h));
-            q4_block_ps(r + 2, v);
-            for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + 8 * c, _mm256_add_ps(_mm256_loadu_ps(out + 8 * c), _mm256_mul_ps(v[c], s)));
+// Lane j of the result: the sum of v[j]'s 16 lanes, in the same order for every j.
+static inline __m512 sum16_ps(const __m512 v[16]) {
+    __m512 s[8], u[4];
+    for (int j = 0; j < 8; j++) // in each 128-bit lane: v[2j] lanes 0+2, v[2j+1] 0+2, v[2j] 1+3, v[2j+1] 1+3
+        s[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++) // in each 128-bit lane: v[4j .. 4j+3], each summed over that lane
+        u[j] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __attribute__((always_inline)) void avx512_scores_tile(int type, const float *const q[4], const uint8_t *const k[4],
+                                                                     int hd, float scale, float s[16]) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += 16) {
+        __m512 kt[4];
+        for (int t = 0; t < 4; t++) kt[t] = kv16_ps(type, k[t], i);
+        for (int r = 0; r < 4; r++) {
+            __m512 qr = _mm512_loadu_ps(q[r] + i);
+            for (int t = 0; t < 4; t++) acc[4 * r + t] = _mm512_fmadd_ps(qr, kt[t], acc[4 * r + t]);
         }
-        return;
     }
-    float scale = a;
-    if (type == KV_Q8) { uint16_t h; memcpy(&h, r, 2); scale = a * f16_to_f32(h); }
-    __m256 s = _mm256_set1_ps(scale);
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = type == KV_F32 ? _mm256_loadu_ps((const float *)row + i)
-                 : type == KV_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + 2 * i))), 16))
-                 : i8x8_ps(r + 2 + i);
-        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(v, s))); // (no FMA: as o += a v in C)
+    _mm512_storeu_ps(s, _mm512_mul_ps(sum16_ps(acc), _mm512_set1_ps(scale)));
+}
+
+static inline __attribute__((always_inline)) void avx512_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
+                                                                     size_t stride, int n, int hd, float scale, float *att, size_t ld) {
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *qs[4];
+        for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        for (int t0 = 0; t0 < n; t0 += 4) {
+            int nt = n - t0 < 4 ? n - t0 : 4;
+            const uint8_t *ks[4];
+            for (int t = 0; t < 4; t++) ks[t] = rows + (size_t)(t0 + (t < nt ? t : 0)) * stride;
+            float s[16];
+            avx512_scores_tile(type, qs, ks, hd, scale, s);
+            for (int r = 0; r < nq; r++)
+                for (int t = 0; t < nt; t++) att[(size_t)(r0 + r) * ld + t0 + t] = s[4 * r + t];
+        }
     }
-    for (; i < n; i++) out[i] += type == KV_Q8 ? scale * (float)(int8_t)r[2 + i] : a * kv_value(type, r, i);
+}
+
+static inline __attribute__((always_inline)) void avx512_kv_mix_t(int type, const float *att, size_t ld, int g, const uint8_t *rows,
+                                                                  size_t stride, int n, int hd, float *out) {
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *a[4];
+        for (int r = 0; r < 4; r++) a[r] = att + (size_t)(r0 + (r < nq ? r : 0)) * ld;
+        float *o = out + (size_t)r0 * hd;
+        for (int t0 = 0; t0 < n; t0 += KV_MIX_BLOCK) {
+            int t1 = n - t0 < KV_MIX_BLOCK ? n : t0 + KV_MIX_BLOCK;
+            for (int i = 0; i < hd; i += 32) {
+                __m512 acc[4][2];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 2; c++) acc[r][c] = r < nq ? _mm512_loadu_ps(o + (size_t)r * hd + i + 16 * c) : _mm512_setzero_ps();
+                for (int t = t0; t < t1; t++) {
+                    const uint8_t *row = rows + (size_t)t * stride;
+                    __m512 v0 = kv16_ps(type, row, i), v1 = kv16_ps(type, row, i + 16);
+                    for (int r = 0; r < 4; r++) {
+                        __m512 w = _mm512_set1_ps(a[r][t]);
+                        acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+                    }
+                }
+                for (int r = 0; r < nq; r++)
+                    for (int c = 0; c < 2; c++) _mm512_storeu_ps(o + (size_t)r * hd + i + 16 * c, acc[r][c]);
+            }
+        }
+    }
+}
+#define X86_KV(name) avx512_##name
+#else
+// 8 values of a row from value i (a multiple of 8) on, as f32: exactly the
+// values kv_value gives (d q is exact in f32: an f16 times a small integer).
+static inline __m256 kv8_ps(int type, const uint8_t *row, int i) {
+    if (type == KV_F32) return _mm256_loadu_ps((const float *)row + i);
+    if (type == KV_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * i))), 16));
+    uint16_t h;
+    __m128i q;
+    if (type == KV_Q8) {
+        memcpy(&h, row, 2);
+        q = _mm_loadl_epi64((const __m128i *)(row + 2 + i));
+    } else { // q4: a quarter of a block, 4 bytes, values in the low then high nibble of each
+        const uint8_t *b = row + (size_t)(i / 32) * 18;
+        int32_t raw;
+        memcpy(&h, b, 2);
+        memcpy(&raw, b + 2 + i % 32 / 2, 4);
+        __m128i r = _mm_cvtsi32_si128(raw), low = _mm_set1_epi8(15);
+        q = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low)), _mm_set1_epi8(8));
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(h)));
+}
+
+// Lane j of the result: the sum of v[j]'s 8 lanes, added in the same order for every j.
+static inline __m256 sum8_ps(const __m256 v[8]) {
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// A tile of scores: 4 queries (q[r]) x 2 rows (k[t]) into s[2 r + t], times scale.
+static inline __attribute__((always_inline)) void avx2_scores_tile(int type, const float *const q[4], const uint8_t *const k[2],
+                                                                   int hd, float scale, float s[8]) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int i = 0; i < hd; i += 8) {
+        __m256 k0 = kv8_ps(type, k[0], i), k1 = kv8_ps(type, k[1], i);
+        for (int r = 0; r < 4; r++) {
+            __m256 qr = _mm256_loadu_ps(q[r] + i);
+            acc[2 * r] = _mm256_fmadd_ps(qr, k0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(qr, k1, acc[2 * r + 1]);
+        }
+    }
+    _mm256_storeu_ps(s, _mm256_mul_ps(sum8_ps(acc), _mm256_set1_ps(scale)));
+}
+
+// The group's queries 4 at a time, its rows 2 at a time; a group or a run not
+// a multiple of those repeats its first query or row in the spare lanes and
+// keeps only the real ones.
+static inline __attribute__((always_inline)) void avx2_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
+                                                                   size_t stride, int n, int hd, float scale, float *att, size_t ld) {
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *qs[4];
+        for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        for (int t0 = 0; t0 < n; t0 += 2) {
+            int nt = n - t0 < 2 ? n - t0 : 2;
+            const uint8_t *ks[2] = {rows + (size_t)t0 * stride, rows + (size_t)(t0 + nt - 1) * stride};
+            float s[8];
+            avx2_scores_tile(type, qs, ks, hd, scale, s);
+            for (int r = 0; r < nq; r++)
+                for (int t = 0; t < nt; t++) att[(size_t)(r0 + r) * ld + t0 + t] = s[2 * r + t];
+        }
+    }
+}
+
+
+static inline __attribute__((always_inline)) void avx2_kv_mix_t(int type, const float *att, size_t ld, int g, const uint8_t *rows,
+                                                                size_t stride, int n, int hd, float *out) {
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *a[4];
+        for (int r = 0; r < 4; r++) a[r] = att + (size_t)(r0 + (r < nq ? r : 0)) * ld;
+        float *o = out + (size_t)r0 * hd;
+        for (int t0 = 0; t0 < n; t0 += KV_MIX_BLOCK) {
+            int t1 = n - t0 < KV_MIX_BLOCK ? n : t0 + KV_MIX_BLOCK;
+            for (int i = 0; i < hd; i += 16) {
+                __m256 acc[4][2];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 2; c++) acc[r][c] = r < nq ? _mm256_loadu_ps(o + (size_t)r * hd + i + 8 * c) : _mm256_setzero_ps();
+                for (int t = t0; t < t1; t++) {
+                    const uint8_t *row = rows + (size_t)t * stride;
+                    __m256 v0 = kv8_ps(type, row, i), v1 = kv8_ps(type, row, i + 8);
+                    for (int r = 0; r < 4; r++) {
+                        __m256 w = _mm256_broadcast_ss(a[r] + t);
+                        acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+                    }
+                }
+                for (int r = 0; r < nq; r++)
+                    for (int c = 0; c < 2; c++) _mm256_storeu_ps(o + (size_t)r * hd + i + 8 * c, acc[r][c]);
+            }
+        }
+    }
+}
+
+#define X86_KV(name) avx2_##name
+#endif
+
+// One copy of each kernel per KV type, the type a constant in it. Head sizes
+// that are not a multiple of 32 take the reference.
+static void x86_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
+                          float *att, size_t ld) {
+    switch (hd % 32 ? -1 : type) {
+    case KV_F32: X86_KV(kv_scores_t)(KV_F32, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_BF16: X86_KV(kv_scores_t)(KV_BF16, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_Q8: X86_KV(kv_scores_t)(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_Q4: X86_KV(kv_scores_t)(KV_Q4, q, g, rows, stride, n, hd, scale, att, ld); break;
+    default: ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
+    }
+}
+
+static void x86_kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    switch (hd % 32 ? -1 : type) {
+    case KV_F32: X86_KV(kv_mix_t)(KV_F32, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_BF16: X86_KV(kv_mix_t)(KV_BF16, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_Q8: X86_KV(kv_mix_t)(KV_Q8, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_Q4: X86_KV(kv_mix_t)(KV_Q4, att, ld, g, rows, stride, n, hd, out); break;
+    default: ref_kv_mix(type, att, ld, g, rows, stride, n, hd, out);
+    }
 }
 
 // bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
@@ -1347,63 +1515,124 @@ static void neon_gemm_quant(int type, const uint8_t *w, int K, int N, const Quan
     }
 }
 
-// The KV cache's rows: f32 and bf16 through the dot products above, q8 and q4
-// widened to f32, 4 values at a time.
+// The KV cache's attention kernels (see the x86 ones): each row decoded to f32
+// once, 8 values at a time (kv8_f32), for the 4 queries of a tile; 4 rows x 4
+// queries of scores summed across lanes by pairwise adds.
 static inline float32x4_t i8x4_f32(int8x8_t v, int high) {
     int16x8_t w = vmovl_s8(v);
     return vcvtq_f32_s32(vmovl_s16(high ? vget_high_s16(w) : vget_low_s16(w)));
 }
 
-static float neon_kv_dot(int type, const float *q, const void *row, int n) {
-    const uint8_t *r = row;
-    if (type == KV_F32) return neon_dot_f32((const float *)row, q, n);
-    if (type == KV_BF16) return neon_dot_bf16((const uint16_t *)row, q, n);
+// 8 values of a row from value i (a multiple of 8) on, as f32, in v[0] and v[1].
+static inline void kv8_f32(int type, const uint8_t *row, int i, float32x4_t v[2]) {
+    if (type == KV_F32) {
+        v[0] = vld1q_f32((const float *)row + i);
+        v[1] = vld1q_f32((const float *)row + i + 4);
+        return;
+    }
+    if (type == KV_BF16) {
+        uint16x8_t h = vld1q_u16((const uint16_t *)row + i);
+        v[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+        v[1] = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16));
+        return;
+    }
     uint16_t h;
+    int8x8_t q;
     if (type == KV_Q8) {
-        float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
-        int i = 0;
-        for (; i + 8 <= n; i += 8) {
-            int8x8_t v = vld1_s8((const int8_t *)r + 2 + i);
-            a0 = vfmaq_f32(a0, i8x4_f32(v, 0), vld1q_f32(q + i));
-            a1 = vfmaq_f32(a1, i8x4_f32(v, 1), vld1q_f32(q + i + 4));
-        }
-        float s = vaddvq_f32(vaddq_f32(a0, a1));
-        for (; i < n; i++) s += (float)(int8_t)r[2 + i] * q[i];
-        memcpy(&h, r, 2);
-        return s * f16_to_f32(h);
+        memcpy(&h, row, 2);
+        q = vld1_s8((const int8_t *)row + 2 + i);
+    } else { // q4: a quarter of a block, 4 bytes, values in the low then high nibble of each
+        const uint8_t *b = row + (size_t)(i / 32) * 18;
+        uint32_t raw;
+        memcpy(&h, b, 2);
+        memcpy(&raw, b + 2 + i % 32 / 2, 4);
+        uint8x8_t r = vcreate_u8(raw);
+        q = vsub_s8(vreinterpret_s8_u8(vzip1_u8(vand_u8(r, vdup_n_u8(15)), vshr_n_u8(r, 4))), vdup_n_s8(8));
     }
-    float s = 0.0f;
-    for (int b = 0; b < n / 32; b++, r += 18, q += 32) {
-        uint8x16_t raw = vld1q_u8(r + 2);
-        int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15))), vdupq_n_s8(8));
-        int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), vdupq_n_s8(8));
-        int8x16x2_t z = vzipq_s8(lo, hi); // values 0..15, 16..31 in order
-        float32x4_t a = vdupq_n_f32(0);
-        for (int c = 0; c < 2; c++)
-            for (int half = 0; half < 2; half++) {
-                int8x8_t v = half ? vget_high_s8(z.val[c]) : vget_low_s8(z.val[c]);
-                a = vfmaq_f32(a, i8x4_f32(v, 0), vld1q_f32(q + 16 * c + 8 * half));
-                a = vfmaq_f32(a, i8x4_f32(v, 1), vld1q_f32(q + 16 * c + 8 * half + 4));
-            }
-        memcpy(&h, r, 2);
-        s += vaddvq_f32(a) * f16_to_f32(h);
-    }
-    return s;
+    float d = f16_to_f32(h);
+    v[0] = vmulq_n_f32(i8x4_f32(q, 0), d);
+    v[1] = vmulq_n_f32(i8x4_f32(q, 1), d);
 }
 
-static void neon_kv_axpy(int type, float a, const void *row, float *out, int n) {
-    if (type != KV_Q8) { ref_kv_axpy(type, a, row, out, n); return; }
-    const uint8_t *r = row;
-    uint16_t h;
-    memcpy(&h, r, 2);
-    float scale = a * f16_to_f32(h);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        int8x8_t v = vld1_s8((const int8_t *)r + 2 + i);
-        vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), i8x4_f32(v, 0), scale));
-        vst1q_f32(out + i + 4, vfmaq_n_f32(vld1q_f32(out + i + 4), i8x4_f32(v, 1), scale));
+static inline __attribute__((always_inline)) void neon_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
+                                                                   size_t stride, int n, int hd, float scale, float *att, size_t ld) {
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *qs[4];
+        for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        for (int t0 = 0; t0 < n; t0 += 4) {
+            int nt = n - t0 < 4 ? n - t0 : 4;
+            const uint8_t *ks[4];
+            for (int t = 0; t < 4; t++) ks[t] = rows + (size_t)(t0 + (t < nt ? t : 0)) * stride;
+            float32x4_t acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4; t++) acc[r][t] = vdupq_n_f32(0);
+            for (int i = 0; i < hd; i += 8) {
+                float32x4_t k[4][2];
+                for (int t = 0; t < 4; t++) kv8_f32(type, ks[t], i, k[t]);
+                for (int r = 0; r < 4; r++) {
+                    float32x4_t q0 = vld1q_f32(qs[r] + i), q1 = vld1q_f32(qs[r] + i + 4);
+                    for (int t = 0; t < 4; t++) acc[r][t] = vfmaq_f32(vfmaq_f32(acc[r][t], q0, k[t][0]), q1, k[t][1]);
+                }
+            }
+            for (int r = 0; r < nq; r++) { // lane t: the sum of acc[r][t]
+                float s[4];
+                vst1q_f32(s, vmulq_n_f32(vpaddq_f32(vpaddq_f32(acc[r][0], acc[r][1]), vpaddq_f32(acc[r][2], acc[r][3])), scale));
+                for (int t = 0; t < nt; t++) att[(size_t)(r0 + r) * ld + t0 + t] = s[t];
+            }
+        }
     }
-    for (; i < n; i++) out[i] += scale * (float)(int8_t)r[2 + i];
+}
+
+// Rows in blocks of 64 (they stay in L1 for the passes), 16 dimensions of 4 queries a pass.
+static inline __attribute__((always_inline)) void neon_kv_mix_t(int type, const float *att, size_t ld, int g, const uint8_t *rows,
+                                                                size_t stride, int n, int hd, float *out) {
+    enum { BLOCK = 64 };
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        const float *a[4];
+        for (int r = 0; r < 4; r++) a[r] = att + (size_t)(r0 + (r < nq ? r : 0)) * ld;
+        float *o = out + (size_t)r0 * hd;
+        for (int t0 = 0; t0 < n; t0 += BLOCK) {
+            int t1 = n - t0 < BLOCK ? n : t0 + BLOCK;
+            for (int i = 0; i < hd; i += 16) {
+                float32x4_t acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) acc[r][c] = r < nq ? vld1q_f32(o + (size_t)r * hd + i + 4 * c) : vdupq_n_f32(0);
+                for (int t = t0; t < t1; t++) {
+                    const uint8_t *row = rows + (size_t)t * stride;
+                    float32x4_t v[4];
+                    kv8_f32(type, row, i, v);
+                    kv8_f32(type, row, i + 8, v + 2);
+                    for (int r = 0; r < 4; r++)
+                        for (int c = 0; c < 4; c++) acc[r][c] = vfmaq_n_f32(acc[r][c], v[c], a[r][t]);
+                }
+                for (int r = 0; r < nq; r++)
+                    for (int c = 0; c < 4; c++) vst1q_f32(o + (size_t)r * hd + i + 4 * c, acc[r][c]);
+            }
+        }
+    }
+}
+
+static void neon_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
+                           float *att, size_t ld) {
+    switch (hd % 32 ? -1 : type) {
+    case KV_F32: neon_kv_scores_t(KV_F32, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_BF16: neon_kv_scores_t(KV_BF16, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_Q8: neon_kv_scores_t(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); break;
+    case KV_Q4: neon_kv_scores_t(KV_Q4, q, g, rows, stride, n, hd, scale, att, ld); break;
+    default: ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
+    }
+}
+
+static void neon_kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    switch (hd % 32 ? -1 : type) {
+    case KV_F32: neon_kv_mix_t(KV_F32, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_BF16: neon_kv_mix_t(KV_BF16, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_Q8: neon_kv_mix_t(KV_Q8, att, ld, g, rows, stride, n, hd, out); break;
+    case KV_Q4: neon_kv_mix_t(KV_Q4, att, ld, g, rows, stride, n, hd, out); break;
+    default: ref_kv_mix(type, att, ld, g, rows, stride, n, hd, out);
+    }
 }
 #endif // KERNELS_NEON
 
@@ -1441,8 +1670,13 @@ void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float
 #endif
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { avx2_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { avx2_swiglu(h, h2, n); }
-float kv_dot(int type, const float *q, const void *row, int n) { return avx2_kv_dot(type, q, row, n); }
-void kv_axpy(int type, float a, const void *row, float *out, int n) { avx2_kv_axpy(type, a, row, out, n); }
+void kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale, float *att,
+               size_t ld) {
+    x86_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
+}
+void kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    x86_kv_mix(type, att, ld, g, rows, stride, n, hd, out);
+}
 
 #elif defined(KERNELS_NEON)
 const char kernels_simd_name[] = "neon";
@@ -1459,8 +1693,13 @@ void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
-float kv_dot(int type, const float *q, const void *row, int n) { return neon_kv_dot(type, q, row, n); }
-void kv_axpy(int type, float a, const void *row, float *out, int n) { neon_kv_axpy(type, a, row, out, n); }
+void kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale, float *att,
+               size_t ld) {
+    neon_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
+}
+void kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    neon_kv_mix(type, att, ld, g, rows, stride, n, hd, out);
+}
 
 #else
 const char kernels_simd_name[] = "portable C";
@@ -1477,6 +1716,11 @@ void gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, float
 }
 void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1) { ref_quantize_blocks(qx, x, b0, b1); }
 void swiglu(float *h, const float *h2, int64_t n) { ref_swiglu(h, h2, n); }
-float kv_dot(int type, const float *q, const void *row, int n) { return ref_kv_dot(type, q, row, n); }
-void kv_axpy(int type, float a, const void *row, float *out, int n) { ref_kv_axpy(type, a, row, out, n); }
+void kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale, float *att,
+               size_t ld) {
+    ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
+}
+void kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out) {
+    ref_kv_mix(type, att, ld, g, rows, stride, n, hd, out);
+}
 #endif

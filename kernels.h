@@ -25,8 +25,13 @@
 //   dequant_row(type, W, K, n, out): row n of W as f32 (the embedding lookup)
 //   the KV cache's rows (a key or a value of one head, n = head_dim values) in a KV_* type:
 //   kv_store(type, x, row, n): x (n,) f32 into the row (the same function on every build)
-//   kv_dot(type, q, row, n)  = sum_i q[i] kv(row)[i]
-//   kv_axpy(type, a, row, out, n): out[i] += a kv(row)[i]
+//   kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld): attention scores of the g queries
+//       q (g, hd) of one kv head against the n rows at rows + t stride (t = 0..n-1):
+//       att[r ld + t] = scale sum_i q[r hd + i] kv(row t)[i]
+//   kv_mix(type, att, ld, g, rows, stride, n, hd, out): the values weighted by the attention,
+//       out[r hd + i] += sum_t att[r ld + t] kv(row t)[i], the rows added in order
+//   (the same numbers for a row whichever way a run of rows is split between calls: a prompt in
+//   chunks attends as token by token)
 //   kv_rotate(x, n): x = H x, H the normalised Walsh-Hadamard matrix of the largest power of two
 //       dividing n, on each such block: orthonormal and its own inverse, so q.k = (Hq).(Hk)
 //
@@ -207,8 +212,9 @@ void quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void swiglu(float *h, const float *h2, int64_t n);
 void dequant_row(int type, const void *w, int K, int n, float *out);
 void kv_store(int type, const float *x, void *row, int n);
-float kv_dot(int type, const float *q, const void *row, int n);
-void kv_axpy(int type, float a, const void *row, float *out, int n);
+void kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale, float *att,
+               size_t ld);
+void kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out);
 void kv_rotate(float *x, int n);
 
 // The portable references, the same contracts.
@@ -224,5 +230,8 @@ void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
 float ref_kv_dot(int type, const float *q, const void *row, int n);
 void ref_kv_axpy(int type, float a, const void *row, float *out, int n);
+void ref_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
+                   float *att, size_t ld);
+void ref_kv_mix(int type, const float *att, size_t ld, int g, const void *rows, size_t stride, int n, int hd, float *out);
 
 #endif

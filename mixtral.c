@@ -203,13 +203,59 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
-// In-place softmax of x (n,), in fp32 like the reference.
+// e^x for x <= 0, the same bits on every CPU: x = n ln2 + r with |r| <= ln2/2,
+// e^r by its Taylor series to r^6 (relative error under 2e-7), times 2^n
+// built in the exponent's bits. Each step a statement of its own, so that no
+// compiler fuses a multiply and an add on one CPU and not another. Below -86
+// the result would leave the normal floats: 0, which changes no sum (and NaN: 0).
+static inline float exp_nonpositive(float x) {
+    int low = !(x >= -86.0f);      // NaN too
+    x = low ? -86.0f : x;
+    float n = x * 1.44269504f;
+    n = n + 12582912.0f;           // 1.5 * 2^23: rounds n to the nearest integer
+    n = n - 12582912.0f;
+    float hi = n * 0.693145752f;   // ln 2 in two parts, the first exact in n's products
+    float lo = n * 1.42860677e-6f;
+    float r = x - hi;
+    r = r - lo;
+    float p = r * (1.0f / 720);
+    p = p + (1.0f / 120);
+    p = p * r; p = p + (1.0f / 24);
+    p = p * r; p = p + (1.0f / 6);
+    p = p * r; p = p + 0.5f;
+    p = p * r; p = p + 1.0f;
+    p = p * r; p = p + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return low ? 0.0f : p * scale;
+}
+
+// In-place softmax of x (n,), in fp32 like the reference: e^(x - max) by
+// exp_nonpositive, in 16 lanes (vector code; the attention's softmax runs over
+// every key in view, for every query head).
 static void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    enum { LANES = 16 };
+    float max = x[0], lane[LANES];
+    int i = 0;
+    if (n >= LANES) {
+        for (int j = 0; j < LANES; j++) lane[j] = x[j];
+        for (i = LANES; i + LANES <= n; i += LANES)
+            for (int j = 0; j < LANES; j++) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
+        for (int j = 0; j < LANES; j++) max = lane[j] > max ? lane[j] : max;
+    }
+    for (; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int j = 0; j < LANES; j++) lane[j] = 0.0f;
+    for (i = 0; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            x[i + j] = exp_nonpositive(x[i + j] - max);
+            lane[j] += x[i + j];
+        }
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    for (int j = 0; i < n; i++, j++) { x[i] = exp_nonpositive(x[i] - max); lane[j] += x[i]; }
+    for (int j = 0; j < LANES; j++) sum += lane[j];
+    float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
 }
 
 // One product of a batch, a small GEMM: out (M, N) = x (M, K) @ W (N, K)^T,
@@ -255,19 +301,35 @@ typedef struct {
     int pos0, n;            // the chunk: positions pos0 .. pos0+n-1
 } AttentionJob;
 
-// The row of the key or value of position t for kv head kvh: from the chunk's
-// own rows (C, n_kv_heads) if t is in the chunk, else from the KV cache, at t % S.
-static inline const uint8_t *kv_at(const AttentionJob *j, const uint8_t *held, const uint8_t *chunk, int kvh, int t, int at) {
+// Evenly spaced rows of the KV cache or of the chunk: n rows, row t at rows + t stride.
+typedef struct {
+    const uint8_t *rows;
+    size_t stride;
+    int n;
+} KvRun;
+
+// The keys (or values) of positions first..pos of kv head kvh, in order, as at
+// most three runs: in the KV cache, from first's slot to the ring's end and on
+// from its start where the positions wrap around it (t is at slot t % S), then
+// the chunk's own rows (C, n_kv_heads) for the positions in the chunk.
+static int kv_runs(const AttentionJob *j, const uint8_t *held, const uint8_t *chunk, int kvh, int first, int pos, KvRun runs[3]) {
     size_t row = j->s->kv_row;
-    return t >= j->pos0 ? chunk + ((size_t)(t - j->pos0) * j->p->n_kv_heads + kvh) * row
-                        : held + ((size_t)kvh * j->s->kv_len + at) * row;
+    int S = j->s->kv_len, n = 0, last_held = pos < j->pos0 ? pos : j->pos0 - 1;
+    for (int t = first; t <= last_held;) {
+        int at = t % S, len = last_held - t + 1 < S - at ? last_held - t + 1 : S - at;
+        runs[n++] = (KvRun){held + ((size_t)kvh * S + at) * row, row, len};
+        t += len;
+    }
+    int t0 = first > j->pos0 ? first : j->pos0;
+    if (t0 <= pos) runs[n++] = (KvRun){chunk + ((size_t)(t0 - j->pos0) * j->p->n_kv_heads + kvh) * row, (size_t)j->p->n_kv_heads * row, pos - t0 + 1};
+    return n;
 }
 
 // Scaled dot-product attention for a share of the kv heads, for every query
 // of the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
 // query attention (repeat_kv). A worker takes whole kv heads and runs all their
-// query heads together, key by key and value by value, so that each key and
-// value is read from memory once per query, not once per query head.
+// query heads together (kv_scores, kv_mix), so that each key and value is read
+// and decoded once per query, not once per query head.
 // Keys before the chunk come from the KV cache, the chunk's own from its rows
 // (s->chunk_keys, s->chunk_values): stored in the same type, so that a prompt in
 // chunks reads the same numbers as token by token.
@@ -287,16 +349,15 @@ static void attention_job(void *arg, int tid, int nthreads) {
             int first = p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
             const float *q = s->q + (size_t)i * Q + (size_t)h0 * hd;
             float *att = s->att + (size_t)h0 * S, *out = s->att_out + (size_t)i * Q + (size_t)h0 * hd;
-            for (int t = first, at = first % S; t <= pos; t++, at = at + 1 == S ? 0 : at + 1) {
-                const uint8_t *k = kv_at(j, j->kc, s->chunk_keys, kvh, t, at);
-                for (int r = 0; r < group; r++) att[(size_t)r * S + t - first] = kv_dot(s->kv_type, q + r * hd, k, hd) * scale;
-            }
+            KvRun runs[3];
+            int nruns = kv_runs(j, j->kc, s->chunk_keys, kvh, first, pos, runs);
+            for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // att (group, S): the scores of key t
+                kv_scores(s->kv_type, q, group, runs[r].rows, runs[r].stride, runs[r].n, hd, scale, att + t, S);
             for (int r = 0; r < group; r++) softmax(att + (size_t)r * S, pos - first + 1);
             memset(out, 0, (size_t)group * hd * sizeof(float));
-            for (int t = first, at = first % S; t <= pos; t++, at = at + 1 == S ? 0 : at + 1) {
-                const uint8_t *v = kv_at(j, j->vc, s->chunk_values, kvh, t, at);
-                for (int r = 0; r < group; r++) kv_axpy(s->kv_type, att[(size_t)r * S + t - first], v, out + r * hd, hd);
-            }
+            nruns = kv_runs(j, j->vc, s->chunk_values, kvh, first, pos, runs);
+            for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // out (group, hd) = att @ values
+                kv_mix(s->kv_type, att + t, S, group, runs[r].rows, runs[r].stride, runs[r].n, hd, out);
         }
     }
 }
@@ -1093,34 +1154,6 @@ int argmax(const float *x, int n) {
     }
     for (; i < n; i++) if (x[i] > x[best]) best = i;
     return best;
-}
-
-// e^x for x <= 0, the same bits on every CPU: x = n ln2 + r with |r| <= ln2/2,
-// e^r by its Taylor series to r^6 (relative error under 2e-7), times 2^n
-// built in the exponent's bits. Each step a statement of its own, so that no
-// compiler fuses a multiply and an add on one CPU and not another. Below -86
-// the result would leave the normal floats: 0, which changes no sum (and NaN: 0).
-static inline float exp_nonpositive(float x) {
-    int low = !(x >= -86.0f);      // NaN too
-    x = low ? -86.0f : x;
-    float n = x * 1.44269504f;
-    n = n + 12582912.0f;           // 1.5 * 2^23: rounds n to the nearest integer
-    n = n - 12582912.0f;
-    float hi = n * 0.693145752f;   // ln 2 in two parts, the first exact in n's products
-    float lo = n * 1.42860677e-6f;
-    float r = x - hi;
-    r = r - lo;
-    float p = r * (1.0f / 720);
-    p = p + (1.0f / 120);
-    p = p * r; p = p + (1.0f / 24);
-    p = p * r; p = p + (1.0f / 6);
-    p = p * r; p = p + 0.5f;
-    p = p * r; p = p + 1.0f;
-    p = p * r; p = p + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return low ? 0.0f : p * scale;
 }
 
 // Whether a comes before b in the filters' order: more likely first, ties by id.

@@ -224,3 +224,46 @@ static inline emu_m512i emu_ternarylogic_epi32(emu_m512i a, emu_m512i b, emu_m51
     }
     return r;
 }
+
+// for the KV cache's attention kernels (kv16_ps, sum16_ps)
+#undef _mm512_add_ps
+#define _mm512_add_ps emu_add_ps
+EMU_F2(emu_add_ps, _mm256_add_ps)
+
+#undef _mm512_storeu_ps
+#define _mm512_storeu_ps emu_storeu_ps
+static inline void emu_storeu_ps(float *p, emu_m512 a) {
+    _mm256_storeu_ps(p, a.h[0]);
+    _mm256_storeu_ps(p + 8, a.h[1]);
+}
+
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32 emu_cvtepi8_epi32
+static inline emu_m512i emu_cvtepi8_epi32(__m128i a) {
+    emu_m512i r;
+    r.h[0] = _mm256_cvtepi8_epi32(a);
+    r.h[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8));
+    return r;
+}
+
+// unpacklo/hi and shuffle_ps work within each 128-bit lane, as their 256-bit forms do
+#undef _mm512_unpacklo_ps
+#define _mm512_unpacklo_ps emu_unpacklo_ps
+EMU_F2(emu_unpacklo_ps, _mm256_unpacklo_ps)
+#undef _mm512_unpackhi_ps
+#define _mm512_unpackhi_ps emu_unpackhi_ps
+EMU_F2(emu_unpackhi_ps, _mm256_unpackhi_ps)
+#undef _mm512_shuffle_ps
+#define _mm512_shuffle_ps(a, b, imm) \
+    ((emu_m512){{_mm256_shuffle_ps((a).h[0], (b).h[0], imm), _mm256_shuffle_ps((a).h[1], (b).h[1], imm)}})
+
+// vshuff32x4: 128-bit lanes 0, 1 of the result are a's lanes imm[1:0], imm[3:2]; lanes 2, 3 b's imm[5:4], imm[7:6]
+#undef _mm512_shuffle_f32x4
+#define _mm512_shuffle_f32x4 emu_shuffle_f32x4
+static inline emu_m512 emu_shuffle_f32x4(emu_m512 a, emu_m512 b, int imm) {
+    float x[16], y[16], r[16];
+    emu_storeu_ps(x, a);
+    emu_storeu_ps(y, b);
+    for (int l = 0; l < 4; l++) memcpy(r + 4 * l, (l < 2 ? x : y) + 4 * (imm >> 2 * l & 3), 16);
+    return emu_loadu_ps(r);
+}

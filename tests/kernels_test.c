@@ -304,42 +304,84 @@ static void test_swiglu(void) {
     }
 }
 
-// kv_dot and kv_axpy against their references on rows kv_store wrote, every KV type, head
-// sizes with and without tails; kv_rotate is its own inverse and keeps the norm.
+// kv_scores and kv_mix against their references on rows kv_store wrote: every KV type,
+// head sizes the kernels take (multiples of 32) and one they leave to the reference (48),
+// groups of 1 to 6 queries (a spare lane and a second tile of 4), runs of 1 to 150 rows
+// (tails of the tiles and of kv_mix's blocks of 64), rows spaced more than a row apart as the
+// chunk's are; a run split in two calls gives the same numbers, bit for bit; kv_rotate is its
+// own inverse and keeps the norm.
 static void test_kv(void) {
-    static const int sizes[] = {32, 64, 96, 128, 256};
+    static const int sizes[] = {32, 48, 64, 128, 256}, groups[] = {1, 2, 3, 4, 6}, runs[] = {1, 3, 5, 64, 150};
     static const char *names[KV_NTYPES] = {"f32", "bf16", "q8", "q4"};
+    enum { MAXN = 150, MAXD = 256, MAXG = 6, SPACE = 2 };
+    size_t row_max = kv_row_bytes(KV_F32, MAXD) * SPACE;
+    uint8_t *rows = malloc(MAXN * row_max);
+    float *vals = malloc(sizeof(float) * MAXN * MAXD); // the rows' values
+    float q[MAXG * MAXD], att[MAXG * MAXN], want_att[MAXG * MAXN], split_att[MAXG * MAXN];
+    float out[MAXG * MAXD], want[MAXG * MAXD], split[MAXG * MAXD];
     for (int type = 0; type < KV_NTYPES; type++)
-        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
-            for (int trial = 0; trial < 20; trial++) {
-                int n = sizes[si];
-                float x[256], q[256], out[256], want[256], y[256];
-                uint8_t row[1024];
-                double abs_sum = 0, norm = 0, back = 0;
-                for (int i = 0; i < n; i++) {
-                    x[i] = uniform(-2, 2) * (trial % 3 == 0 && i == 5 ? 30.0f : 1.0f); // an outlier now and then
-                    q[i] = uniform(-1, 1);
-                    out[i] = want[i] = uniform(-1, 1);
-                    y[i] = x[i];
-                    norm += (double)x[i] * x[i];
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            int hd = sizes[si];
+            if (type == KV_Q4 && hd % 32) continue; // (q4 rows are blocks of 32)
+            for (size_t gi = 0; gi < sizeof(groups) / sizeof(groups[0]); gi++)
+                for (size_t ni = 0; ni < sizeof(runs) / sizeof(runs[0]); ni++) {
+                    int g = groups[gi], n = runs[ni], trial = (int)(si * 100 + gi * 10 + ni);
+                    size_t stride = kv_row_bytes(type, hd) * (ni % 2 ? SPACE : 1);
+                    double abs_q = 0, abs_v = 0;
+                    for (int t = 0; t < n; t++) {
+                        float x[MAXD];
+                        for (int i = 0; i < hd; i++) x[i] = uniform(-2, 2) * (t % 7 == 3 && i == 5 ? 30.0f : 1.0f); // an outlier now and then
+                        kv_store(type, x, rows + t * stride, hd);
+                        memset(vals + (size_t)t * hd, 0, sizeof(float) * hd);
+                        ref_kv_axpy(type, 1.0f, rows + t * stride, vals + (size_t)t * hd, hd);
+                    }
+                    for (int i = 0; i < g * hd; i++) q[i] = uniform(-1, 1), out[i] = want[i] = split[i] = uniform(-1, 1);
+                    for (int i = 0; i < g * n; i++) att[i] = want_att[i] = split_att[i] = -1;
+                    char what[96];
+                    kv_scores(type, q, g, rows, stride, n, hd, 0.125f, att, n);
+                    ref_kv_scores(type, q, g, rows, stride, n, hd, 0.125f, want_att, n);
+                    int cut = n / 2; // the run in two calls, as the KV cache's ring and the chunk's rows
+                    kv_scores(type, q, g, rows, stride, cut, hd, 0.125f, split_att, n);
+                    kv_scores(type, q, g, rows + cut * stride, stride, n - cut, hd, 0.125f, split_att + cut, n);
+                    for (int r = 0; r < g; r++)
+                        for (int t = 0; t < n; t++) {
+                            abs_q = 0;
+                            for (int i = 0; i < hd; i++) abs_q += fabs((double)q[r * hd + i] * vals[(size_t)t * hd + i]);
+                            snprintf(what, sizeof(what), "kv_scores %s hd=%d g=%d n=%d", names[type], hd, g, n);
+                            expect(what, r * n + t, att[r * n + t], want_att[r * n + t], 0.125 * tolerance(hd, abs_q));
+                            snprintf(what, sizeof(what), "kv_scores %s hd=%d g=%d n=%d in two calls", names[type], hd, g, n);
+                            expect(what, r * n + t, split_att[r * n + t], att[r * n + t], -1);
+                        }
+                    for (int i = 0; i < g * n; i++) att[i] = uniform(0, 1); // weights, as a softmax gives
+                    kv_mix(type, att, n, g, rows, stride, n, hd, out);
+                    ref_kv_mix(type, att, n, g, rows, stride, n, hd, want);
+                    kv_mix(type, att, n, g, rows, stride, cut, hd, split);
+                    kv_mix(type, att + cut, n, g, rows + cut * stride, stride, n - cut, hd, split);
+                    for (int r = 0; r < g; r++)
+                        for (int i = 0; i < hd; i++) {
+                            abs_v = 1;
+                            for (int t = 0; t < n; t++) abs_v += fabs((double)att[r * n + t] * vals[(size_t)t * hd + i]);
+                            snprintf(what, sizeof(what), "kv_mix %s hd=%d g=%d n=%d", names[type], hd, g, n);
+                            expect(what, r * hd + i, out[r * hd + i], want[r * hd + i], tolerance(n, abs_v));
+                            snprintf(what, sizeof(what), "kv_mix %s hd=%d g=%d n=%d in two calls", names[type], hd, g, n);
+                            expect(what, r * hd + i, split[r * hd + i], out[r * hd + i], -1);
+                        }
+                    (void)trial;
                 }
-                kv_store(type, x, row, n);
-                float vals[256] = {0};
-                ref_kv_axpy(type, 1.0f, row, vals, n); // the row's values
-                for (int i = 0; i < n; i++) abs_sum += fabs((double)q[i] * vals[i]);
-                char what[64];
-                snprintf(what, sizeof(what), "kv_dot %s n=%d", names[type], n);
-                expect(what, trial, kv_dot(type, q, row, n), ref_kv_dot(type, q, row, n), tolerance(n, abs_sum));
-                kv_axpy(type, 0.37f, row, out, n);
-                ref_kv_axpy(type, 0.37f, row, want, n);
-                snprintf(what, sizeof(what), "kv_axpy %s n=%d", names[type], n);
-                for (int i = 0; i < n; i++) expect(what, i, out[i], want[i], 1e-5 * (fabs(want[i]) + 1));
-                kv_rotate(y, n);
-                for (int i = 0; i < n; i++) back += (double)y[i] * y[i];
-                expect("kv_rotate keeps the norm", n, (float)back, (float)norm, 1e-5 * norm);
-                kv_rotate(y, n);
-                for (int i = 0; i < n; i++) expect("kv_rotate twice", i, y[i], x[i], 1e-5 * (fabs(x[i]) + 1));
-            }
+        }
+    for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+        int n = sizes[si];
+        float x[MAXD], y[MAXD];
+        double norm = 0, back = 0;
+        for (int i = 0; i < n; i++) x[i] = y[i] = uniform(-2, 2), norm += (double)x[i] * x[i];
+        kv_rotate(y, n);
+        for (int i = 0; i < n; i++) back += (double)y[i] * y[i];
+        expect("kv_rotate keeps the norm", n, (float)back, (float)norm, 1e-5 * norm);
+        kv_rotate(y, n);
+        for (int i = 0; i < n; i++) expect("kv_rotate twice", i, y[i], x[i], 1e-5 * (fabs(x[i]) + 1));
+    }
+    free(rows);
+    free(vals);
 }
 
 int main(int argc, char **argv) {

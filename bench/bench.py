@@ -21,6 +21,7 @@ right after ours, and the table gives the medians of the per-round ratios.
 import argparse
 import json
 import os
+import re
 from statistics import median
 import subprocess
 import sys
@@ -93,16 +94,30 @@ PEER_KV = {"f32": "f32", "bf16": "bf16", "q8": "q8_0", "q4": "q4_0"}  # our --kv
 
 
 def peer_depth_run(tool, gguf, threads, kv):
-    """ik_llama.cpp at depth with the KV type that matches ours: a 512-token prompt, 32 tokens decoded
-    after each of DEPTHS (its -gp), and a 512-token prompt after 8192 (the time of -p 8704 less that of
-    -p 8192): {"pp512": tok/s, "pp512@8192": tok/s, 1024: tok/s, ...}."""
-    cmd = [tool, "-m", gguf, "-p", "512,8192,8704", "-n", "0", "-t", str(threads), "-r", "1", "-rtr", "1", "-o", "json",
-           "-fa", "1", "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv]]
+    """ik_llama.cpp at depth with the KV type that matches ours: a 512-token prompt and 32 tokens decoded
+    after each of DEPTHS (its llama-bench -gp), and a 512-token prompt after 8192 from its llama-sweep-bench
+    beside llama-bench (a 512-token prompt at each depth 0, 512, .. 8192, its row N_KV = 8192); without
+    that tool, the time of llama-bench -p 8704 less that of -p 8192, which the noise of two long runs
+    can swamp: {"pp512": tok/s, "pp512@8192": tok/s, 1024: tok/s, ...}."""
+    kv_args = ["-fa", "1", "-ctk", PEER_KV[kv], "-ctv", PEER_KV[kv]]
+    sweep = os.path.join(os.path.dirname(tool), "llama-sweep-bench")
+    have_sweep = os.access(sweep, os.X_OK)
+    cmd = [tool, "-m", gguf, "-p", "512" if have_sweep else "512,8192,8704", "-n", "0", "-t", str(threads), "-r", "1",
+           "-rtr", "1", "-o", "json", *kv_args]
     for d in DEPTHS:
         cmd += ["-gp", f"{d},32"]
     rows = json.loads(sh(cmd)[0])
     pp = {r["n_prompt"]: r["avg_ts"] for r in rows if r.get("n_gen") == 0}
-    out = {"pp512": pp[512], "pp512@8192": 512 / (8704 / pp[8704] - 8192 / pp[8192])}
+    out = {"pp512": pp[512]}
+    if have_sweep:
+        log = "".join(sh([sweep, "-m", gguf, "-c", "8704", "-b", "512", "-ub", "512", "-n", "1", "-t", str(threads),
+                          "-rtr", *kv_args]))  # (-rtr: a flag here, not llama-bench's -rtr 1)
+        row = re.search(r"\|\s*512\s*\|\s*1\s*\|\s*8192\s*\|\s*[0-9.]+\s*\|\s*([0-9.]+)\s*\|", log)
+        if not row:
+            sys.exit(f"bench.py: no row for N_KV = 8192 in the output of {sweep}:\n{log[-2000:]}")
+        out["pp512@8192"] = float(row.group(1))
+    else:
+        out["pp512@8192"] = 512 / (8704 / pp[8704] - 8192 / pp[8192])
     for d in DEPTHS:
         out[d] = next(r["avg_ts"] for r in rows if r.get("n_prompt") == d and r.get("n_gen") == 32)
     return out

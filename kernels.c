@@ -434,19 +434,29 @@ static inline __m512 sum16_ps(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-static inline __attribute__((always_inline)) void avx512_scores_tile(int type, const float *const q[4], const uint8_t *const k[4],
-                                                                     int hd, float scale, float s[16]) {
+// A tile of scores: 4 queries (q[r]) x 4 rows (k[t]), lane 4 r + t, times scale.
+// q8 rows are summed as their int8 values and scaled by their d after the sum.
+static inline __attribute__((always_inline)) __m512 avx512_scores_tile(int type, const float *const q[4], const uint8_t *const k[4],
+                                                                       int hd, float scale) {
     __m512 acc[16];
     for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
     for (int i = 0; i < hd; i += 16) {
         __m512 kt[4];
-        for (int t = 0; t < 4; t++) kt[t] = kv16_ps(type, k[t], i);
+        for (int t = 0; t < 4; t++)
+            kt[t] = type == KV_Q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(k[t] + 2 + i))))
+                                  : kv16_ps(type, k[t], i);
         for (int r = 0; r < 4; r++) {
             __m512 qr = _mm512_loadu_ps(q[r] + i);
             for (int t = 0; t < 4; t++) acc[4 * r + t] = _mm512_fmadd_ps(qr, kt[t], acc[4 * r + t]);
         }
     }
-    _mm512_storeu_ps(s, _mm512_mul_ps(sum16_ps(acc), _mm512_set1_ps(scale)));
+    __m128 d = _mm_set1_ps(scale);
+    if (type == KV_Q8) {
+        uint16_t h[4];
+        for (int t = 0; t < 4; t++) memcpy(h + t, k[t], 2);
+        d = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h)), d);
+    }
+    return _mm512_mul_ps(sum16_ps(acc), _mm512_broadcast_f32x4(d));
 }
 
 static inline __attribute__((always_inline)) void avx512_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
@@ -455,14 +465,23 @@ static inline __attribute__((always_inline)) void avx512_kv_scores_t(int type, c
         int nq = g - r0 < 4 ? g - r0 : 4;
         const float *qs[4];
         for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        float *a = att + (size_t)r0 * ld;
         for (int t0 = 0; t0 < n; t0 += 4) {
             int nt = n - t0 < 4 ? n - t0 : 4;
             const uint8_t *ks[4];
             for (int t = 0; t < 4; t++) ks[t] = rows + (size_t)(t0 + (t < nt ? t : 0)) * stride;
-            float s[16];
-            avx512_scores_tile(type, qs, ks, hd, scale, s);
+            __m512 s = avx512_scores_tile(type, qs, ks, hd, scale);
+            if (nq == 4 && nt == 4) { // each query's 4 scores straight into its row of att
+                _mm_storeu_ps(a + t0, _mm512_castps512_ps128(s));
+                _mm_storeu_ps(a + ld + t0, _mm512_extractf32x4_ps(s, 1));
+                _mm_storeu_ps(a + 2 * ld + t0, _mm512_extractf32x4_ps(s, 2));
+                _mm_storeu_ps(a + 3 * ld + t0, _mm512_extractf32x4_ps(s, 3));
+                continue;
+            }
+            float v[16];
+            _mm512_storeu_ps(v, s);
             for (int r = 0; r < nq; r++)
-                for (int t = 0; t < nt; t++) att[(size_t)(r0 + r) * ld + t0 + t] = s[4 * r + t];
+                for (int t = 0; t < nt; t++) a[(size_t)r * ld + t0 + t] = v[4 * r + t];
         }
     }
 }
@@ -527,20 +546,36 @@ static inline __m256 sum8_ps(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// A tile of scores: 4 queries (q[r]) x 2 rows (k[t]) into s[2 r + t], times scale.
-static inline __attribute__((always_inline)) void avx2_scores_tile(int type, const float *const q[4], const uint8_t *const k[2],
-                                                                   int hd, float scale, float s[8]) {
+// A tile of scores: 4 queries (q[r]) x 2 rows (k[t]), lane 2 r + t, times scale
+// (q8 rows scaled by their d after the sum, as above).
+static inline __attribute__((always_inline)) __m256 avx2_scores_tile(int type, const float *const q[4], const uint8_t *const k[2],
+                                                                     int hd, float scale) {
     __m256 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
     for (int i = 0; i < hd; i += 8) {
-        __m256 k0 = kv8_ps(type, k[0], i), k1 = kv8_ps(type, k[1], i);
+        __m256 k0, k1;
+        if (type == KV_Q8) {
+            k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k[0] + 2 + i))));
+            k1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k[1] + 2 + i))));
+        } else {
+            k0 = kv8_ps(type, k[0], i);
+            k1 = kv8_ps(type, k[1], i);
+        }
         for (int r = 0; r < 4; r++) {
             __m256 qr = _mm256_loadu_ps(q[r] + i);
             acc[2 * r] = _mm256_fmadd_ps(qr, k0, acc[2 * r]);
             acc[2 * r + 1] = _mm256_fmadd_ps(qr, k1, acc[2 * r + 1]);
         }
     }
-    _mm256_storeu_ps(s, _mm256_mul_ps(sum8_ps(acc), _mm256_set1_ps(scale)));
+    float d0 = scale, d1 = scale;
+    if (type == KV_Q8) {
+        uint16_t h0, h1;
+        memcpy(&h0, k[0], 2);
+        memcpy(&h1, k[1], 2);
+        d0 = _cvtsh_ss(h0) * scale;
+        d1 = _cvtsh_ss(h1) * scale;
+    }
+    return _mm256_mul_ps(sum8_ps(acc), _mm256_setr_ps(d0, d1, d0, d1, d0, d1, d0, d1));
 }
 
 // The group's queries 4 at a time, its rows 2 at a time; a group or a run not
@@ -552,17 +587,26 @@ static inline __attribute__((always_inline)) void avx2_kv_scores_t(int type, con
         int nq = g - r0 < 4 ? g - r0 : 4;
         const float *qs[4];
         for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        float *a = att + (size_t)r0 * ld;
         for (int t0 = 0; t0 < n; t0 += 2) {
             int nt = n - t0 < 2 ? n - t0 : 2;
             const uint8_t *ks[2] = {rows + (size_t)t0 * stride, rows + (size_t)(t0 + nt - 1) * stride};
-            float s[8];
-            avx2_scores_tile(type, qs, ks, hd, scale, s);
+            __m256 s = avx2_scores_tile(type, qs, ks, hd, scale);
+            if (nq == 4 && nt == 2) { // each query's 2 scores straight into its row of att
+                __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);
+                _mm_storel_pi((__m64 *)(a + t0), lo);
+                _mm_storeh_pi((__m64 *)(a + ld + t0), lo);
+                _mm_storel_pi((__m64 *)(a + 2 * ld + t0), hi);
+                _mm_storeh_pi((__m64 *)(a + 3 * ld + t0), hi);
+                continue;
+            }
+            float v[8];
+            _mm256_storeu_ps(v, s);
             for (int r = 0; r < nq; r++)
-                for (int t = 0; t < nt; t++) att[(size_t)(r0 + r) * ld + t0 + t] = s[2 * r + t];
+                for (int t = 0; t < nt; t++) a[(size_t)r * ld + t0 + t] = v[2 * r + t];
         }
     }
 }
-
 
 static inline __attribute__((always_inline)) void avx2_kv_mix_t(int type, const float *att, size_t ld, int g, const uint8_t *rows,
                                                                 size_t stride, int n, int hd, float *out) {

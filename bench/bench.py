@@ -231,8 +231,9 @@ def main():
 
     if depth_rows:
         print()
-        print("At depth, beside ik_llama.cpp with the same KV type (-ctk/-ctv, -fa 1; its -gp D,32, and its -p 8704 "
-              "less -p 8192), medians; ratio = median of the per-round ours/ik")
+        print("At depth, beside ik_llama.cpp with the same KV type (-ctk/-ctv, -fa 1; its -gp D,32; for the prompt after "
+              "8192 its llama-sweep-bench's row N_KV = 8192, or without that tool its -p 8704 less -p 8192), medians; "
+              "ratio = median of the per-round ours/ik")
         print(f"{'format':6} {'kv':4} {'thr':>3} {'what':30} {'ours tok/s':>10} {'ik tok/s':>9} {'ours/ik':>8}")
         for t, kv, n, ours, ik, ratio in depth_rows:
             for k in keys:

@@ -267,3 +267,17 @@ static inline emu_m512 emu_shuffle_f32x4(emu_m512 a, emu_m512 b, int imm) {
     for (int l = 0; l < 4; l++) memcpy(r + 4 * l, (l < 2 ? x : y) + 4 * (imm >> 2 * l & 3), 16);
     return emu_loadu_ps(r);
 }
+
+#undef _mm512_broadcast_f32x4
+#define _mm512_broadcast_f32x4 emu_broadcast_f32x4
+static inline emu_m512 emu_broadcast_f32x4(__m128 a) {
+    __m256 h = _mm256_set_m128(a, a);
+    return (emu_m512){{h, h}};
+}
+
+#undef _mm512_castps512_ps128
+#define _mm512_castps512_ps128(a) _mm256_castps256_ps128((a).h[0])
+#undef _mm512_extractf32x4_ps
+#define _mm512_extractf32x4_ps(a, i) \
+    ((i) & 2 ? ((i) & 1 ? _mm256_extractf128_ps((a).h[1], 1) : _mm256_castps256_ps128((a).h[1])) \
+             : ((i) & 1 ? _mm256_extractf128_ps((a).h[0], 1) : _mm256_castps256_ps128((a).h[0])))

@@ -234,23 +234,6 @@ static uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | (r - 0x38000000u) >> 13);
 }
 
-// The KV cache's q4 levels. Rotated keys and values are close to normally
-// distributed; in blocks of 32 whose largest magnitude is put near level -127,
-// these 16 levels have 17% less squared error than the uniform -8..7 (the
-// Lloyd-Max levels of a normal distribution, then moved one by one while that
-// lowered the error of random normal blocks under kv_store's scale search).
-const int8_t kv_q4_levels[16] = {-127, -104, -79, -61, -46, -32, -19, -6, 6, 18, 30, 42, 55, 69, 85, 104};
-
-// The code of the level nearest y: a binary search over the midpoints between levels.
-static int kv_q4_nearest(float y) {
-    static const float mid[15] = {-115.5f, -91.5f, -70.0f, -53.5f, -39.0f, -25.5f, -12.5f, 0.0f,
-                                  12.0f, 24.0f, 36.0f, 48.5f, 62.0f, 77.0f, 94.5f};
-    int c = 0;
-    for (int step = 8; step; step >>= 1)
-        if (y > mid[c + step - 1]) c += step;
-    return c;
-}
-
 void kv_store(int type, const float *x, void *row, int n) {
     if (type == KV_F32) { memcpy(row, x, (size_t)n * 4); return; }
     uint8_t *r = row;
@@ -277,32 +260,28 @@ void kv_store(int type, const float *x, void *row, int n) {
     for (int b = 0; b < n / 32; b++, x += 32, r += 18) { // q4: of a few scales, the least squared error
         float big = 0.0f;
         for (int i = 0; i < 32; i++) big = fabsf(x[i]) > fabsf(big) ? x[i] : big;
-        uint16_t h = 0;
-        uint8_t code[32] = {0}, best_code[32] = {0};
+        static const float divs[] = {1.0f, 0.96875f, 0.9375f, 0.90625f, 0.875f, 0.8125f};
+        uint16_t h = f32_to_f16(big / -8.0f);
         float best = INFINITY;
-        for (int c = 0; c < 8 && big != 0.0f; c++) {
-            // the largest value near level -127, at 1 - c/32 of it; then the least-squares
-            // scale for the codes that gives
-            uint16_t hc = f32_to_f16(big / (-127.0f * (1.0f - c / 32.0f)));
-            float dc = f16_to_f32(hc), ic = dc != 0 ? 1.0f / dc : 0.0f, xv = 0.0f, vv = 0.0f;
+        for (int c = 0; c < 6; c++) {
+            uint16_t hc = f32_to_f16(big / (-8.0f * divs[c]));
+            float dc = f16_to_f32(hc), ic = dc != 0 ? 1.0f / dc : 0.0f, err = 0.0f;
             for (int i = 0; i < 32; i++) {
-                code[i] = kv_q4_nearest(x[i] * ic);
-                float v = kv_q4_levels[code[i]];
-                xv += x[i] * v;
-                vv += v * v;
+                long q = lrintf(x[i] * ic);
+                q = q > 7 ? 7 : q < -8 ? -8 : q;
+                float e = x[i] - dc * (float)q;
+                err += e * e;
             }
-            uint16_t tries[2] = {hc, f32_to_f16(xv / vv)};
-            for (int k = 0; k < 2; k++) {
-                float d = f16_to_f32(tries[k]), err = 0.0f;
-                for (int i = 0; i < 32; i++) {
-                    float e = x[i] - d * (float)kv_q4_levels[code[i]];
-                    err += e * e;
-                }
-                if (err < best) { best = err; h = tries[k]; memcpy(best_code, code, 32); }
-            }
+            if (err < best) { best = err; h = hc; }
         }
+        float d = f16_to_f32(h), inv = d != 0 ? 1.0f / d : 0.0f;
         memcpy(r, &h, 2);
-        for (int i = 0; i < 16; i++) r[2 + i] = (uint8_t)(best_code[2 * i] | best_code[2 * i + 1] << 4);
+        for (int i = 0; i < 16; i++) {
+            long a = lrintf(x[2 * i] * inv), c = lrintf(x[2 * i + 1] * inv);
+            a = a > 7 ? 7 : a < -8 ? -8 : a;
+            c = c > 7 ? 7 : c < -8 ? -8 : c;
+            r[2 + i] = (uint8_t)((a + 8) | (c + 8) << 4);
+        }
     }
 }
 
@@ -317,7 +296,7 @@ static inline float kv_value(int type, const uint8_t *row, int i) {
         uint16_t h;
         memcpy(&h, blk, 2);
         uint8_t b = blk[2 + i % 32 / 2];
-        return f16_to_f32(h) * (float)kv_q4_levels[i % 2 ? b >> 4 : b & 15];
+        return f16_to_f32(h) * (float)((i % 2 ? b >> 4 : b & 15) - 8);
     }
     }
 }
@@ -401,7 +380,7 @@ enum { KV_MIX_BLOCK = 64 };
 
 #ifdef KERNELS_AVX512
 // 16 values of a row from value i (a multiple of 16) on, as f32: exactly the
-// values kv_value gives (d q is exact in f32: an f16 times an int8).
+// values kv_value gives (d q is exact in f32: an f16 times a small integer).
 static inline __m512 kv16_ps(int type, const uint8_t *row, int i) {
     if (type == KV_F32) return _mm512_loadu_ps((const float *)row + i);
     if (type == KV_BF16)
@@ -415,8 +394,7 @@ static inline __m512 kv16_ps(int type, const uint8_t *row, int i) {
         const uint8_t *b = row + (size_t)(i / 32) * 18;
         memcpy(&h, b, 2);
         __m128i r = _mm_loadl_epi64((const __m128i *)(b + 2 + i % 32 / 2)), low = _mm_set1_epi8(15);
-        __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low));
-        q = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)kv_q4_levels), codes); // the levels, by code
+        q = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low)), _mm_set1_epi8(8));
     }
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(_cvtsh_ss(h)));
 }
@@ -517,7 +495,7 @@ static inline __attribute__((always_inline)) void avx512_kv_mix_t(int type, cons
 #define X86_KV(name) avx512_##name
 #else
 // 8 values of a row from value i (a multiple of 8) on, as f32: exactly the
-// values kv_value gives (d q is exact in f32: an f16 times an int8).
+// values kv_value gives (d q is exact in f32: an f16 times a small integer).
 static inline __m256 kv8_ps(int type, const uint8_t *row, int i) {
     if (type == KV_F32) return _mm256_loadu_ps((const float *)row + i);
     if (type == KV_BF16)
@@ -533,8 +511,7 @@ static inline __m256 kv8_ps(int type, const uint8_t *row, int i) {
         memcpy(&h, b, 2);
         memcpy(&raw, b + 2 + i % 32 / 2, 4);
         __m128i r = _mm_cvtsi32_si128(raw), low = _mm_set1_epi8(15);
-        __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low));
-        q = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)kv_q4_levels), codes); // the levels, by code
+        q = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(r, low), _mm_and_si128(_mm_srli_epi16(r, 4), low)), _mm_set1_epi8(8));
     }
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(h)));
 }
@@ -1614,7 +1591,7 @@ static inline void kv8_f32(int type, const uint8_t *row, int i, float32x4_t v[2]
         memcpy(&h, b, 2);
         memcpy(&raw, b + 2 + i % 32 / 2, 4);
         uint8x8_t r = vcreate_u8(raw);
-        q = vqtbl1_s8(vld1q_s8(kv_q4_levels), vzip1_u8(vand_u8(r, vdup_n_u8(15)), vshr_n_u8(r, 4))); // the levels, by code
+        q = vsub_s8(vreinterpret_s8_u8(vzip1_u8(vand_u8(r, vdup_n_u8(15)), vshr_n_u8(r, 4))), vdup_n_s8(8));
     }
     float d = f16_to_f32(h);
     v[0] = vmulq_n_f32(i8x4_f32(q, 0), d);

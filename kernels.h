@@ -125,9 +125,8 @@ static inline uint64_t coded_block_bytes(int type) { return type == WEIGHT_Q3 ? 
 // The KV cache's types (--kv). A row is head_dim values:
 //   f32, bf16: as the weights;
 //   q8: an f16 scale d, then head_dim int8 q: v = d q, d = max|x| / 127 (rounded to f16)
-//   q4: per 32 values an f16 scale d and 16 bytes of 4-bit codes c, value 2i's in the low nibble of
-//       byte i and 2i+1's in the high: v = d kv_q4_levels[c], 16 non-uniform int8 levels for
-//       near-normal values; d puts the value of largest magnitude near level -127
+//   q4: per 32 values an f16 scale d and 16 bytes, value 2i in the low nibble of byte i and 2i+1
+//       in the high, as u = q + 8: v = d q, q in -8..7, d = -(the value of largest magnitude) / 8
 //   (q8 and q4 rows hold H x: kv_rotate's rotation, which spreads outliers over the row)
 enum { KV_F32, KV_BF16, KV_Q8, KV_Q4, KV_NTYPES };
 
@@ -139,8 +138,6 @@ static inline size_t kv_row_bytes(int type, int n) {
     default: return (size_t)n / 32 * 18; // q4
     }
 }
-
-extern const int8_t kv_q4_levels[16];
 
 // The codebooks of q2 and q3: levels[book][code], int8.
 extern const int8_t q2_levels[16][4];

@@ -1,5 +1,5 @@
 // session.c: see session.h. The file (little-endian):
-//   "MXSESSN2" (2: q4 keys and values on kv_q4_levels), u64 the model's hash (model_hash), u32 KV type,
+//   "MXSESSN1", u64 the model's hash (model_hash), u32 KV type,
 //   u32 kv_len (positions the cache holds), u32 n_layers, u32 n_kv_heads, u32 row bytes,
 //   u32 n (tokens), int32 tokens (n,), then for each layer and kv head the keys' rows of
 //   positions 0..min(n, kv_len)-1 as they lie in the cache (with a sliding window that
@@ -13,7 +13,7 @@
 
 #include "eval.h"
 
-#define SESSION_MAGIC "MXSESSN2"
+#define SESSION_MAGIC "MXSESSN1"
 
 typedef struct {
     char magic[8];
@@ -62,9 +62,6 @@ int session_resume_bytes(const uint8_t *raw, size_t len, const char *path, const
                          int n) {
     const Config *p = &m->config;
     SessionHeader h;
-    if (len >= 8 && !memcmp(raw, SESSION_MAGIC, 7) && raw[7] != SESSION_MAGIC[7])
-        die("%s is a session file of another version of mixtral.c (format %c, this one reads %c); use another --session",
-            path, raw[7] >= ' ' && raw[7] < 127 ? raw[7] : '?', SESSION_MAGIC[7]);
     if (len < sizeof(h) + 8 || memcmp(raw, SESSION_MAGIC, 8)) die("%s is not a session file of mixtral.c", path);
     memcpy(&h, raw, sizeof(h));
     if (h.model != session_model_hash(m)) die("%s belongs to another model file (or another export of it); use another --session", path);

@@ -85,7 +85,7 @@ def session_seeds():
         return h
     for name, kv_type, tokens in (("three", 2, [1, 5, 7]), ("six", 2, [1, 5, 7, 9, 11, 13]), ("f32", 0, [1, 5])):
         row = 4 + 2 if kv_type == 2 else 16
-        body = struct.pack("<8sQ6I", b"MXSESSN2", 0, kv_type, 64, 1, 1, row, len(tokens))
+        body = struct.pack("<8sQ6I", b"MXSESSN1", 0, kv_type, 64, 1, 1, row, len(tokens))
         body += struct.pack(f"<{len(tokens)}i", *tokens)
         body += bytes((i * 37) & 255 for i in range(2 * len(tokens) * row))
         data = body + struct.pack("<Q", fnv(body))

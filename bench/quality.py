@@ -7,7 +7,7 @@ Two models, each on text it was not trained on (demo/heldout.txt: the Book of
 Revelation, held out from the demo model's training):
   demo   the trained demo model (demo/model), all of the text;
   bench  the random checkpoint with Mixtral-8x7B layer shapes that make bench
-         generates (2 layers), the first 8 windows.
+         generates (2 layers), the text's first 60 verses (18 windows).
 Each format runs `mixtral --perplexity TEXT -c 128` with --kl-divergence
 against the bf16 file's --kl-base. Positions scored: the second half of each
 window, as llama.cpp's perplexity tool scores them.

@@ -231,11 +231,25 @@ static inline float exp_nonpositive(float x) {
     return low ? 0.0f : p * scale;
 }
 
+// x[i] = e^((x[i] - max) * inverse_t), every x[i] <= max, in LANES running
+// sums: lane[j] is the sum of x[j], x[j + 16], x[j + 32], ... (so that the loop
+// is vector code, and its sum the same on every CPU).
+enum { LANES = 16 };
+static void exp_lanes(float *x, int n, float max, float inverse_t, float lane[LANES]) {
+    int i = 0;
+    for (int j = 0; j < LANES; j++) lane[j] = 0.0f;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            x[i + j] = exp_nonpositive((x[i + j] - max) * inverse_t);
+            lane[j] += x[i + j];
+        }
+    for (int j = 0; i < n; i++, j++) { x[i] = exp_nonpositive((x[i] - max) * inverse_t); lane[j] += x[i]; }
+}
+
 // In-place softmax of x (n,), in fp32 like the reference: e^(x - max) by
 // exp_nonpositive, in 16 lanes (vector code; the attention's softmax runs over
 // every key in view, for every query head).
 static void softmax(float *x, int n) {
-    enum { LANES = 16 };
     float max = x[0], lane[LANES];
     int i = 0;
     if (n >= LANES) {
@@ -245,14 +259,8 @@ static void softmax(float *x, int n) {
         for (int j = 0; j < LANES; j++) max = lane[j] > max ? lane[j] : max;
     }
     for (; i < n; i++) max = x[i] > max ? x[i] : max;
-    for (int j = 0; j < LANES; j++) lane[j] = 0.0f;
-    for (i = 0; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            x[i + j] = exp_nonpositive(x[i + j] - max);
-            lane[j] += x[i + j];
-        }
+    exp_lanes(x, n, max, 1.0f, lane);
     float sum = 0.0f;
-    for (int j = 0; i < n; i++, j++) { x[i] = exp_nonpositive(x[i] - max); lane[j] += x[i]; }
     for (int j = 0; j < LANES; j++) sum += lane[j];
     float inv = 1.0f / sum;
     for (i = 0; i < n; i++) x[i] *= inv;
@@ -1220,18 +1228,9 @@ static int sample(Sampler *sm, float *logits, int n) {
     if (sm->temperature == 0.0f || !isfinite(logits[top] / sm->temperature)) return top;
     // Each token's weight e^((logit - max) / temperature): the softmax less its
     // division by the sum, which no filter needs (each compares weights with one
-    // another or with a share of the sum). Sixteen running sums, so that the
-    // loop is vector code and its sum the same on every CPU.
-    enum { LANES = 16 };
-    float max = logits[top], inverse_t = 1.0f / sm->temperature, lane[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float w = exp_nonpositive((logits[i + j] - max) * inverse_t);
-            logits[i + j] = w;
-            lane[j] += w;
-        }
-    for (int j = 0; i < n; i++, j++) { logits[i] = exp_nonpositive((logits[i] - max) * inverse_t); lane[j] += logits[i]; }
+    // another or with a share of the sum).
+    float lane[LANES];
+    exp_lanes(logits, n, logits[top], 1.0f / sm->temperature, lane);
     float sum = 0.0f;
     for (int j = 0; j < LANES; j++) sum += lane[j];
     // The floor below which no filter keeps a token: min-p's (the most likely

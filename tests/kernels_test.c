@@ -325,7 +325,7 @@ static void test_kv(void) {
             if (type == KV_Q4 && hd % 32) continue; // (q4 rows are blocks of 32)
             for (size_t gi = 0; gi < sizeof(groups) / sizeof(groups[0]); gi++)
                 for (size_t ni = 0; ni < sizeof(runs) / sizeof(runs[0]); ni++) {
-                    int g = groups[gi], n = runs[ni], trial = (int)(si * 100 + gi * 10 + ni);
+                    int g = groups[gi], n = runs[ni];
                     size_t stride = kv_row_bytes(type, hd) * (ni % 2 ? SPACE : 1);
                     double abs_q = 0, abs_v = 0;
                     for (int t = 0; t < n; t++) {
@@ -366,7 +366,6 @@ static void test_kv(void) {
                             snprintf(what, sizeof(what), "kv_mix %s hd=%d g=%d n=%d in two calls", names[type], hd, g, n);
                             expect(what, r * hd + i, split[r * hd + i], out[r * hd + i], -1);
                         }
-                    (void)trial;
                 }
         }
     for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {

@@ -311,8 +311,46 @@ void ref_kv_axpy(int type, float a, const void *row, float *out, int n) {
     for (int i = 0; i < n; i++) out[i] += a * kv_value(type, row, i);
 }
 
+// A query against q8 keys is first rounded to int8 at its own scale, as the
+// activations of the quantized products are: qi = round(q 127 / max|q|), with
+// dq = max|q| / 127. Returns dq; qi gets hd values in -127..127.
+float kv_query_q8(const float *q, int hd, int8_t *qi) {
+    float amax = 0.0f;
+    for (int i = 0; i < hd; i++) amax = fabsf(q[i]) > amax ? fabsf(q[i]) : amax;
+    float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < hd; i++) {
+        long v = lrintf(q[i] * inv);
+        qi[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    return amax / 127.0f;
+}
+
+// The score of one q8 key: its exact integer sum against qi, scaled once.
+static inline float kv_score_q8(int32_t isum, const uint8_t *row, float dqs) {
+    uint16_t h;
+    memcpy(&h, row, 2);
+    return (float)isum * (f16_to_f32(h) * dqs);
+}
+
 void ref_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
                    float *att, size_t ld) {
+    if (type == KV_Q8) {
+        // (qi widened to 32 bits first: gcc 12 at -O3 with AVX512-VNNI vectorizes a product of two
+        // int8 arrays summed in 32 bits with vpdpbusd, which takes one of them as unsigned: wrong sums)
+        int8_t qi[KV_HD_MAX];
+        int32_t qw[KV_HD_MAX];
+        for (int r = 0; r < g; r++) {
+            float dqs = kv_query_q8(q + (size_t)r * hd, hd, qi) * scale;
+            for (int i = 0; i < hd; i++) qw[i] = qi[i];
+            for (int t = 0; t < n; t++) {
+                const uint8_t *row = (const uint8_t *)rows + (size_t)t * stride;
+                int32_t isum = 0;
+                for (int i = 0; i < hd; i++) isum += qw[i] * (int8_t)row[2 + i];
+                att[(size_t)r * ld + t] = kv_score_q8(isum, row, dqs);
+            }
+        }
+        return;
+    }
     for (int t = 0; t < n; t++)
         for (int r = 0; r < g; r++)
             att[(size_t)r * ld + t] = ref_kv_dot(type, q + (size_t)r * hd, (const uint8_t *)rows + (size_t)t * stride, hd) * scale;
@@ -367,15 +405,17 @@ static float avx2_dot_f32(const float *w, const float *x, int n) {
 }
 
 // The KV cache's attention kernels (kv_scores, kv_mix) for a group of queries
-// that share a kv head: each row is decoded to f32 once (kv16_ps with AVX-512,
-// 16 values at a time; kv8_ps with AVX2) and used by every query of the group
-// while it is in registers. A tile of scores, 4 rows x 4 queries (AVX2: 2 x 4),
-// is summed across lanes at once (sum16_ps, sum8_ps): no dot product pays for a
-// horizontal sum of its own.
+// that share a kv head (the heads of one position, or of a prompt's block of
+// positions): each row is decoded to f32 once (kv16_ps with AVX-512, 16 values
+// at a time; kv8_ps with AVX2) and used by a tile of queries while it is in
+// registers. A tile of scores, 4 rows x 4 queries (AVX2: 2 x 4), is summed
+// across lanes at once (sum16_ps, sum8_ps): no dot product pays for a
+// horizontal sum of its own. q8 keys have kernels of their own, in integers
+// (kv_scores_q8, with the quantized products below).
 // kv_mix takes rows in blocks of KV_MIX_BLOCK (8 KB of q8 rows of 128 values,
-// which stay in L1 while the passes over a head's dimensions read them again),
-// 32 dimensions (AVX2: 16) of 4 queries a pass: out += a v, a multiply-add a
-// row, rows in order.
+// which stay in L1 while the passes over a head's dimensions and the tiles of
+// queries read them again), 32 dimensions (AVX2: 16) of 8 queries (AVX2: 4) a
+// pass: out += a v, a multiply-add a row, rows in order.
 enum { KV_MIX_BLOCK = 64 };
 
 #ifdef KERNELS_AVX512
@@ -412,29 +452,21 @@ static inline __m512 sum16_ps(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// A tile of scores: 4 queries (q[r]) x 4 rows (k[t]), lane 4 r + t, times scale.
-// q8 rows are summed as their int8 values and scaled by their d after the sum.
+// A tile of scores: 4 queries (q[r]) x 4 rows (k[t]), lane 4 r + t, times scale
+// (f32, bf16 and q4 rows; q8 rows have a kernel of their own, avx512_kv_scores_q8).
 static inline __attribute__((always_inline)) __m512 avx512_scores_tile(int type, const float *const q[4], const uint8_t *const k[4],
                                                                        int hd, float scale) {
     __m512 acc[16];
     for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
     for (int i = 0; i < hd; i += 16) {
         __m512 kt[4];
-        for (int t = 0; t < 4; t++)
-            kt[t] = type == KV_Q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(k[t] + 2 + i))))
-                                  : kv16_ps(type, k[t], i);
+        for (int t = 0; t < 4; t++) kt[t] = kv16_ps(type, k[t], i);
         for (int r = 0; r < 4; r++) {
             __m512 qr = _mm512_loadu_ps(q[r] + i);
             for (int t = 0; t < 4; t++) acc[4 * r + t] = _mm512_fmadd_ps(qr, kt[t], acc[4 * r + t]);
         }
     }
-    __m128 d = _mm_set1_ps(scale);
-    if (type == KV_Q8) {
-        uint16_t h[4];
-        for (int t = 0; t < 4; t++) memcpy(h + t, k[t], 2);
-        d = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h)), d);
-    }
-    return _mm512_mul_ps(sum16_ps(acc), _mm512_broadcast_f32x4(d));
+    return _mm512_mul_ps(sum16_ps(acc), _mm512_set1_ps(scale));
 }
 
 static inline __attribute__((always_inline)) void avx512_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
@@ -464,31 +496,38 @@ static inline __attribute__((always_inline)) void avx512_kv_scores_t(int type, c
     }
 }
 
+// Rows in blocks read once for all the queries; a tile of 8 queries (4 while
+// there are fewer) and 32 dimensions adds each decoded row to 16 accumulators.
+static inline __attribute__((always_inline)) void avx512_mix_tile(int type, const float *att, size_t ld, int g, int r0, int QT,
+                                                                  const uint8_t *rows, size_t stride, int t0, int t1, int hd, float *out) {
+    int nq = g - r0 < QT ? g - r0 : QT;
+    const float *a[8];
+    for (int r = 0; r < QT; r++) a[r] = att + (size_t)(r0 + (r < nq ? r : 0)) * ld;
+    float *o = out + (size_t)r0 * hd;
+    for (int i = 0; i < hd; i += 32) {
+        __m512 acc[8][2];
+        for (int r = 0; r < QT; r++)
+            for (int c = 0; c < 2; c++) acc[r][c] = r < nq ? _mm512_loadu_ps(o + (size_t)r * hd + i + 16 * c) : _mm512_setzero_ps();
+        for (int t = t0; t < t1; t++) {
+            __m512 v0 = kv16_ps(type, rows + (size_t)t * stride, i), v1 = kv16_ps(type, rows + (size_t)t * stride, i + 16);
+            for (int r = 0; r < QT; r++) {
+                __m512 w = _mm512_set1_ps(a[r][t]);
+                acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < nq; r++)
+            for (int c = 0; c < 2; c++) _mm512_storeu_ps(o + (size_t)r * hd + i + 16 * c, acc[r][c]);
+    }
+}
+
 static inline __attribute__((always_inline)) void avx512_kv_mix_t(int type, const float *att, size_t ld, int g, const uint8_t *rows,
                                                                   size_t stride, int n, int hd, float *out) {
-    for (int r0 = 0; r0 < g; r0 += 4) {
-        int nq = g - r0 < 4 ? g - r0 : 4;
-        const float *a[4];
-        for (int r = 0; r < 4; r++) a[r] = att + (size_t)(r0 + (r < nq ? r : 0)) * ld;
-        float *o = out + (size_t)r0 * hd;
-        for (int t0 = 0; t0 < n; t0 += KV_MIX_BLOCK) {
-            int t1 = n - t0 < KV_MIX_BLOCK ? n : t0 + KV_MIX_BLOCK;
-            for (int i = 0; i < hd; i += 32) {
-                __m512 acc[4][2];
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 2; c++) acc[r][c] = r < nq ? _mm512_loadu_ps(o + (size_t)r * hd + i + 16 * c) : _mm512_setzero_ps();
-                for (int t = t0; t < t1; t++) {
-                    const uint8_t *row = rows + (size_t)t * stride;
-                    __m512 v0 = kv16_ps(type, row, i), v1 = kv16_ps(type, row, i + 16);
-                    for (int r = 0; r < 4; r++) {
-                        __m512 w = _mm512_set1_ps(a[r][t]);
-                        acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
-                        acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
-                    }
-                }
-                for (int r = 0; r < nq; r++)
-                    for (int c = 0; c < 2; c++) _mm512_storeu_ps(o + (size_t)r * hd + i + 16 * c, acc[r][c]);
-            }
+    for (int t0 = 0; t0 < n; t0 += KV_MIX_BLOCK) {
+        int t1 = n - t0 < KV_MIX_BLOCK ? n : t0 + KV_MIX_BLOCK;
+        for (int r0 = 0; r0 < g;) {
+            if (g - r0 > 4) { avx512_mix_tile(type, att, ld, g, r0, 8, rows, stride, t0, t1, hd, out); r0 += 8; }
+            else { avx512_mix_tile(type, att, ld, g, r0, 4, rows, stride, t0, t1, hd, out); r0 += 4; }
         }
     }
 }
@@ -524,35 +563,20 @@ static inline __m256 sum8_ps(const __m256 v[8]) {
 }
 
 // A tile of scores: 4 queries (q[r]) x 2 rows (k[t]), lane 2 r + t, times scale
-// (q8 rows scaled by their d after the sum, as above).
+// (f32, bf16 and q4 rows; q8 rows: avx2_kv_scores_q8).
 static inline __attribute__((always_inline)) __m256 avx2_scores_tile(int type, const float *const q[4], const uint8_t *const k[2],
                                                                      int hd, float scale) {
     __m256 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
     for (int i = 0; i < hd; i += 8) {
-        __m256 k0, k1;
-        if (type == KV_Q8) {
-            k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k[0] + 2 + i))));
-            k1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k[1] + 2 + i))));
-        } else {
-            k0 = kv8_ps(type, k[0], i);
-            k1 = kv8_ps(type, k[1], i);
-        }
+        __m256 k0 = kv8_ps(type, k[0], i), k1 = kv8_ps(type, k[1], i);
         for (int r = 0; r < 4; r++) {
             __m256 qr = _mm256_loadu_ps(q[r] + i);
             acc[2 * r] = _mm256_fmadd_ps(qr, k0, acc[2 * r]);
             acc[2 * r + 1] = _mm256_fmadd_ps(qr, k1, acc[2 * r + 1]);
         }
     }
-    float d0 = scale, d1 = scale;
-    if (type == KV_Q8) {
-        uint16_t h0, h1;
-        memcpy(&h0, k[0], 2);
-        memcpy(&h1, k[1], 2);
-        d0 = _cvtsh_ss(h0) * scale;
-        d1 = _cvtsh_ss(h1) * scale;
-    }
-    return _mm256_mul_ps(sum8_ps(acc), _mm256_setr_ps(d0, d1, d0, d1, d0, d1, d0, d1));
+    return _mm256_mul_ps(sum8_ps(acc), _mm256_set1_ps(scale));
 }
 
 // The group's queries 4 at a time, its rows 2 at a time; a group or a run not
@@ -614,17 +638,78 @@ static inline __attribute__((always_inline)) void avx2_kv_mix_t(int type, const 
     }
 }
 
+// kv_scores against q8 keys (kernels.h), 4 queries x 2 rows a tile as above: the
+// int8 values widened to 16 bits, multiplied and added in pairs (vpmaddwd) into
+// 32-bit sums, summed across lanes at the end; integers, so exactly the sums
+// the AVX-512 kernel and the reference get.
+enum { KV_Q8_HD = 256 };
+
+static inline __m256i sum8_epi32(const __m256i v[8]) { // lane j: the sum of v[j]'s lanes
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static void avx2_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
+                              float *att, size_t ld) {
+    if (hd % 16 || hd > KV_Q8_HD) { ref_kv_scores(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
+    int16_t qw[4][KV_Q8_HD];
+    int8_t qi[KV_Q8_HD];
+    float dqs[4];
+    for (int r0 = 0; r0 < g; r0 += 4) {
+        int nq = g - r0 < 4 ? g - r0 : 4;
+        for (int r = 0; r < 4; r++) {
+            dqs[r] = kv_query_q8(q + (size_t)(r0 + (r < nq ? r : 0)) * hd, hd, qi) * scale;
+            for (int i = 0; i < hd; i++) qw[r][i] = qi[i];
+        }
+        float *a = att + (size_t)r0 * ld;
+        for (int t0 = 0; t0 < n; t0 += 2) {
+            int nt = n - t0 < 2 ? n - t0 : 2;
+            const uint8_t *k0 = rows + (size_t)t0 * stride, *k1 = rows + (size_t)(t0 + nt - 1) * stride;
+            __m256i acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+            for (int i = 0; i < hd; i += 16) {
+                __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k0 + 2 + i)));
+                __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k1 + 2 + i)));
+                for (int r = 0; r < 4; r++) {
+                    __m256i qr = _mm256_loadu_si256((const __m256i *)(qw[r] + i));
+                    acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(qr, a0));
+                    acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(qr, a1));
+                }
+            }
+            uint16_t h0, h1;
+            memcpy(&h0, k0, 2);
+            memcpy(&h1, k1, 2);
+            float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1);
+            __m256 dk = _mm256_setr_ps(d0, d1, d0, d1, d0, d1, d0, d1);
+            __m256 dq = _mm256_setr_ps(dqs[0], dqs[0], dqs[1], dqs[1], dqs[2], dqs[2], dqs[3], dqs[3]);
+            float v[8];
+            _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(sum8_epi32(acc)), _mm256_mul_ps(dk, dq)));
+            for (int r = 0; r < nq; r++)
+                for (int t = 0; t < nt; t++) a[(size_t)r * ld + t0 + t] = v[2 * r + t];
+        }
+    }
+}
+
 #define X86_KV(name) avx2_##name
+#endif
+
+#ifdef KERNELS_AVX512
+static void avx512_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
+                                float *att, size_t ld);
+#else
+static void avx2_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
+                              float *att, size_t ld);
 #endif
 
 // One copy of each kernel per KV type, the type a constant in it. Head sizes
 // that are not a multiple of 32 take the reference.
 static void x86_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
                           float *att, size_t ld) {
+    if (type == KV_Q8) { X86_KV(kv_scores_q8)(q, g, rows, stride, n, hd, scale, att, ld); return; }
     switch (hd % 32 ? -1 : type) {
     case KV_F32: X86_KV(kv_scores_t)(KV_F32, q, g, rows, stride, n, hd, scale, att, ld); break;
     case KV_BF16: X86_KV(kv_scores_t)(KV_BF16, q, g, rows, stride, n, hd, scale, att, ld); break;
-    case KV_Q8: X86_KV(kv_scores_t)(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); break;
     case KV_Q4: X86_KV(kv_scores_t)(KV_Q4, q, g, rows, stride, n, hd, scale, att, ld); break;
     default: ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
     }
@@ -787,6 +872,86 @@ static inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
     return acc;
 #endif
+}
+
+// kv_scores against q8 keys (kernels.h: int8 queries, exact integer sums):
+// 16 rows at a time, transposed in registers so that each holds 4 values of
+// every one of the 16 rows (a 16 x 16 transpose of 4-byte words per 64 values),
+// made unsigned by flipping their sign bit (k + 128) for vpdpbusd, which
+// broadcasts 4 bytes of the query itself. Each sum starts at -128 sum(qi), the
+// offset's share, so the lanes end as the 16 rows' integer sums; no horizontal
+// sums, and 64 multiply-adds an instruction. Head sizes that are not a multiple
+// of 64 or above 256 take the reference, which gives the same numbers.
+enum { KV_Q8_HD = 256 };
+
+static void avx512_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
+                                float *att, size_t ld) {
+    if (hd % 64 || hd > KV_Q8_HD) { ref_kv_scores(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
+    enum { QB = 16 }; // queries rounded at a time (4 heads of 4 positions, as a prompt brings them)
+    int8_t qi[QB][KV_Q8_HD];
+    float dqs[QB];
+    int32_t off[QB];
+    __m512i kt[KV_Q8_HD / 4];
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    for (int r0 = 0; r0 < g; r0 += QB) {
+        int nq = g - r0 < QB ? g - r0 : QB;
+        for (int r = 0; r < nq; r++) {
+            dqs[r] = kv_query_q8(q + (size_t)(r0 + r) * hd, hd, qi[r]) * scale;
+            int32_t sum = 0;
+            for (int i = 0; i < hd; i++) sum += qi[r][i];
+            off[r] = -128 * sum;
+        }
+        for (int t0 = 0; t0 < n; t0 += 16) {
+            int nt = n - t0 < 16 ? n - t0 : 16;
+            const uint8_t *row[16];
+            uint16_t h[16];
+            for (int t = 0; t < 16; t++) {
+                row[t] = rows + (size_t)(t0 + (t < nt ? t : nt - 1)) * stride;
+                memcpy(h + t, row[t], 2);
+            }
+            for (int c = 0; c < hd / 64; c++) { // values 64c .. 64c+63 of the 16 rows
+                __m512i a[16], b[16], d[16];
+                for (int t = 0; t < 16; t++) a[t] = _mm512_loadu_si512(row[t] + 2 + 64 * c);
+                for (int p = 0; p < 8; p++) {
+                    b[2 * p] = _mm512_unpacklo_epi32(a[2 * p], a[2 * p + 1]);
+                    b[2 * p + 1] = _mm512_unpackhi_epi32(a[2 * p], a[2 * p + 1]);
+                }
+                for (int p = 0; p < 4; p++) { // d[4p+k], 128-bit lane L: word 4L+k of rows 4p..4p+3
+                    d[4 * p] = _mm512_unpacklo_epi64(b[4 * p], b[4 * p + 2]);
+                    d[4 * p + 1] = _mm512_unpackhi_epi64(b[4 * p], b[4 * p + 2]);
+                    d[4 * p + 2] = _mm512_unpacklo_epi64(b[4 * p + 1], b[4 * p + 3]);
+                    d[4 * p + 3] = _mm512_unpackhi_epi64(b[4 * p + 1], b[4 * p + 3]);
+                }
+                for (int k = 0; k < 4; k++) { // word 4L+k of all 16 rows: lanes L of d[k], d[4+k], d[8+k], d[12+k]
+                    __m512i e0 = _mm512_shuffle_i32x4(d[k], d[4 + k], 0x44), e1 = _mm512_shuffle_i32x4(d[k], d[4 + k], 0xEE);
+                    __m512i e2 = _mm512_shuffle_i32x4(d[8 + k], d[12 + k], 0x44), e3 = _mm512_shuffle_i32x4(d[8 + k], d[12 + k], 0xEE);
+                    kt[16 * c + k] = _mm512_xor_si512(_mm512_shuffle_i32x4(e0, e2, 0x88), sign);
+                    kt[16 * c + 4 + k] = _mm512_xor_si512(_mm512_shuffle_i32x4(e0, e2, 0xDD), sign);
+                    kt[16 * c + 8 + k] = _mm512_xor_si512(_mm512_shuffle_i32x4(e1, e3, 0x88), sign);
+                    kt[16 * c + 12 + k] = _mm512_xor_si512(_mm512_shuffle_i32x4(e1, e3, 0xDD), sign);
+                }
+            }
+            __m512 dk = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+            __mmask16 live = (__mmask16)((1u << nt) - 1);
+            for (int r = 0; r < nq; r += 2) { // two queries, two chains each (even and odd words)
+                int r1 = r + 1 < nq ? r + 1 : r;
+                __m512i s0 = _mm512_set1_epi32(off[r]), s1 = _mm512_setzero_si512();
+                __m512i u0 = _mm512_set1_epi32(off[r1]), u1 = _mm512_setzero_si512();
+                for (int j = 0; j < hd / 4; j += 2) {
+                    s0 = dpbusd_bcast(s0, kt[j], (const int8_t *)qi[r] + 4 * j);
+                    u0 = dpbusd_bcast(u0, kt[j], (const int8_t *)qi[r1] + 4 * j);
+                    s1 = dpbusd_bcast(s1, kt[j + 1], (const int8_t *)qi[r] + 4 * j + 4);
+                    u1 = dpbusd_bcast(u1, kt[j + 1], (const int8_t *)qi[r1] + 4 * j + 4);
+                }
+                __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dk, _mm512_set1_ps(dqs[r])));
+                _mm512_mask_storeu_ps(att + (size_t)(r0 + r) * ld + t0, live, f0);
+                if (r1 != r) {
+                    __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(u0, u1)), _mm512_mul_ps(dk, _mm512_set1_ps(dqs[r1])));
+                    _mm512_mask_storeu_ps(att + (size_t)(r0 + r1) * ld + t0, live, f1);
+                }
+            }
+        }
+    }
 }
 
 // A block's integer sums is (and with two chains is2) of T tokens into their
@@ -1679,12 +1844,32 @@ static inline __attribute__((always_inline)) void neon_kv_mix_t(int type, const 
     }
 }
 
+// kv_scores against q8 keys (kernels.h): a query's and a row's int8 values
+// multiplied and added 16 at a time (dot4_s8) into exact 32-bit sums.
+static void neon_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
+                              float *att, size_t ld) {
+    enum { KV_Q8_HD = 256 };
+    if (hd % 16 || hd > KV_Q8_HD) { ref_kv_scores(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
+    int8_t qi[KV_Q8_HD];
+    for (int r = 0; r < g; r++) {
+        float dqs = kv_query_q8(q + (size_t)r * hd, hd, qi) * scale;
+        for (int t = 0; t < n; t++) {
+            const uint8_t *row = rows + (size_t)t * stride;
+            int32x4_t acc = vdupq_n_s32(0);
+            for (int i = 0; i < hd; i += 16) acc = dot4_s8(acc, vld1q_s8((const int8_t *)row + 2 + i), vld1q_s8(qi + i));
+            uint16_t h;
+            memcpy(&h, row, 2);
+            att[(size_t)r * ld + t] = (float)vaddvq_s32(acc) * (f16_to_f32(h) * dqs);
+        }
+    }
+}
+
 static void neon_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
                            float *att, size_t ld) {
+    if (type == KV_Q8) { neon_kv_scores_q8(q, g, rows, stride, n, hd, scale, att, ld); return; }
     switch (hd % 32 ? -1 : type) {
     case KV_F32: neon_kv_scores_t(KV_F32, q, g, rows, stride, n, hd, scale, att, ld); break;
     case KV_BF16: neon_kv_scores_t(KV_BF16, q, g, rows, stride, n, hd, scale, att, ld); break;
-    case KV_Q8: neon_kv_scores_t(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); break;
     case KV_Q4: neon_kv_scores_t(KV_Q4, q, g, rows, stride, n, hd, scale, att, ld); break;
     default: ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld);
     }

@@ -27,7 +27,10 @@
 //   kv_store(type, x, row, n): x (n,) f32 into the row (the same function on every build)
 //   kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld): attention scores of the g queries
 //       q (g, hd) of one kv head against the n rows at rows + t stride (t = 0..n-1):
-//       att[r ld + t] = scale sum_i q[r hd + i] kv(row t)[i]
+//       att[r ld + t] = scale sum_i q[r hd + i] kv(row t)[i]; against q8 rows, each query is
+//       rounded to int8 first (kv_query_q8: qi, dq) and a score is an exact integer sum scaled
+//       once, (float)(sum_i qi[i] k[i]) * (dk * (dq * scale)), k and dk the row's int8 values and
+//       f16 scale: the same bits from every kernel
 //   kv_mix(type, att, ld, g, rows, stride, n, hd, out): the values weighted by the attention,
 //       out[r hd + i] += sum_t att[r ld + t] kv(row t)[i], the rows added in order
 //   (the same numbers for a row whichever way a run of rows is split between calls: a prompt in
@@ -129,6 +132,7 @@ static inline uint64_t coded_block_bytes(int type) { return type == WEIGHT_Q3 ? 
 //       in the high, as u = q + 8: v = d q, q in -8..7, d = -(the value of largest magnitude) / 8
 //   (q8 and q4 rows hold H x: kv_rotate's rotation, which spreads outliers over the row)
 enum { KV_F32, KV_BF16, KV_Q8, KV_Q4, KV_NTYPES };
+enum { KV_HD_MAX = 1 << 14 }; // the largest head_dim a model file may give
 
 static inline size_t kv_row_bytes(int type, int n) {
     switch (type) {
@@ -229,6 +233,7 @@ void ref_gemm_bf16x(const uint16_t *w, int K, int N, const uint16_t *x, int M, f
 void ref_quantize_blocks(QuantX *qx, const float *x, int64_t b0, int64_t b1);
 void ref_swiglu(float *h, const float *h2, int64_t n);
 float ref_kv_dot(int type, const float *q, const void *row, int n);
+float kv_query_q8(const float *q, int hd, int8_t *qi);
 void ref_kv_axpy(int type, float a, const void *row, float *out, int n);
 void ref_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
                    float *att, size_t ld);

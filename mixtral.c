@@ -132,7 +132,10 @@ void state_init(State *s, const Config *p, int context, int chunk, int kv_type, 
     s->k = xcalloc(C * KV, sizeof(float));
     s->v = xcalloc(C * KV, sizeof(float));
     s->att_out = xcalloc(C * Q, sizeof(float));
-    s->att = xcalloc((size_t)p->n_heads * s->kv_len, sizeof(float));
+    size_t P = C < ATT_POSITIONS ? C : ATT_POSITIONS;
+    s->att = xcalloc((size_t)p->n_heads * P * (s->kv_len + P - 1), sizeof(float));
+    s->att_q = xcalloc((size_t)p->n_heads * P * p->head_dim, sizeof(float));
+    s->att_o = xcalloc((size_t)p->n_heads * P * p->head_dim, sizeof(float));
     s->moe_in = xcalloc(C * top_k * D, sizeof(float));
     s->hb = xcalloc(C * top_k * H, sizeof(float));
     s->hb2 = xcalloc(C * top_k * H, sizeof(float));
@@ -173,7 +176,7 @@ void state_init(State *s, const Config *p, int context, int chunk, int kv_type, 
 }
 
 void state_free(State *s, const Config *p) {
-    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att_out, s->att, s->moe_in, s->hb, s->hb2,
+    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att_out, s->att, s->att_q, s->att_o, s->moe_in, s->hb, s->hb2,
                      s->moe_out, s->pair_weight, s->router, s->logits, s->chosen_w, s->rope_inv_freq};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     for (int e = 0; e < p->n_experts; e++) {
@@ -333,11 +336,18 @@ static int kv_runs(const AttentionJob *j, const uint8_t *held, const uint8_t *ch
     return n;
 }
 
+// The first position the query at pos sees: the last W with a window, else 0.
+static int window_first(const Config *p, int pos) {
+    return p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
+}
+
 // Scaled dot-product attention for a share of the kv heads, for every query
 // of the chunk. Query head h reads kv head h / (n_heads / n_kv_heads): grouped-
 // query attention (repeat_kv). A worker takes whole kv heads and runs all their
 // query heads together (kv_scores, kv_mix), so that each key and value is read
-// and decoded once per query, not once per query head.
+// and decoded once per query, not once per query head; in a prompt, once per
+// block of ATT_POSITIONS positions. A block's earlier positions get scores for
+// the later ones' keys too, which their softmax leaves out and weighs 0.
 // Keys before the chunk come from the KV cache, the chunk's own from its rows
 // (s->chunk_keys, s->chunk_values): stored in the same type, so that a prompt in
 // chunks reads the same numbers as token by token.
@@ -346,26 +356,47 @@ static void attention_job(void *arg, int tid, int nthreads) {
     const Config *p = j->p;
     State *s = j->s;
     int hd = p->head_dim, Q = p->n_heads * hd, group = p->n_heads / p->n_kv_heads, S = s->kv_len;
+    int P = s->chunk < ATT_POSITIONS ? s->chunk : ATT_POSITIONS;
+    size_t ld = (size_t)S + P - 1; // (with a window, a block sees up to P - 1 keys more than a position)
     float scale = 1.0f / sqrtf((float)hd);
     int g0, g1;
     split_range(p->n_kv_heads, tid, nthreads, &g0, &g1);
     for (int kvh = g0; kvh < g1; kvh++) {
         int h0 = kvh * group; // its query heads: h0 .. h0 + group - 1
-        for (int i = 0; i < j->n; i++) {
-            int pos = j->pos0 + i;
-            // keys in view: the last W positions with a window, else all of 0..pos
-            int first = p->sliding_window > 0 && pos - p->sliding_window + 1 > 0 ? pos - p->sliding_window + 1 : 0;
-            const float *q = s->q + (size_t)i * Q + (size_t)h0 * hd;
-            float *att = s->att + (size_t)h0 * S, *out = s->att_out + (size_t)i * Q + (size_t)h0 * hd;
+        float *att = s->att + (size_t)kvh * P * group * ld; // (np * group, ld): the scores of key first + t
+        for (int i0 = 0; i0 < j->n; i0 += P) {
+            int np = j->n - i0 < P ? j->n - i0 : P, g = np * group; // positions, queries
+            int first = window_first(p, j->pos0 + i0), last = j->pos0 + i0 + np - 1;
+            const float *q = s->q + (size_t)i0 * Q + (size_t)h0 * hd; // (g, hd): each position's group, in turn
+            float *out = s->att_out + (size_t)i0 * Q + (size_t)h0 * hd;
+            if (np > 1) {
+                float *qb = s->att_q + (size_t)kvh * P * group * hd;
+                for (int i = 0; i < np; i++)
+                    memcpy(qb + (size_t)i * group * hd, q + (size_t)i * Q, (size_t)group * hd * sizeof(float));
+                q = qb;
+                out = s->att_o + (size_t)kvh * P * group * hd;
+            }
             KvRun runs[3];
-            int nruns = kv_runs(j, j->kc, s->chunk_keys, kvh, first, pos, runs);
-            for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // att (group, S): the scores of key t
-                kv_scores(s->kv_type, q, group, runs[r].rows, runs[r].stride, runs[r].n, hd, scale, att + t, S);
-            for (int r = 0; r < group; r++) softmax(att + (size_t)r * S, pos - first + 1);
-            memset(out, 0, (size_t)group * hd * sizeof(float));
-            nruns = kv_runs(j, j->vc, s->chunk_values, kvh, first, pos, runs);
-            for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // out (group, hd) = att @ values
-                kv_mix(s->kv_type, att + t, S, group, runs[r].rows, runs[r].stride, runs[r].n, hd, out);
+            int nruns = kv_runs(j, j->kc, s->chunk_keys, kvh, first, last, runs);
+            for (int r = 0, t = 0; r < nruns; t += runs[r++].n)
+                kv_scores(s->kv_type, q, g, runs[r].rows, runs[r].stride, runs[r].n, hd, scale, att + t, ld);
+            for (int i = 0; i < np; i++) {
+                int pos = j->pos0 + i0 + i, from = window_first(p, pos) - first, to = pos - first + 1;
+                for (int r = 0; r < group; r++) { // keys from..to-1 in view, the others weighed 0
+                    float *a = att + (size_t)(i * group + r) * ld;
+                    memset(a, 0, (size_t)from * sizeof(float));
+                    softmax(a + from, to - from);
+                    memset(a + to, 0, (size_t)(last - first + 1 - to) * sizeof(float));
+                }
+            }
+            memset(out, 0, (size_t)g * hd * sizeof(float));
+            nruns = kv_runs(j, j->vc, s->chunk_values, kvh, first, last, runs);
+            for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // out (g, hd) = att @ values
+                kv_mix(s->kv_type, att + t, ld, g, runs[r].rows, runs[r].stride, runs[r].n, hd, out);
+            if (np > 1)
+                for (int i = 0; i < np; i++)
+                    memcpy(s->att_out + (size_t)(i0 + i) * Q + (size_t)h0 * hd, out + (size_t)i * group * hd,
+                           (size_t)group * hd * sizeof(float));
         }
     }
 }
@@ -848,7 +879,7 @@ static void config_validate(const Config *p, uint64_t file_size, const char *pat
     struct { const char *name; int32_t v, max; } dims[] = {
         {"dim", p->dim, 1 << 20}, {"hidden_dim", p->hidden_dim, 1 << 22}, {"n_layers", p->n_layers, 1 << 12},
         {"n_heads", p->n_heads, 1 << 12}, {"n_kv_heads", p->n_kv_heads, 1 << 12},
-        {"head_dim", p->head_dim, 1 << 14}, {"n_experts", p->n_experts, 1 << 12},
+        {"head_dim", p->head_dim, KV_HD_MAX}, {"n_experts", p->n_experts, 1 << 12},
         {"num_experts_per_tok", p->n_experts_per_tok, 1 << 12}, {"vocab_size", p->vocab_size, 1 << 24},
         {"max_seq_len", p->max_seq_len, INT32_MAX},
     };
@@ -1010,7 +1041,8 @@ static uint64_t keep_resident(Model *m, int fd, const char *path) {
 static uint64_t working_memory(const Config *p, int chunk, int threads, int kv_len) {
     uint64_t C = (uint64_t)chunk, D = p->dim, H = p->hidden_dim, Q = (uint64_t)p->n_heads * p->head_dim;
     uint64_t K = p->n_experts_per_tok, widest = D > H ? D : H;
-    return 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + (uint64_t)p->n_heads * kv_len) +
+    uint64_t P = C < ATT_POSITIONS ? C : ATT_POSITIONS;
+    return 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + P * p->n_heads * (kv_len + P - 1 + 2 * p->head_dim)) +
            (uint64_t)p->n_experts * C * widest * 5 / 4 + (uint64_t)threads * quant_scratch_bytes(C, widest) +
            (uint64_t)p->vocab_size * 32 + (2u << 20);
 }

@@ -158,6 +158,10 @@ typedef struct {
     Imatrix *imatrix;        // --imatrix, or NULL
 } Counters;
 
+// A prompt's positions attend in blocks of ATT_POSITIONS: each key and value
+// is read once for the block's queries of the heads that share it.
+enum { ATT_POSITIONS = 4 };
+
 typedef struct {
     int chunk;         // C: most tokens run through the model together (1 when decoding)
     int context;       // positions 0..context-1 may be computed (-c)
@@ -168,7 +172,8 @@ typedef struct {
     float *q;          // (C, Q)
     float *k, *v;      // (C, KV) the chunk's keys and values, before they join the KV cache
     float *att_out;    // (C, Q) attention output, before wo
-    float *att;        // (n_heads, S) attention scores of one query
+    float *att;        // (n_heads * ATT_POSITIONS, S + ATT_POSITIONS - 1) scores of a block of positions
+    float *att_q, *att_o; // (n_heads * ATT_POSITIONS, head_dim) the block's queries, its outputs
     // the mixture of experts works on (token, expert) pairs sorted by expert: row j
     // of these buffers is pair j; an expert's pairs are consecutive rows
     float *moe_in;     // (C*top_k, D) the pair's token's normed input

@@ -268,6 +268,27 @@ static inline emu_m512 emu_shuffle_f32x4(emu_m512 a, emu_m512 b, int imm) {
     return emu_loadu_ps(r);
 }
 
+// the integer forms, for the q8 scores' transpose (avx512_kv_scores_q8)
+#undef _mm512_unpacklo_epi32
+#define _mm512_unpacklo_epi32 emu_unpacklo_epi32
+EMU_I2(emu_unpacklo_epi32, _mm256_unpacklo_epi32)
+#undef _mm512_unpackhi_epi32
+#define _mm512_unpackhi_epi32 emu_unpackhi_epi32
+EMU_I2(emu_unpackhi_epi32, _mm256_unpackhi_epi32)
+#undef _mm512_unpacklo_epi64
+#define _mm512_unpacklo_epi64 emu_unpacklo_epi64
+EMU_I2(emu_unpacklo_epi64, _mm256_unpacklo_epi64)
+#undef _mm512_unpackhi_epi64
+#define _mm512_unpackhi_epi64 emu_unpackhi_epi64
+EMU_I2(emu_unpackhi_epi64, _mm256_unpackhi_epi64)
+#undef _mm512_shuffle_i32x4
+#define _mm512_shuffle_i32x4 emu_shuffle_i32x4
+static inline emu_m512i emu_shuffle_i32x4(emu_m512i a, emu_m512i b, int imm) {
+    emu_m512i r;
+    for (int l = 0; l < 4; l++) memcpy(r.i32 + 4 * l, (l < 2 ? a.i32 : b.i32) + 4 * (imm >> 2 * l & 3), 16);
+    return r;
+}
+
 #undef _mm512_broadcast_f32x4
 #define _mm512_broadcast_f32x4 emu_broadcast_f32x4
 static inline emu_m512 emu_broadcast_f32x4(__m128 a) {

@@ -413,9 +413,9 @@ static float avx2_dot_f32(const float *w, const float *x, int n) {
 // horizontal sum of its own. q8 keys have kernels of their own, in integers
 // (kv_scores_q8, with the quantized products below).
 // kv_mix takes rows in blocks of KV_MIX_BLOCK (8 KB of q8 rows of 128 values,
-// which stay in L1 while the passes over a head's dimensions and the tiles of
-// queries read them again), 32 dimensions (AVX2: 16) of 8 queries (AVX2: 4) a
-// pass: out += a v, a multiply-add a row, rows in order.
+// which stay in L1 while the passes over a head's dimensions, and with AVX-512
+// the tiles of queries, read them again), 32 dimensions (AVX2: 16) of 8 queries
+// (AVX2: 4) a pass: out += a v, a multiply-add a row, rows in order.
 enum { KV_MIX_BLOCK = 64 };
 
 #ifdef KERNELS_AVX512

@@ -325,6 +325,10 @@ float kv_query_q8(const float *q, int hd, int8_t *qi) {
     return amax / 127.0f;
 }
 
+// The SIMD kernels' q8 scores take head sizes up to KV_Q8_HD (the rounded queries
+// on the stack); larger ones go to the reference, which gives the same numbers.
+enum { KV_Q8_HD = 256 };
+
 // The score of one q8 key: its exact integer sum against qi, scaled once.
 static inline float kv_score_q8(int32_t isum, const uint8_t *row, float dqs) {
     uint16_t h;
@@ -562,16 +566,50 @@ static inline __m256 sum8_ps(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// A tile of scores: 4 queries (q[r]) x 2 rows (k[t]), lane 2 r + t, times scale
-// (f32, bf16 and q4 rows; q8 rows: avx2_kv_scores_q8).
-static inline __attribute__((always_inline)) __m256 avx2_scores_tile(int type, const float *const q[4], const uint8_t *const k[2],
+// Lane j of the result: the sum of v[j]'s lanes (integers: exact in any order).
+static inline __m256i sum8_epi32(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// The 4 queries of a tile: as floats, and against q8 rows rounded to int8
+// (kv_query_q8), widened to 16 bits, with their dq * scale.
+typedef struct { const float *q[4]; int16_t qw[4][KV_Q8_HD]; float dqs[4]; } Avx2Queries;
+
+// A tile of scores: 4 queries x 2 rows (k[t]), lane 2 r + t, times scale. q8
+// rows (kernels.h: exact integer sums) widened to 16 bits, multiplied and added
+// in pairs (vpmaddwd) into 32-bit sums, each scaled once: the sums the AVX-512
+// kernel and the reference get.
+static inline __attribute__((always_inline)) __m256 avx2_scores_tile(int type, const Avx2Queries *qs, const uint8_t *const k[2],
                                                                      int hd, float scale) {
+    if (type == KV_Q8) {
+        __m256i acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+        for (int i = 0; i < hd; i += 16) {
+            __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k[0] + 2 + i)));
+            __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k[1] + 2 + i)));
+            for (int r = 0; r < 4; r++) {
+                __m256i qr = _mm256_loadu_si256((const __m256i *)(qs->qw[r] + i));
+                acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(qr, k0));
+                acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(qr, k1));
+            }
+        }
+        uint16_t h0, h1;
+        memcpy(&h0, k[0], 2);
+        memcpy(&h1, k[1], 2);
+        float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1);
+        const float *dq = qs->dqs;
+        __m256 dk = _mm256_setr_ps(d0, d1, d0, d1, d0, d1, d0, d1);
+        __m256 dqv = _mm256_setr_ps(dq[0], dq[0], dq[1], dq[1], dq[2], dq[2], dq[3], dq[3]);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(sum8_epi32(acc)), _mm256_mul_ps(dk, dqv));
+    }
     __m256 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
     for (int i = 0; i < hd; i += 8) {
         __m256 k0 = kv8_ps(type, k[0], i), k1 = kv8_ps(type, k[1], i);
         for (int r = 0; r < 4; r++) {
-            __m256 qr = _mm256_loadu_ps(q[r] + i);
+            __m256 qr = _mm256_loadu_ps(qs->q[r] + i);
             acc[2 * r] = _mm256_fmadd_ps(qr, k0, acc[2 * r]);
             acc[2 * r + 1] = _mm256_fmadd_ps(qr, k1, acc[2 * r + 1]);
         }
@@ -581,18 +619,26 @@ static inline __attribute__((always_inline)) __m256 avx2_scores_tile(int type, c
 
 // The group's queries 4 at a time, its rows 2 at a time; a group or a run not
 // a multiple of those repeats its first query or row in the spare lanes and
-// keeps only the real ones.
+// keeps only the real ones. (q8: head sizes a multiple of 16 up to KV_Q8_HD.)
 static inline __attribute__((always_inline)) void avx2_kv_scores_t(int type, const float *q, int g, const uint8_t *rows,
                                                                    size_t stride, int n, int hd, float scale, float *att, size_t ld) {
+    if (type == KV_Q8 && (hd % 16 || hd > KV_Q8_HD)) { ref_kv_scores(type, q, g, rows, stride, n, hd, scale, att, ld); return; }
+    Avx2Queries qs;
     for (int r0 = 0; r0 < g; r0 += 4) {
         int nq = g - r0 < 4 ? g - r0 : 4;
-        const float *qs[4];
-        for (int r = 0; r < 4; r++) qs[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+        for (int r = 0; r < 4; r++) {
+            qs.q[r] = q + (size_t)(r0 + (r < nq ? r : 0)) * hd;
+            if (type == KV_Q8) {
+                int8_t qi[KV_Q8_HD];
+                qs.dqs[r] = kv_query_q8(qs.q[r], hd, qi) * scale;
+                for (int i = 0; i < hd; i++) qs.qw[r][i] = qi[i];
+            }
+        }
         float *a = att + (size_t)r0 * ld;
         for (int t0 = 0; t0 < n; t0 += 2) {
             int nt = n - t0 < 2 ? n - t0 : 2;
             const uint8_t *ks[2] = {rows + (size_t)t0 * stride, rows + (size_t)(t0 + nt - 1) * stride};
-            __m256 s = avx2_scores_tile(type, qs, ks, hd, scale);
+            __m256 s = avx2_scores_tile(type, &qs, ks, hd, scale);
             if (nq == 4 && nt == 2) { // each query's 2 scores straight into its row of att
                 __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);
                 _mm_storel_pi((__m64 *)(a + t0), lo);
@@ -638,75 +684,23 @@ static inline __attribute__((always_inline)) void avx2_kv_mix_t(int type, const 
     }
 }
 
-// kv_scores against q8 keys (kernels.h), 4 queries x 2 rows a tile as above: the
-// int8 values widened to 16 bits, multiplied and added in pairs (vpmaddwd) into
-// 32-bit sums, summed across lanes at the end; integers, so exactly the sums
-// the AVX-512 kernel and the reference get.
-enum { KV_Q8_HD = 256 };
-
-static inline __m256i sum8_epi32(const __m256i v[8]) { // lane j: the sum of v[j]'s lanes
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-static void avx2_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
-                              float *att, size_t ld) {
-    if (hd % 16 || hd > KV_Q8_HD) { ref_kv_scores(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
-    int16_t qw[4][KV_Q8_HD];
-    int8_t qi[KV_Q8_HD];
-    float dqs[4];
-    for (int r0 = 0; r0 < g; r0 += 4) {
-        int nq = g - r0 < 4 ? g - r0 : 4;
-        for (int r = 0; r < 4; r++) {
-            dqs[r] = kv_query_q8(q + (size_t)(r0 + (r < nq ? r : 0)) * hd, hd, qi) * scale;
-            for (int i = 0; i < hd; i++) qw[r][i] = qi[i];
-        }
-        float *a = att + (size_t)r0 * ld;
-        for (int t0 = 0; t0 < n; t0 += 2) {
-            int nt = n - t0 < 2 ? n - t0 : 2;
-            const uint8_t *k0 = rows + (size_t)t0 * stride, *k1 = rows + (size_t)(t0 + nt - 1) * stride;
-            __m256i acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
-            for (int i = 0; i < hd; i += 16) {
-                __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k0 + 2 + i)));
-                __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k1 + 2 + i)));
-                for (int r = 0; r < 4; r++) {
-                    __m256i qr = _mm256_loadu_si256((const __m256i *)(qw[r] + i));
-                    acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(qr, a0));
-                    acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(qr, a1));
-                }
-            }
-            uint16_t h0, h1;
-            memcpy(&h0, k0, 2);
-            memcpy(&h1, k1, 2);
-            float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1);
-            __m256 dk = _mm256_setr_ps(d0, d1, d0, d1, d0, d1, d0, d1);
-            __m256 dq = _mm256_setr_ps(dqs[0], dqs[0], dqs[1], dqs[1], dqs[2], dqs[2], dqs[3], dqs[3]);
-            float v[8];
-            _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(sum8_epi32(acc)), _mm256_mul_ps(dk, dq)));
-            for (int r = 0; r < nq; r++)
-                for (int t = 0; t < nt; t++) a[(size_t)r * ld + t0 + t] = v[2 * r + t];
-        }
-    }
-}
-
 #define X86_KV(name) avx2_##name
 #endif
 
 #ifdef KERNELS_AVX512
 static void avx512_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
                                 float *att, size_t ld);
-#else
-static void avx2_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
-                              float *att, size_t ld);
 #endif
 
 // One copy of each kernel per KV type, the type a constant in it. Head sizes
 // that are not a multiple of 32 take the reference.
 static void x86_kv_scores(int type, const float *q, int g, const void *rows, size_t stride, int n, int hd, float scale,
                           float *att, size_t ld) {
-    if (type == KV_Q8) { X86_KV(kv_scores_q8)(q, g, rows, stride, n, hd, scale, att, ld); return; }
+#ifdef KERNELS_AVX512
+    if (type == KV_Q8) { avx512_kv_scores_q8(q, g, rows, stride, n, hd, scale, att, ld); return; }
+#else
+    if (type == KV_Q8) { avx2_kv_scores_t(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
+#endif
     switch (hd % 32 ? -1 : type) {
     case KV_F32: X86_KV(kv_scores_t)(KV_F32, q, g, rows, stride, n, hd, scale, att, ld); break;
     case KV_BF16: X86_KV(kv_scores_t)(KV_BF16, q, g, rows, stride, n, hd, scale, att, ld); break;
@@ -881,8 +875,7 @@ static inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p) {
 // broadcasts 4 bytes of the query itself. Each sum starts at -128 sum(qi), the
 // offset's share, so the lanes end as the 16 rows' integer sums; no horizontal
 // sums, and 64 multiply-adds an instruction. Head sizes that are not a multiple
-// of 64 or above 256 take the reference, which gives the same numbers.
-enum { KV_Q8_HD = 256 };
+// of 64 or above KV_Q8_HD take the reference, which gives the same numbers.
 
 static void avx512_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
                                 float *att, size_t ld) {
@@ -1848,7 +1841,6 @@ static inline __attribute__((always_inline)) void neon_kv_mix_t(int type, const 
 // multiplied and added 16 at a time (dot4_s8) into exact 32-bit sums.
 static void neon_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t stride, int n, int hd, float scale,
                               float *att, size_t ld) {
-    enum { KV_Q8_HD = 256 };
     if (hd % 16 || hd > KV_Q8_HD) { ref_kv_scores(KV_Q8, q, g, rows, stride, n, hd, scale, att, ld); return; }
     int8_t qi[KV_Q8_HD];
     for (int r = 0; r < g; r++) {
@@ -1857,9 +1849,7 @@ static void neon_kv_scores_q8(const float *q, int g, const uint8_t *rows, size_t
             const uint8_t *row = rows + (size_t)t * stride;
             int32x4_t acc = vdupq_n_s32(0);
             for (int i = 0; i < hd; i += 16) acc = dot4_s8(acc, vld1q_s8((const int8_t *)row + 2 + i), vld1q_s8(qi + i));
-            uint16_t h;
-            memcpy(&h, row, 2);
-            att[(size_t)r * ld + t] = (float)vaddvq_s32(acc) * (f16_to_f32(h) * dqs);
+            att[(size_t)r * ld + t] = kv_score_q8(vaddvq_s32(acc), row, dqs);
         }
     }
 }

@@ -117,6 +117,9 @@ static uint64_t kv_cache_bytes(const Config *p, int context, int kv_type) {
     return 2 * (uint64_t)p->n_layers * kv_len_of(p, context) * p->n_kv_heads * kv_row_bytes(kv_type, p->head_dim);
 }
 
+// Positions a prompt attends together: ATT_POSITIONS, or the chunk if shorter.
+static int att_positions(int chunk) { return chunk < ATT_POSITIONS ? chunk : ATT_POSITIONS; }
+
 void state_init(State *s, const Config *p, int context, int chunk, int kv_type, int bf16_activations, ThreadPool *pool) {
     size_t D = p->dim, H = p->hidden_dim, top_k = p->n_experts_per_tok, E = p->n_experts, C = chunk;
     size_t Q = (size_t)p->n_heads * p->head_dim, KV = (size_t)p->n_kv_heads * p->head_dim;
@@ -132,7 +135,7 @@ void state_init(State *s, const Config *p, int context, int chunk, int kv_type, 
     s->k = xcalloc(C * KV, sizeof(float));
     s->v = xcalloc(C * KV, sizeof(float));
     s->att_out = xcalloc(C * Q, sizeof(float));
-    size_t P = C < ATT_POSITIONS ? C : ATT_POSITIONS;
+    size_t P = att_positions(chunk);
     s->att = xcalloc((size_t)p->n_heads * P * (s->kv_len + P - 1), sizeof(float));
     s->att_q = xcalloc((size_t)p->n_heads * P * p->head_dim, sizeof(float));
     s->att_o = xcalloc((size_t)p->n_heads * P * p->head_dim, sizeof(float));
@@ -312,27 +315,32 @@ typedef struct {
     int pos0, n;            // the chunk: positions pos0 .. pos0+n-1
 } AttentionJob;
 
-// Evenly spaced rows of the KV cache or of the chunk: n rows, row t at rows + t stride.
+// Evenly spaced rows of the KV cache's layer or of the chunk's rows: n rows,
+// row t at byte at + t stride of the one that `chunk` says (keys and values
+// have the same runs, each in its own buffers).
 typedef struct {
-    const uint8_t *rows;
-    size_t stride;
-    int n;
+    size_t at, stride;
+    int n, chunk;
 } KvRun;
+
+static inline const uint8_t *run_rows(const KvRun *r, const uint8_t *held, const uint8_t *chunk) {
+    return (r->chunk ? chunk : held) + r->at;
+}
 
 // The keys (or values) of positions first..pos of kv head kvh, in order, as at
 // most three runs: in the KV cache, from first's slot to the ring's end and on
 // from its start where the positions wrap around it (t is at slot t % S), then
 // the chunk's own rows (C, n_kv_heads) for the positions in the chunk.
-static int kv_runs(const AttentionJob *j, const uint8_t *held, const uint8_t *chunk, int kvh, int first, int pos, KvRun runs[3]) {
+static int kv_runs(const AttentionJob *j, int kvh, int first, int pos, KvRun runs[3]) {
     size_t row = j->s->kv_row;
     int S = j->s->kv_len, n = 0, last_held = pos < j->pos0 ? pos : j->pos0 - 1;
     for (int t = first; t <= last_held;) {
         int at = t % S, len = last_held - t + 1 < S - at ? last_held - t + 1 : S - at;
-        runs[n++] = (KvRun){held + ((size_t)kvh * S + at) * row, row, len};
+        runs[n++] = (KvRun){((size_t)kvh * S + at) * row, row, len, 0};
         t += len;
     }
     int t0 = first > j->pos0 ? first : j->pos0;
-    if (t0 <= pos) runs[n++] = (KvRun){chunk + ((size_t)(t0 - j->pos0) * j->p->n_kv_heads + kvh) * row, (size_t)j->p->n_kv_heads * row, pos - t0 + 1};
+    if (t0 <= pos) runs[n++] = (KvRun){((size_t)(t0 - j->pos0) * j->p->n_kv_heads + kvh) * row, (size_t)j->p->n_kv_heads * row, pos - t0 + 1, 1};
     return n;
 }
 
@@ -356,7 +364,7 @@ static void attention_job(void *arg, int tid, int nthreads) {
     const Config *p = j->p;
     State *s = j->s;
     int hd = p->head_dim, Q = p->n_heads * hd, group = p->n_heads / p->n_kv_heads, S = s->kv_len;
-    int P = s->chunk < ATT_POSITIONS ? s->chunk : ATT_POSITIONS;
+    int P = att_positions(s->chunk);
     size_t ld = (size_t)S + P - 1; // (with a window, a block sees up to P - 1 keys more than a position)
     float scale = 1.0f / sqrtf((float)hd);
     int g0, g1;
@@ -377,9 +385,9 @@ static void attention_job(void *arg, int tid, int nthreads) {
                 out = s->att_o + (size_t)kvh * P * group * hd;
             }
             KvRun runs[3];
-            int nruns = kv_runs(j, j->kc, s->chunk_keys, kvh, first, last, runs);
+            int nruns = kv_runs(j, kvh, first, last, runs);
             for (int r = 0, t = 0; r < nruns; t += runs[r++].n)
-                kv_scores(s->kv_type, q, g, runs[r].rows, runs[r].stride, runs[r].n, hd, scale, att + t, ld);
+                kv_scores(s->kv_type, q, g, run_rows(&runs[r], j->kc, s->chunk_keys), runs[r].stride, runs[r].n, hd, scale, att + t, ld);
             for (int i = 0; i < np; i++) {
                 int pos = j->pos0 + i0 + i, from = window_first(p, pos) - first, to = pos - first + 1;
                 for (int r = 0; r < group; r++) { // keys from..to-1 in view, the others weighed 0
@@ -390,9 +398,8 @@ static void attention_job(void *arg, int tid, int nthreads) {
                 }
             }
             memset(out, 0, (size_t)g * hd * sizeof(float));
-            nruns = kv_runs(j, j->vc, s->chunk_values, kvh, first, last, runs);
             for (int r = 0, t = 0; r < nruns; t += runs[r++].n) // out (g, hd) = att @ values
-                kv_mix(s->kv_type, att + t, ld, g, runs[r].rows, runs[r].stride, runs[r].n, hd, out);
+                kv_mix(s->kv_type, att + t, ld, g, run_rows(&runs[r], j->vc, s->chunk_values), runs[r].stride, runs[r].n, hd, out);
             if (np > 1)
                 for (int i = 0; i < np; i++)
                     memcpy(s->att_out + (size_t)(i0 + i) * Q + (size_t)h0 * hd, out + (size_t)i * group * hd,
@@ -1041,7 +1048,7 @@ static uint64_t keep_resident(Model *m, int fd, const char *path) {
 static uint64_t working_memory(const Config *p, int chunk, int threads, int kv_len) {
     uint64_t C = (uint64_t)chunk, D = p->dim, H = p->hidden_dim, Q = (uint64_t)p->n_heads * p->head_dim;
     uint64_t K = p->n_experts_per_tok, widest = D > H ? D : H;
-    uint64_t P = C < ATT_POSITIONS ? C : ATT_POSITIONS;
+    uint64_t P = att_positions(chunk);
     return 4 * (C * (3 * D + 2 * Q + 2 * K * D + 2 * K * H + p->vocab_size) + P * p->n_heads * (kv_len + P - 1 + 2 * p->head_dim)) +
            (uint64_t)p->n_experts * C * widest * 5 / 4 + (uint64_t)threads * quant_scratch_bytes(C, widest) +
            (uint64_t)p->vocab_size * 32 + (2u << 20);
